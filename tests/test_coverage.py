@@ -7,7 +7,7 @@ import torchvision
 import seify
 from seify.api import save
 
-from conftest import outputs, save_weights
+from conftest import outputs, realistic, save_weights
 
 TIMM = ["resnet18", "resnet50", "resnext26ts", "resnetv2_50", "regnetx_002", "densenet121", "vgg11_bn",
         "mobilenetv2_100", "convnext_atto"]
@@ -21,7 +21,7 @@ PLACEMENT = {"densenet121": "activation", "vgg11_bn": "activation", "torchvision
 
 @pytest.mark.parametrize("spec,build", CASES, ids=[c[0] for c in CASES])
 def test_convert_preserves_and_reloads(spec, build, tmp_path):
-    original = build().eval()
+    original = realistic(build())
     weights = save_weights(original, tmp_path / "weights.safetensors")
     result = seify.convert(spec, weights=weights, input_size=(3, 64, 64))
 
