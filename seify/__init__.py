@@ -5,7 +5,7 @@ The API is importable without torch until it is used, so ``seify --help`` stays 
 __version__ = "0.1.0"
 
 _API = {
-    "load": "checkpoint", "save": "checkpoint",
+    "load": "checkpoint", "save": "api",
     "convert": "api", "create_model": "api",
     "SEOptions": "surgery", "find_sites": "surgery",
     "SqueezeExcite": "se", "SeifyError": "errors",

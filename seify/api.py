@@ -10,7 +10,7 @@ from torch import nn
 from . import checkpoint
 from .errors import SeifyError
 from .models import LoadedModel, create
-from .surgery import Conversion, SEOptions, convert as convert_model, find_sites
+from .surgery import Conversion, SEOptions, convert as convert_model, find_sites, split_sites
 
 create_model = create
 PRESERVATION_TOLERANCE = 1e-5  # max abs diff relative to the output's magnitude, fp32
@@ -77,8 +77,8 @@ def convert(model: str, options: SEOptions = SEOptions(), *, weights: str | None
     size = tuple(input_size or source.data_config["input_size"])
     if dry_run:
         _, placement, sites = find_sites(source.model, options, size)
-        return Converted(source, options, size, None, [s for s in sites if not s.skipped],
-                         [s for s in sites if s.skipped], placement)
+        chosen, skipped = split_sites(source.model, placement, sites, options)
+        return Converted(source, options, size, None, chosen, skipped, placement)
     conversion = convert_model(source.model, options, size)
     result = Converted(source, options, size, conversion, conversion.sites, conversion.skipped,
                        conversion.placement)

@@ -13,7 +13,6 @@ from typing import Iterator
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import SeifyError
 from .se import SqueezeExcite
@@ -70,6 +69,25 @@ def trace(module: nn.Module) -> fx.GraphModule:
     return fx.GraphModule(tracer.root, graph, type(module).__name__)
 
 
+class _ShapeRecorder(fx.Interpreter):
+    """Runs the graph once and notes each node's output shape; says which call failed if one does."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.extra_traceback = False  # our message already names the failing call
+
+    def run_node(self, n: fx.Node):
+        try:
+            result = super().run_node(n)
+        except Exception as e:
+            what = n.target if n.op == "call_module" else n.name
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SeifyError(f"at '{what}': {reason}") from e
+        if isinstance(result, torch.Tensor):
+            n.meta["shape"] = tuple(result.shape)
+        return result
+
+
 def trace_with_shapes(model: nn.Module, input_size: tuple[int, int, int]) -> fx.GraphModule:
     """Trace ``model`` and record every node's output shape for one image of ``input_size`` (C, H, W)."""
     gm = trace(model)
@@ -78,17 +96,16 @@ def trace_with_shapes(model: nn.Module, input_size: tuple[int, int, int]) -> fx.
     probe = torch.zeros((1, *input_size), device=device)
     try:
         with torch.no_grad():
-            ShapeProp(gm.eval()).propagate(probe)
-    except Exception as e:
+            _ShapeRecorder(gm.eval()).run(probe)
+    except SeifyError as e:
         size = "x".join(map(str, input_size))
-        raise SeifyError(f"{type(model).__name__} cannot take an input of {size}: "
-                         f"{str(e).strip().splitlines()[0]}; pass an --input-size the model accepts") from e
+        raise SeifyError(f"{type(model).__name__} cannot take an input of {size} ({e}); "
+                         "pass an --input-size the model accepts") from e
     return gm
 
 
 def shape(node: fx.Node) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta")
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+    return node.meta.get("shape")
 
 
 def module_stack(node: fx.Node) -> list[str]:

@@ -58,7 +58,8 @@ def create(spec: str, *, pretrained: bool = False, weights: str | None = None,
         raise SeifyError(f"{spec} is not a seify file; to load a checkpoint pass the architecture and the file: "
                          f"seify convert resnet50 --weights {spec}")
     _check_known(spec)
-    notes = []
+    notes = [] if weights or pretrained else ["random weights: pass --weights or --pretrained to convert a "
+                                              "trained model"]
     model = _build(spec, pretrained, num_classes)
     if weights:
         state_dict, note = read_state_dict(weights)

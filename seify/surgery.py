@@ -494,10 +494,7 @@ def convert(model: nn.Module, options: SEOptions, input_size: tuple[int, int, in
     """
     model = copy.deepcopy(model).eval()
     gm, placement, sites = find_sites(model, options, input_size)
-    chosen = [s for s in sites if s.skipped is None]
-    skipped = [s for s in sites if s.skipped is not None]
-    if not chosen:
-        raise SeifyError(_nothing_to_convert(model, placement, skipped, options))
+    chosen, skipped = split_sites(model, placement, sites, options)
     by_owner = defaultdict(list)
     for site in chosen:
         by_owner[site.owner].append(site)
@@ -506,6 +503,15 @@ def convert(model: nn.Module, options: SEOptions, input_size: tuple[int, int, in
     if options.init == "identity":
         _compensate(model, gm, chosen)
     return Conversion(model.eval(), chosen, skipped, placement)
+
+
+def split_sites(model: nn.Module, placement: str, sites: list[Site], options: SEOptions):
+    """(sites to insert, sites skipped); a SeifyError saying why when there is nothing to insert."""
+    chosen = [s for s in sites if s.skipped is None]
+    skipped = [s for s in sites if s.skipped is not None]
+    if not chosen:
+        raise SeifyError(_nothing_to_convert(model, placement, skipped, options))
+    return chosen, skipped
 
 
 def _nothing_to_convert(model: nn.Module, placement: str, skipped: list[Site], options: SEOptions) -> str:

@@ -163,4 +163,4 @@ def test_api_convert_dry_run_lists_without_building():
     result = seify.convert("torchvision:mobilenet_v2", input_size=SIZE, dry_run=True)
     assert result.conversion is None and len(result.sites) == 10
     with pytest.raises(SeifyError, match="dry run has nothing to save"):
-        seify.api.save(result, "x.safetensors")
+        seify.save(result, "x.safetensors")

@@ -96,7 +96,7 @@ def test_pretrained_offline_says_to_pass_weights(monkeypatch, tmp_path):
 
 def test_seify_file_is_a_model_spec(tmp_path):
     result = seify.convert("resnet18", input_size=(3, 64, 64))
-    path = seify.save(result.model, tmp_path / "r18-se.safetensors", result.recipe())
+    path = seify.save(result, tmp_path / "r18-se.safetensors")
     loaded = create(str(path))
     assert loaded.recipe["model"] == "resnet18"
     assert torch.equal(outputs(loaded.model), outputs(result.model))
@@ -104,3 +104,15 @@ def test_seify_file_is_a_model_spec(tmp_path):
         seify.convert(str(path), input_size=(3, 64, 64))
     with pytest.raises(SeifyError, match="not a seify file"):
         create(save_weights(result.source.model, tmp_path / "plain.safetensors"))
+
+
+def test_torchvision_pretrained_offline(monkeypatch):
+    import urllib.error
+
+    import torch.hub
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(SeifyError, match="torchvision:resnet18 .*are you offline"):
+        create("torchvision:resnet18", pretrained=True)
