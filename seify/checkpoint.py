@@ -75,11 +75,11 @@ def read_recipe(path: str | Path) -> dict | None:
         raise SeifyError(f"{path} has a damaged seify recipe: {e}") from e
 
 
-def build_from_recipe(recipe: dict) -> nn.Module:
-    """The model a recipe describes, with fresh weights: the base model, then the recorded surgery."""
+def rebuild(recipe: dict):
+    """(base model, Conversion) that a recipe describes, with fresh weights (on the default device)."""
     from .models import _build
     from .surgery import SEOptions, convert
-    base = build_from_recipe(recipe["parent"]) if recipe.get("parent") else \
+    base = rebuild(recipe["parent"])[1].model if recipe.get("parent") else \
         _build(recipe["model"], False, recipe["num_classes"])
     conversion = convert(base, SEOptions.from_dict(recipe["options"]), tuple(recipe["input_size"]))
     built = [s.path for s in conversion.sites]
@@ -87,7 +87,7 @@ def build_from_recipe(recipe: dict) -> nn.Module:
     if built != recorded:
         raise SeifyError(f"this file was written by seify {recipe['seify_version']} with SE sites that this "
                          f"version places differently ({len(recorded)} recorded, {len(built)} now); convert again")
-    return conversion.model
+    return base, conversion
 
 
 def load_with_recipe(path: str | Path) -> tuple[nn.Module, dict]:
@@ -96,7 +96,7 @@ def load_with_recipe(path: str | Path) -> tuple[nn.Module, dict]:
     if recipe is None:
         raise SeifyError(f"{path} was not written by seify (no recipe in its metadata); load it with "
                          "--weights and a model name instead")
-    model = build_from_recipe(recipe)
+    model = rebuild(recipe)[1].model
     try:
         load_model(model, str(path), strict=True)
     except RuntimeError as e:

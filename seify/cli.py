@@ -94,22 +94,9 @@ def _size(n: int) -> str:
 
 
 def _print_conversion(report: dict, dry_run: bool) -> None:
-    console = _console()
-    columns = ("path", "after", "stage", "channels", "reduced_channels", "params", "compensation")
-    rows = [[str(site[c]) for c in columns] for site in report["sites"]]
-    if console.is_terminal:
-        from rich.table import Table
-        table = Table(title=f"SE sites in {report['model']} ({report['placement']})")
-        for c in columns:
-            table.add_column(c.replace("_", " "), justify="right" if c in ("stage", "channels", "reduced_channels",
-                                                                           "params") else "left")
-        for row in rows:
-            table.add_row(*row)
-        console.print(table)
-    else:
-        print("\t".join(columns))
-        for row in rows:
-            print("\t".join(row))
+    columns = ["path", "after", "stage", "channels", "reduced_channels", "params", "compensation"]
+    _table(f"SE sites in {report['model']} ({report['placement']})", columns,
+           [[str(site[c]) for c in columns] for site in report["sites"]])
     for site in report["skipped"]:
         print(f"skipped {site['path']}: {site['skipped']}")
     added = report["added_params"]
@@ -157,6 +144,134 @@ def convert(model: Model, weights: Weights = None, pretrained: Pretrained = Fals
         print(json.dumps(report))
     else:
         _print_conversion(report, dry_run)
+
+
+def _g(macs: int) -> str:
+    return f"{macs / 1e9:.3f} G"
+
+
+def _ms(value: float) -> str:
+    return f"{value:.2f} ms"
+
+
+def _table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    """A rich table on a terminal, tab-separated lines in a log."""
+    console = _console()
+    if console.is_terminal:
+        from rich.table import Table
+        table = Table(title=title)
+        for i, c in enumerate(columns):
+            table.add_column(c, justify="left" if i == 0 else "right")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+    else:
+        print(title)
+        print("\t".join(columns))
+        for row in rows:
+            print("\t".join(row))
+
+
+def _print_profile(report: dict) -> None:
+    sites = [[s["path"], str(s["stage"]), f"{s['height']}x{s['width']}", str(s["channels"]),
+              str(s["reduced_channels"]), f"{s['params']:,}", f"{s['macs']:,}"] for s in report["sites"]]
+    _table(f"SE sites in {report['model']} at {'x'.join(map(str, report['input_size']))}",
+           ["path", "stage", "spatial", "channels", "reduced", "params", "MACs"], sites)
+    base, se = report["base"], report["se"]
+    rows = [["parameters", f"{base['params']:,}", f"{se['params']:,}", f"+{report['added_params']:,}",
+             f"+{report['added_params_percent']:.2f}%"],
+            ["trainable", f"{base['trainable']:,}", f"{se['trainable']:,}", "", ""],
+            ["MACs (all counted)", _g(base["macs"]), _g(se["macs"]), f"+{report['added_macs']:,}",
+             f"+{report['added_macs_percent']:.2f}%"],
+            ["MACs (conv/linear only)", _g(base["conv_linear_macs"]), _g(se["conv_linear_macs"]),
+             f"+{se['conv_linear_macs'] - base['conv_linear_macs']:,}", ""]]
+    for t in report["timings"]:
+        b = t["batch_size"]
+        rows += [[f"inference, batch {b}", _ms(t["infer_base_ms"]), _ms(t["infer_se_ms"]),
+                  f"x{t['infer_ratio']:.3f}", ""],
+                 [f"throughput, batch {b}", f"{t['throughput_base']:.1f} img/s", f"{t['throughput_se']:.1f} img/s",
+                  "", ""],
+                 [f"train step, batch {b}", _ms(t["train_base_ms"]), _ms(t["train_se_ms"]),
+                  f"x{t['train_ratio']:.3f}", ""]]
+        if t["peak_memory_base"] is not None:
+            rows.append([f"peak memory, batch {b}", _size(t["peak_memory_base"]), _size(t["peak_memory_se"]),
+                         f"x{t['peak_memory_se'] / t['peak_memory_base']:.3f}", ""])
+    _table(f"{report['model']}: base vs SE", ["", "base", "SE", "added / ratio", "%"], rows)
+    print("MACs are multiply-adds (the paper's FLOPs); 'all counted' adds SE's squeeze and scale, one MAC per "
+          "element each." + (f" Timed on {report['device']}, medians of interleaved runs." if report["timings"]
+                             else ""))
+
+
+def _print_comparison(reports: list[dict]) -> None:
+    timed = bool(reports[0]["timings"])
+    columns = ["model", "params base", "params SE", "MACs base", "MACs SE"]
+    if timed:
+        columns += ["latency base", "latency SE", "SE/base"]
+    rows = []
+    for r in reports:
+        row = [r["model"], f"{r['base']['params'] / 1e6:.2f}M", f"{r['se']['params'] / 1e6:.2f}M",
+               _g(r["base"]["macs"]), _g(r["se"]["macs"])]
+        if timed:
+            t = r["timings"][0]
+            row += [_ms(t["infer_base_ms"]), _ms(t["infer_se_ms"]), f"{t['infer_ratio']:.3f}"]
+        rows.append(row)
+    _table("Base vs SE (as in the paper's Table 2)", columns, rows)
+
+
+def _csv_rows(reports: list[dict]):
+    for r in reports:
+        common = {"model": r["model"], "input_size": "x".join(map(str, r["input_size"])),
+                  "params_base": r["base"]["params"], "params_se": r["se"]["params"],
+                  "macs_base": r["base"]["macs"], "macs_se": r["se"]["macs"],
+                  "conv_linear_macs_base": r["base"]["conv_linear_macs"],
+                  "conv_linear_macs_se": r["se"]["conv_linear_macs"]}
+        for t in r["timings"] or [{}]:
+            yield {**common, **{k: t.get(k, "") for k in ("batch_size", "infer_base_ms", "infer_se_ms",
+                                                          "infer_ratio", "train_base_ms", "train_se_ms",
+                                                          "train_ratio", "peak_memory_base", "peak_memory_se")},
+                   "device": r["device"] or ""}
+
+
+@app.command()
+def profile(models: Annotated[list[str], typer.Argument(help="One or more MODELs (names or seify files).")],
+            num_classes: NumClasses = None, at: At = "auto", variant: Variant = "standard",
+            reduction: Reduction = 16, divisor: Divisor = 8, min_channels: MinChannels = 8, squeeze: Squeeze = "avg",
+            gate: Gate = "sigmoid", stages: Stages = None, include: Include = None, exclude: Exclude = None,
+            input_size: Annotated[Optional[str], typer.Option(help="C,H,W (default: the model's).")] = None,
+            batch_size: Annotated[str, typer.Option(help="Batch sizes to time, comma-separated.")] = "1",
+            device: Annotated[Optional[str], typer.Option(help="cpu or cuda[:N] (default: cuda if present).")]
+            = None,
+            latency: Annotated[bool, typer.Option(help="Measure latency and memory (--no-latency: count only).")]
+            = True,
+            repeats: Annotated[int, typer.Option(help="Timed runs per model (median reported).")] = 10,
+            warmup: Annotated[int, typer.Option(help="Untimed runs first.")] = 3,
+            json_out: Json = False,
+            csv_out: Annotated[bool, typer.Option("--csv", help="Print CSV rows instead of tables.")] = False):
+    """Count what SE costs (parameters, MACs) and time it (latency, memory) against the base model.
+
+    Example: seify profile resnet50 resnet101 torchvision:mobilenet_v2 --no-latency
+    """
+    from .profile import profile as run_profile
+    options = _se_options(at, variant, reduction, divisor, min_channels, squeeze, gate, stages, include, exclude,
+                          "identity")
+    batches = _ints(batch_size, "--batch-size")
+    if repeats < 1 or warmup < 0:
+        raise SeifyError("--repeats must be at least 1 and --warmup at least 0")
+    reports = [run_profile(m, options, input_size=_input_size(input_size), num_classes=num_classes,
+                           latency=latency, batch_sizes=batches, device=device, repeats=repeats,
+                           warmup=warmup).to_dict() for m in models]
+    if json_out:
+        print(json.dumps(reports[0] if len(reports) == 1 else {"models": reports}))
+    elif csv_out:
+        import csv
+        rows = list(_csv_rows(reports))
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    elif len(reports) == 1:
+        _print_profile(reports[0])
+    else:
+        _print_comparison(reports)
 
 
 def main() -> None:

@@ -1,0 +1,246 @@
+"""What SE costs: parameters, multiply-adds, latency and memory, per site and per model.
+
+Counting runs on the meta device (no weights are allocated), so a model of any size is counted in seconds.
+MACs are multiply-accumulates: the paper's "FLOPs" are MACs. We count every convolution and linear layer, and
+SE's own work: one MAC per input element for the squeeze, one per element for the channel-wise scale, and the
+two excitation layers. Counters that see only conv/linear miss the squeeze and scale, four fifths of SE's cost.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import SeifyError
+from .se import SqueezeExcite
+from .surgery import SEOptions, convert
+
+
+@dataclass
+class Cost:
+    params: int
+    trainable: int
+    macs: int
+    conv_linear_macs: int
+
+
+@dataclass
+class Timing:
+    """Medians over interleaved runs, in milliseconds; ratio is SE / base."""
+    batch_size: int
+    infer_base_ms: float
+    infer_se_ms: float
+    train_base_ms: float
+    train_se_ms: float
+    peak_memory_base: int | None = None
+    peak_memory_se: int | None = None
+
+    @property
+    def infer_ratio(self) -> float:
+        return self.infer_se_ms / self.infer_base_ms
+
+    @property
+    def train_ratio(self) -> float:
+        return self.train_se_ms / self.train_base_ms
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "infer_ratio": round(self.infer_ratio, 4), "train_ratio": round(self.train_ratio, 4),
+                "throughput_base": round(1000 * self.batch_size / self.infer_base_ms, 2),
+                "throughput_se": round(1000 * self.batch_size / self.infer_se_ms, 2)}
+
+
+@dataclass
+class Profile:
+    model: str
+    input_size: tuple[int, int, int]
+    base: Cost
+    se: Cost
+    sites: list[dict]
+    device: str | None = None
+    timings: list[Timing] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        added_params = self.se.params - self.base.params
+        added_macs = self.se.macs - self.base.macs
+        return {
+            "model": self.model, "input_size": list(self.input_size), "macs_note": "multiply-adds (paper FLOPs)",
+            "base": asdict(self.base), "se": asdict(self.se),
+            "added_params": added_params, "added_params_percent": round(100 * added_params / self.base.params, 3),
+            "added_macs": added_macs, "added_macs_percent": round(100 * added_macs / self.base.macs, 3),
+            "sites": self.sites, "device": self.device, "timings": [t.to_dict() for t in self.timings],
+        }
+
+
+def se_macs(channels: int, reduced: int, height: int, width: int) -> tuple[int, int]:
+    """(excitation layers' MACs, squeeze + scale MACs) of one SE block."""
+    return 2 * channels * reduced, 2 * channels * height * width
+
+
+def count_macs(model: nn.Module, input_size) -> tuple[int, int, dict[str, int]]:
+    """(all MACs, conv/linear MACs, MACs per SE block) of one image through ``model``.
+
+    Forward hooks see every call, also inside modules that tracing treats as leaves (timm's ConvMlp).
+    """
+    names = {m: name for name, m in model.named_modules()}
+    conv_linear, squeeze_scale, per_block = [0], [0], {}
+
+    def on_layer(m, inputs, out):
+        if isinstance(m, nn.Linear):
+            conv_linear[0] += out.numel() * m.in_features
+        elif not m.transposed:
+            conv_linear[0] += out.numel() * (m.in_channels // m.groups) * math.prod(m.kernel_size)
+
+    def on_se(m, inputs, out):
+        _, c, h, w = inputs[0].shape
+        excite, pool_scale = se_macs(c, m.fc1.out_channels, h, w)
+        squeeze_scale[0] += pool_scale
+        per_block[names[m]] = per_block.get(names[m], 0) + excite + pool_scale
+
+    hooks = [m.register_forward_hook(on_se if isinstance(m, SqueezeExcite) else on_layer)
+             for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear, SqueezeExcite))]
+    param = next(model.parameters())
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros((1, *input_size), device=param.device, dtype=param.dtype))
+    except Exception as e:
+        size = "x".join(map(str, input_size))
+        raise SeifyError(f"{type(model).__name__} cannot take an input of {size} "
+                         f"({str(e).strip().splitlines()[0]}); pass an --input-size the model accepts") from e
+    finally:
+        for h in hooks:
+            h.remove()
+    return conv_linear[0] + squeeze_scale[0], conv_linear[0], per_block
+
+
+def _cost(model: nn.Module, input_size) -> tuple[Cost, dict[str, int]]:
+    macs, conv_linear, per_block = count_macs(model, input_size)
+    params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return Cost(params, trainable, macs, conv_linear), per_block
+
+
+def _build_pair(spec: str, options: SEOptions, input_size, num_classes, device: str):
+    """(base, Conversion, input size) for ``spec``: a model name, or a seify file and the base it came from."""
+    from .checkpoint import read_recipe, rebuild
+    from .models import _build, _check_known, data_config, is_seify_file
+    with torch.device(device):
+        if is_seify_file(spec):
+            recipe = read_recipe(spec)
+            base, conversion = rebuild(recipe)
+            return base, conversion, tuple(input_size or recipe["input_size"])
+        _check_known(spec)
+        base = _build(spec, False, num_classes)
+        size = tuple(input_size or data_config(base, spec)["input_size"])
+        return base, convert(base, options, size), size
+
+
+def _count_pair(spec, options, input_size, num_classes):
+    try:
+        return _build_pair(spec, options, input_size, num_classes, "meta")
+    except (NotImplementedError, RuntimeError) as e:
+        if "meta" not in str(e):
+            raise
+        return _build_pair(spec, options, input_size, num_classes, "cpu")  # a model that cannot be built on meta
+
+
+def profile(spec: str, options: SEOptions = SEOptions(), *, input_size=None, num_classes: int | None = None,
+            latency: bool = True, batch_sizes=(1,), device: str | None = None, repeats: int = 10,
+            warmup: int = 3) -> Profile:
+    """Count and (unless ``latency=False``) time ``spec`` against its SE conversion."""
+    device = check_device(device)
+    base, conversion, size = _count_pair(spec, options, input_size, num_classes)
+    base_cost, _ = _cost(base, size)
+    se_cost, per_block = _cost(conversion.model, size)
+    sites = [{**s.to_dict(), "macs": per_block[s.path]} for s in conversion.sites]
+    result = Profile(spec, size, base_cost, se_cost, sites)
+    if latency:
+        base, conversion, _ = _build_pair(spec, options, size, num_classes, "cpu")
+        result.device = describe_device(device)
+        result.timings = [measure(base, conversion.model, size, b, device, repeats, warmup) for b in batch_sizes]
+    return result
+
+
+def check_device(device: str | None) -> str:
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise SeifyError(f"--device {device} is not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SeifyError(f"--device {device}: this machine has no CUDA device; use --device cpu")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise SeifyError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if dev.type not in ("cpu", "cuda"):
+        raise SeifyError(f"--device {device}: seify measures on cpu or cuda")
+    return device
+
+
+def describe_device(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def _sync(device: str):
+    return torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+
+
+def interleaved_medians(fns, repeats: int, warmup: int, sync) -> list[float]:
+    """Median seconds of each function, run in turns (order alternating) so drift hits all alike."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    sync()
+    times = [[] for _ in fns]
+    for r in range(repeats):
+        order = list(range(len(fns))) if r % 2 == 0 else list(reversed(range(len(fns))))
+        for i in order:
+            start = time.perf_counter()
+            fns[i]()
+            sync()
+            times[i].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def _train_step(model: nn.Module, x: torch.Tensor):
+    def step():
+        model(x).float().sum().backward()
+        model.zero_grad(set_to_none=True)
+    return step
+
+
+def _infer(model: nn.Module, x: torch.Tensor):
+    def run():
+        with torch.inference_mode():
+            model(x)
+    return run
+
+
+def _peak_memory(step, device: str) -> int | None:
+    if torch.device(device).type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated(device)
+
+
+def measure(base: nn.Module, se: nn.Module, input_size, batch_size: int, device: str, repeats: int = 10,
+            warmup: int = 3) -> Timing:
+    """Inference and training-step latency of both models in one process, interleaved."""
+    base, se = base.to(device), se.to(device)
+    x = torch.randn((batch_size, *input_size), device=device)
+    sync = _sync(device)
+    infer = interleaved_medians([_infer(base.eval(), x), _infer(se.eval(), x)], repeats, warmup, sync)
+    base.train(), se.train()
+    steps = [_train_step(base, x), _train_step(se, x)]
+    train = interleaved_medians(steps, repeats, warmup, sync)
+    memory = [_peak_memory(step, device) for step in steps]
+    base.eval(), se.eval()
+    return Timing(batch_size, 1000 * infer[0], 1000 * infer[1], 1000 * train[0], 1000 * train[1], *memory)
