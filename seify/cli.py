@@ -274,6 +274,125 @@ def profile(models: Annotated[list[str], typer.Argument(help="One or more MODELs
         _print_comparison(reports)
 
 
+def _floats(text: str, what: str, count: int) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise SeifyError(f"{what} must be {count} comma-separated numbers, not {text!r}") from None
+    if len(values) != count:
+        raise SeifyError(f"{what} must be {count} comma-separated numbers, not {text!r}")
+    return values
+
+
+def _run_log():
+    from .finetune.progress import PlainLog, RichLog
+    return RichLog if sys.stdout.isatty() else PlainLog
+
+
+@app.command()
+def finetune(model: Model, data: Annotated[str, typer.Argument(help="Image folder: DATA/train/<class>/* and "
+                                                                     "DATA/val/<class>/* (or use --val-split).")],
+             out: Annotated[str, typer.Option(help="Run folder for checkpoints, metrics and curves.")] = "runs/seify",
+             epochs: Annotated[int, typer.Option(help="Epochs in all, SE warm-up included.")] = 10,
+             batch_size: Annotated[int, typer.Option(help="Images per step and device.")] = 64,
+             lr: Annotated[float, typer.Option(help="Learning rate of SE blocks and the new head.")] = 1e-3,
+             backbone_lr_scale: Annotated[float, typer.Option(help="Backbone learning rate = lr x this.")] = 0.1,
+             weight_decay: Annotated[float, typer.Option()] = 0.05,
+             optimizer: Annotated[str, typer.Option(help="adamw or sgd.")] = "adamw",
+             warmup_epochs: Annotated[float, typer.Option(help="Linear learning-rate warm-up, then cosine.")] = 1.0,
+             se_warmup_epochs: Annotated[int, typer.Option(help="First train only SE and head, backbone and its "
+                                                                "BatchNorm statistics frozen.")] = 1,
+             label_smoothing: Annotated[float, typer.Option()] = 0.1,
+             clip_grad: Annotated[float, typer.Option(help="Gradient-norm clip (0: off).")] = 1.0,
+             ema_decay: Annotated[Optional[float], typer.Option(help="Keep an EMA of weights (e.g. 0.999); "
+                                                                      "validation and best use it.")] = None,
+             img_size: Annotated[Optional[int], typer.Option(help="Train and evaluate at N px.")] = None,
+             crop_scale: Annotated[str, typer.Option(help="Random-resized-crop area range.")] = "0.08,1",
+             val_split: Annotated[Optional[float], typer.Option(help="Split one DATA/<class> tree (or a train/ "
+                                                                     "without val/) by this fraction.")] = None,
+             strict_data: Annotated[bool, typer.Option(help="Fail on unreadable files instead of skipping.")] = False,
+             seed: Annotated[int, typer.Option(help="Fixes data order, augmentation and initialisation.")] = 0,
+             workers: Annotated[Optional[int], typer.Option(help="Data-loading processes.")] = None,
+             device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda if present).")] = None,
+             precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp16 without bf16, fp32 on CPU), "
+                                                         "fp32, bf16, fp16.")] = "auto",
+             channels_last: Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last",
+                                                                   help="Default: on for CUDA.")] = None,
+             compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
+             save_every: Annotated[int, typer.Option(help="Also checkpoint every N steps (0: per epoch).")] = 0,
+             log_every: Annotated[int, typer.Option(help="In logs, a line every N steps (0: per epoch).")] = 50,
+             resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
+             force: Annotated[bool, typer.Option("--force", help="Start over in a --out that holds a run.")] = False,
+             weights: Weights = None, pretrained: Pretrained = False, at: At = "auto", variant: Variant = "standard",
+             reduction: Reduction = 16, divisor: Divisor = 8, min_channels: MinChannels = 8,
+             squeeze: Squeeze = "avg", gate: Gate = "sigmoid", stages: Stages = None, include: Include = None,
+             exclude: Exclude = None):
+    """Fine-tune MODEL with SE on an image folder (converting it first if it has no SE blocks).
+
+    Example: seify finetune resnet50 --weights resnet50.safetensors data/flowers --epochs 10 --out runs/flowers
+    Many GPUs: torchrun --nproc_per_node 4 -m seify finetune resnet50-se.safetensors data/flowers
+    """
+    from .finetune.loop import FinetuneConfig, exit_code, finetune as run
+    options = _se_options(at, variant, reduction, divisor, min_channels, squeeze, gate, stages, include, exclude,
+                          "identity")
+    config = FinetuneConfig(out=out, epochs=epochs, batch_size=batch_size, lr=lr,
+                            backbone_lr_scale=backbone_lr_scale, weight_decay=weight_decay, optimizer=optimizer,
+                            warmup_epochs=warmup_epochs, se_warmup_epochs=se_warmup_epochs,
+                            label_smoothing=label_smoothing, clip_grad=clip_grad or None, ema_decay=ema_decay,
+                            img_size=img_size, crop_scale=_floats(crop_scale, "--crop-scale", 2),
+                            val_split=val_split, strict_data=strict_data, seed=seed, workers=workers,
+                            device=device, precision=precision, channels_last=channels_last, compile=compile,
+                            save_every=save_every, log_every=log_every, resume=resume, force=force)
+    result = run(model, data, config, options, weights=weights, pretrained=pretrained, log=_run_log())
+    if result.stopped_by is None and int(__import__("os").environ.get("RANK", "0")) == 0:
+        _table("Fine-tuning done", ["", ""],
+               [["best epoch", str(result.best_epoch)], ["best val top-1", f"{result.best_top1:.2f}%"],
+                ["last val top-1", f"{result.last_top1:.2f}%"],
+                ["best weights", str(result.out / "best.safetensors")],
+                ["last weights", str(result.out / "last.safetensors")],
+                ["metrics", str(result.out / "metrics.csv")], ["curves", str(result.out / "curves.png")]])
+    raise typer.Exit(exit_code(result))
+
+
+@app.command()
+def evaluate(model: Model, data: Annotated[str, typer.Argument(help="DATA/<class>/* or DATA/val/<class>/*.")],
+             batch_size: Annotated[int, typer.Option()] = 64,
+             img_size: Annotated[Optional[int], typer.Option(help="Evaluate at N px (default: the model's).")]
+             = None,
+             device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda if present).")] = None,
+             workers: Annotated[Optional[int], typer.Option(help="Data-loading processes.")] = None,
+             json_out: Json = False):
+    """Top-1, top-5, loss, per-class accuracy and the confusion matrix of MODEL on an image folder.
+
+    Example: seify evaluate runs/flowers/best.safetensors data/flowers/val --json
+    """
+    from .finetune.evaluate import evaluate_folder
+    from .profile import check_device
+    report = evaluate_folder(model, data, batch_size, img_size, check_device(device), workers)
+    if json_out:
+        print(json.dumps(report))
+        return
+    classes = report["classes"]
+    _table(f"{model} on {report['data']}", ["class", "accuracy", *[c[:12] for c in classes]],
+           [[name, f"{acc:.1f}%", *map(str, row)] for name, acc, row in
+            zip(classes, report["per_class"], report["confusion"])])
+    print(f"top-1 {report['top1']:.2f}%  top-5 {report['top5']:.2f}%  loss {report['loss']:.4f}  "
+          f"({report['images']} images" + (f", {len(report['skipped'])} unreadable files skipped)"
+                                          if report["skipped"] else ")"))
+
+
+@app.command()
+def demo(out: Annotated[str, typer.Option(help="Folder for the demo's data and results.")] = "seify-demo",
+         epochs: Annotated[int, typer.Option()] = 8,
+         force: Annotated[bool, typer.Option("--force", help="Replace an earlier demo in --out.")] = False):
+    """Draw a small image dataset, then convert, profile, fine-tune and evaluate a resnet18 on it (no downloads).
+
+    Example: seify demo --out /tmp/seify-demo
+    """
+    from .demo import run
+    run(out, epochs=epochs, force=force, log=_run_log())
+
+
 def main() -> None:
     try:
         app(standalone_mode=True)

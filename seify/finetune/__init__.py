@@ -1,0 +1,1 @@
+"""Fine-tuning SE models on an image folder: data, the training loop, distributed helpers, evaluation."""
