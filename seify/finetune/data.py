@@ -170,13 +170,8 @@ def loader(dataset, batch_size: int, sampler: EpochSampler, workers: int, pin: b
 
 
 def _seed_worker(worker_id: int) -> None:
-    seed = torch.initial_seed() % 2**32
-    random.seed(seed)
-    try:
-        import numpy
-        numpy.random.seed(seed)
-    except ImportError:
-        pass
+    from .loop import _seed_everything
+    _seed_everything(torch.initial_seed() % 2**32)
 
 
 def default_workers() -> int:

@@ -178,6 +178,16 @@ def _check_out(out: Path, config: FinetuneConfig) -> None:
         raise SeifyError(f"{out} already holds a run; pass --resume to continue it or --force to start over")
 
 
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy
+        numpy.random.seed(seed)
+    except ImportError:
+        pass
+
+
 def _rng_state(device: torch.device) -> dict:
     state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
              "python_version": random.getstate()[0], "python_gauss": random.getstate()[2]}
@@ -202,6 +212,7 @@ class Trainer:
         self.log = (log or PlainLog)(self.dist.main, config.log_every)
         if self.dist.main:
             _check_out(self.out, config)
+        _seed_everything(config.seed + self.dist.rank)  # DDP then broadcasts rank 0's initial weights
         self.classes, train, val = data.discover(data_dir, config.val_split, config.seed, config.strict_data)
         self.skipped = train.skipped + val.skipped
         if config.resume:
@@ -276,7 +287,7 @@ class Trainer:
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"], self.device)
-        self.history = [r for r in artifacts.read_metrics(self.out) if r["epoch"] < self.epoch]
+        self.history = [r for r in artifacts.read_metrics(self.out) if r["epoch"] <= self.epoch]
         self.log.line(f"resuming {self.out} at epoch {self.epoch + 1}, batch {self.batch_in_epoch} "
                       f"(step {self.step})")
 
