@@ -97,11 +97,14 @@ def count_macs(model: nn.Module, input_size) -> tuple[int, int, dict[str, int]]:
     def on_se(m, inputs, out):
         _, c, h, w = inputs[0].shape
         excite, pool_scale = se_macs(c, m.fc1.out_channels, h, w)
+        conv_linear[0] += excite  # fc1 and fc2 run as matrix products, not module calls
         squeeze_scale[0] += pool_scale
         per_block[names[m]] = per_block.get(names[m], 0) + excite + pool_scale
 
+    inside_se = {id(c) for m in model.modules() if isinstance(m, SqueezeExcite) for c in m.modules()}
     hooks = [m.register_forward_hook(on_se if isinstance(m, SqueezeExcite) else on_layer)
-             for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear, SqueezeExcite))]
+             for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear, SqueezeExcite))
+             and (isinstance(m, SqueezeExcite) or id(m) not in inside_se)]
     param = next(model.parameters())
     try:
         with torch.no_grad():

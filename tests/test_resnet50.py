@@ -4,6 +4,7 @@ import timm
 import torch
 
 import seify
+import seify.surgery
 from seify.surgery import SEOptions
 
 from conftest import outputs, realistic, save_weights
@@ -67,3 +68,23 @@ def test_stages_234_are_layer1_to_layer3():
     result = seify.convert("resnet50", SEOptions(stages=(2, 3, 4)), input_size=(3, 64, 64), dry_run=True)
     assert {s.path.split(".")[0] for s in result.sites} == {"layer1", "layer2", "layer3"}
     assert len(result.sites) == 13
+
+
+def test_fused_sum_matches_timm_twin_in_training(tmp_path):
+    """The gate, scale, drop-path and residual sum run as one addcmul; timm's twin computes them apart."""
+    base = realistic(timm.create_model("resnet50", drop_path_rate=0.2))
+    ours = seify.surgery.convert(base, SEOptions(), (3, 64, 64)).model
+    assert "add" not in ours.layer4[2].code and "self.se(bn3, x, drop_path" in ours.layer4[2].code
+    twin = timm.create_model("seresnet50", drop_path_rate=0.2)
+    twin.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(4, 3, 64, 64)
+    outs = []
+    for model in (twin.train(), ours.train()):
+        torch.manual_seed(7)
+        out = model(x)
+        out.square().mean().backward()
+        outs.append((out, model.layer2[1].se.fc1.weight.grad))
+    (a, ga), (b, gb) = outs
+    assert torch.allclose(a, b, rtol=1e-3, atol=1e-3) and torch.allclose(ga, gb, rtol=1e-2, atol=1e-5)
+    torch.manual_seed(8)
+    assert not torch.allclose(ours(x), b)  # drop-path really drops
