@@ -251,3 +251,34 @@ def test_demo_reaches_90_percent(tmp_path):
     assert seconds < 180
     for key in ("best", "curves", "metrics", "converted"):
         assert Path(result[key]).is_file()
+
+
+def test_ema_weights_are_judged_and_kept(tmp_path, tiny, r18):
+    out = tmp_path / "run"
+    finetune(r18, str(tiny), config(out, ema_decay=0.9))
+    state = torch.load(out / "state.pt", weights_only=True)
+    assert "ema" in state
+    best, last = weights(out / "best.safetensors"), weights(out / "last.safetensors")
+    assert not all(torch.equal(best[k], last[k]) for k in last)  # best holds the average, last the raw weights
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    again = evaluate_folder(str(out / "best.safetensors"), str(tiny / "val"), device="cpu", workers=0)
+    assert again["top1"] == pytest.approx(max(r["val_top1"] for r in rows))
+
+
+def test_sigkill_then_resume_loses_at_most_the_epoch(tmp_path, tiny, r18):
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "seify", "finetune", r18, str(tiny), "--out", str(out), "--epochs", "4",
+            "--batch-size", "8", "--img-size", "32", "--workers", "0", "--device", "cpu", "--log-every", "0"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    done = len((out / "metrics.jsonl").read_text().splitlines())
+    assert 1 <= done < 4
+    run = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-1000:]
+    assert f"resuming {out} at epoch {done + 1}" in run.stdout
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]

@@ -164,3 +164,21 @@ def test_api_convert_dry_run_lists_without_building():
     assert result.conversion is None and len(result.sites) == 10
     with pytest.raises(SeifyError, match="dry run has nothing to save"):
         seify.save(result, "x.safetensors")
+
+
+def test_models_with_native_se_are_skipped():
+    with pytest.raises(SeifyError, match="all 13 residual sites already have an SE-style gate"):
+        convert(realistic(timm.create_model("regnety_002")), SEOptions(), SIZE)
+    model = realistic(timm.create_model("mobilenetv3_small_050"))  # one residual block there has no SE
+    result = convert(model, SEOptions(), SIZE)
+    assert [s.path for s in result.sites] == ["blocks.1.1.se2"]  # 'se' is taken by timm's Identity placeholder
+    assert len(result.skipped) == 6 and result.skipped[0].skipped == "already gated by 'blocks.2.1.se'"
+    assert preserved(model, result.model)
+
+
+def test_channels_last_gives_the_same_outputs(resnet18):
+    result = convert(resnet18, SEOptions(), SIZE)
+    model = result.model.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert torch.allclose(model(x), resnet18(x.contiguous()), rtol=1e-5, atol=1e-5)
