@@ -75,5 +75,6 @@ class RichLog(PlainLog):
 
     def done(self):
         if self.progress is not None:
+            self.progress.refresh()
             self.progress.stop()
             self.progress = None
