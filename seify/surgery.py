@@ -127,9 +127,8 @@ _SCALE_PASSING_MODULES = (*_POSITIVE_HOMOGENEOUS, nn.Dropout, nn.Dropout2d, nn.M
 
 
 def _drop_layers():
-    from timm.layers import DropBlock2d, DropPath
-    from torchvision.ops import StochasticDepth
-    return DropPath, DropBlock2d, StochasticDepth
+    from timm.layers import DropBlock2d
+    return (*_per_sample_drops(), DropBlock2d)
 
 
 def _is_transparent(node: fx.Node, root: nn.Module) -> bool:
@@ -169,9 +168,7 @@ def _feature_input(node: fx.Node) -> fx.Node | None:
 
 def _follows_conv(act: fx.Node, root: nn.Module) -> bool:
     """True where the activation's input comes from a convolution, through norms and identities only."""
-    node = act if _norm_act(g.called_module(root, act)) else _feature_input(act)
-    if node is act:
-        node = _feature_input(act)
+    node = _feature_input(act)
     while node is not None and (_is_norm(node, root) or _is_transparent(node, root)):
         node = _feature_input(node)
     return node is not None and _is_conv(node, root)
@@ -199,6 +196,9 @@ def _residual_edges(gm: fx.GraphModule, variant: str):
     """(owner, producer, consumers, after) for each sum of a convolutional branch and a shortcut."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for add in gm.graph.nodes:
+        if isinstance(g.called_module(gm, add), SqueezeExcite) and len(add.args) >= 2:
+            yield add, add.args[0], [add]  # a sum seify already fused into its SE block (gated, so skipped)
+            continue
         if not g.is_call(add, g.ADD_TARGETS) or len(add.args) < 2:
             continue
         a, b = add.args[0], add.args[1]
