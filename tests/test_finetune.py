@@ -282,3 +282,11 @@ def test_sigkill_then_resume_loses_at_most_the_epoch(tmp_path, tiny, r18):
     assert f"resuming {out} at epoch {done + 1}" in run.stdout
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+
+
+def test_torchvision_model_gets_a_new_head(tmp_path, tiny):
+    result = finetune("torchvision:mobilenet_v2", str(tiny), config(tmp_path / "run", epochs=1))
+    model = seify.load(result.out / "best.safetensors")
+    assert model.classifier[1].out_features == 4
+    again = evaluate_folder(str(result.out / "best.safetensors"), str(tiny), device="cpu", workers=0)
+    assert again["top1"] == pytest.approx(result.best_top1)
