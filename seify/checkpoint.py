@@ -77,10 +77,10 @@ def read_recipe(path: str | Path) -> dict | None:
 
 def rebuild(recipe: dict):
     """(base model, Conversion) that a recipe describes, with fresh weights (on the default device)."""
-    from .models import _build
+    from .models import build
     from .surgery import SEOptions, convert
     base = rebuild(recipe["parent"])[1].model if recipe.get("parent") else \
-        _build(recipe["model"], False, recipe["num_classes"])
+        build(recipe["model"], False, recipe["num_classes"])
     conversion = convert(base, SEOptions.from_dict(recipe["options"]), tuple(recipe["input_size"]))
     built = [s.path for s in conversion.sites]
     recorded = [s["path"] for s in recipe["sites"]]

@@ -344,7 +344,7 @@ def finetune(model: Model, data: Annotated[str, typer.Argument(help="Image folde
                             device=device, precision=precision, channels_last=channels_last, compile=compile,
                             save_every=save_every, log_every=log_every, resume=resume, force=force)
     result = run(model, data, config, options, weights=weights, pretrained=pretrained, log=_run_log())
-    if result.stopped_by is None and int(__import__("os").environ.get("RANK", "0")) == 0:
+    if result.stopped_by is None and result.main:
         _table("Fine-tuning done", ["", ""],
                [["best epoch", str(result.best_epoch)], ["best val top-1", f"{result.best_top1:.2f}%"],
                 ["last val top-1", f"{result.last_top1:.2f}%"],

@@ -57,10 +57,10 @@ def create(spec: str, *, pretrained: bool = False, weights: str | None = None,
     if Path(spec).suffix in (".safetensors", ".pth", ".pt", ".bin") or Path(spec).exists():
         raise SeifyError(f"{spec} is not a seify file; to load a checkpoint pass the architecture and the file: "
                          f"seify convert resnet50 --weights {spec}")
-    _check_known(spec)
+    check_known(spec)
     notes = [] if weights or pretrained else ["random weights: pass --weights or --pretrained to convert a "
                                               "trained model"]
-    model = _build(spec, pretrained, num_classes)
+    model = build(spec, pretrained, num_classes)
     if weights:
         state_dict, note = read_state_dict(weights)
         notes.append(note)
@@ -68,7 +68,7 @@ def create(spec: str, *, pretrained: bool = False, weights: str | None = None,
         file_classes = int(state_dict[head[0]].shape[0]) if head and head[0] in state_dict else None
         if file_classes is not None and file_classes != _num_classes(model):
             if num_classes is None:
-                model = _build(spec, False, file_classes)
+                model = build(spec, False, file_classes)
             else:
                 state_dict, fresh = {k: v for k, v in state_dict.items() if k not in head}, head
                 notes.append(f"classifier re-initialised for {num_classes} classes (the weights have "
@@ -78,7 +78,7 @@ def create(spec: str, *, pretrained: bool = False, weights: str | None = None,
     return LoadedModel(model, spec, _num_classes(model), data_config(model, spec), notes)
 
 
-def _check_known(spec: str) -> None:
+def check_known(spec: str) -> None:
     import timm
     import torchvision
     if spec.startswith("hf-hub:"):
@@ -95,7 +95,8 @@ def _check_known(spec: str) -> None:
         raise SeifyError(f"unknown model '{spec}'{hint}")
 
 
-def _build(spec: str, pretrained: bool, num_classes: int | None) -> nn.Module:
+def build(spec: str, pretrained: bool, num_classes: int | None) -> nn.Module:
+    """The architecture ``spec`` names (a timm or torchvision name), with fresh or pretrained weights."""
     try:
         if spec.startswith(TORCHVISION):
             return _build_torchvision(spec[len(TORCHVISION):], pretrained, num_classes)

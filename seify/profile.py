@@ -129,14 +129,14 @@ def _cost(model: nn.Module, input_size) -> tuple[Cost, dict[str, int]]:
 def _build_pair(spec: str, options: SEOptions, input_size, num_classes, device: str):
     """(base, Conversion, input size) for ``spec``: a model name, or a seify file and the base it came from."""
     from .checkpoint import read_recipe, rebuild
-    from .models import _build, _check_known, data_config, is_seify_file
+    from .models import build, check_known, data_config, is_seify_file
     with torch.device(device):
         if is_seify_file(spec):
             recipe = read_recipe(spec)
             base, conversion = rebuild(recipe)
             return base, conversion, tuple(input_size or recipe["input_size"])
-        _check_known(spec)
-        base = _build(spec, False, num_classes)
+        check_known(spec)
+        base = build(spec, False, num_classes)
         size = tuple(input_size or data_config(base, spec)["input_size"])
         return base, convert(base, options, size), size
 

@@ -82,6 +82,7 @@ class RunResult:
     last_top1: float
     epochs_run: int
     stopped_by: str | None = None
+    main: bool = True  # False on the other ranks of a distributed run, which print nothing
 
 
 class _Stop:
@@ -323,7 +324,8 @@ class Trainer:
         with self.autocast():
             logits = net(images)
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.config.label_smoothing)
-        loss_value, stop_flag = self.dist.all_sum([loss.item(), float(stop.signum is not None)], self.device)
+        local_loss = loss.item()
+        loss_value, stop_flag = self.dist.all_sum([local_loss, float(stop.signum is not None)], self.device)
         if not math.isfinite(loss_value):
             raise SeifyError(f"loss became {loss_value} at epoch {self.epoch + 1}, step {self.step}; stopped. "
                              f"The last good checkpoint is {self.out / LAST}; lower --lr or use --precision fp32")
@@ -344,10 +346,10 @@ class Trainer:
         if self.ema is not None:
             self.ema.update_parameters(self.model)
         correct = (logits.argmax(dim=1) == labels).sum().item()
-        return loss.item() * len(labels), correct, stop_flag > 0
+        return local_loss * len(labels), correct, stop_flag > 0
 
     def run(self) -> RunResult:
-        config, stop = self.config, _Stop()
+        stop = _Stop()
         try:
             with stop.installed():
                 return self._run(stop)
@@ -390,7 +392,7 @@ class Trainer:
             self._end_epoch(frozen, seen, time.perf_counter() - start)
         self.log.done()
         return RunResult(self.out, self.best_epoch, self.best_top1, self.history[-1]["val_top1"],
-                         len(self.history))
+                         len(self.history), main=self.dist.main)
 
     def _end_epoch(self, frozen: bool, seen: int, seconds: float) -> None:
         cfg = self.config
@@ -421,7 +423,7 @@ class Trainer:
         self.log.line(f"{name}: saved {self.out / LAST} and {self.out / STATE} at epoch {self.epoch + 1}, batch "
                       f"{self.batch_in_epoch}; continue with --resume")
         return RunResult(self.out, self.best_epoch, self.best_top1, float("nan"), len(self.history),
-                         stopped_by=name)
+                         stopped_by=name, main=self.dist.main)
 
     def _announce(self) -> None:
         n_skipped = len(self.skipped)
