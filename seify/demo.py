@@ -64,16 +64,15 @@ def run(out: str | Path = "seify-demo", epochs: int = 8, force: bool = False, lo
     if out.exists() and any(out.iterdir()) and not force:
         raise SeifyError(f"{out} is not empty; pass --force to replace the demo there or choose --out")
     start = time.perf_counter()
-    say = print
     data = make_dataset(out / "data")
-    say(f"drew {len(CLASSES)} classes of textures in {data} (train and val, 64 px JPEGs)")
+    print(f"drew {len(CLASSES)} classes of textures in {data} (train and val, 64 px JPEGs)")
     result = convert("resnet18", input_size=(3, 64, 64))
     converted = save(result, out / "resnet18-se.safetensors", force=True)
-    say(f"converted resnet18 (random weights): {len(result.sites)} SE blocks, +{result.added_params:,} parameters, "
+    print(f"converted resnet18 (random weights): {len(result.sites)} SE blocks, +{result.added_params:,} parameters, "
         f"max output change {result.max_abs_diff:.3g} -> {converted}")
     cost = profile(str(converted), batch_sizes=(1,), device="cpu", repeats=5, warmup=2).to_dict()
     timing = cost["timings"][0]
-    say(f"profiled: +{cost['added_macs_percent']:.2f}% MACs, CPU inference x{timing['infer_ratio']:.2f} "
+    print(f"profiled: +{cost['added_macs_percent']:.2f}% MACs, CPU inference x{timing['infer_ratio']:.2f} "
         f"and training step x{timing['train_ratio']:.2f} of the base model")
     config = FinetuneConfig(out=str(out / "run"), epochs=epochs, batch_size=32, lr=2e-3, backbone_lr_scale=1.0,
                             warmup_epochs=0.5, se_warmup_epochs=1, img_size=64, crop_scale=(0.5, 1.0), workers=2,
@@ -82,12 +81,12 @@ def run(out: str | Path = "seify-demo", epochs: int = 8, force: bool = False, lo
     run_result = finetune(str(converted), str(data), config, log=log)
     metrics = evaluate_folder(str(out / "run" / "best.safetensors"), str(data / "val"), device="cpu", workers=2)
     seconds = time.perf_counter() - start
-    say(f"evaluated {out / 'run' / 'best.safetensors'}: top-1 {metrics['top1']:.1f}% on {metrics['images']} "
+    print(f"evaluated {out / 'run' / 'best.safetensors'}: top-1 {metrics['top1']:.1f}% on {metrics['images']} "
         f"validation images")
     artifacts = {"data": str(data), "converted": str(converted), "run": str(out / "run"),
                  "best": str(out / "run" / "best.safetensors"), "curves": str(out / "run" / "curves.png"),
                  "metrics": str(out / "run" / "metrics.csv")}
     for name, path in artifacts.items():
-        say(f"  {name:10s} {path}")
-    say(f"demo finished in {seconds:.0f} s with {metrics['top1']:.1f}% validation top-1")
+        print(f"  {name:10s} {path}")
+    print(f"demo finished in {seconds:.0f} s with {metrics['top1']:.1f}% validation top-1")
     return {"top1": metrics["top1"], "seconds": seconds, "best_epoch": run_result.best_epoch, **artifacts}

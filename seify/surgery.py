@@ -355,23 +355,24 @@ def _keep_members(original: nn.Module, rebuilt: fx.GraphModule, path: str) -> No
         raise SeifyError(f"cannot rebuild '{path or 'model'}' with SE: it would lose {sorted(lost)[:3]}")
 
 
-def _check_train_graph(module: nn.Module, path: str) -> None:
-    """Our graphs are traced in eval mode; refuse blocks whose traced code depends on the mode."""
+def _trace_block(module: nn.Module, path: str) -> fx.GraphModule:
+    """The block's graph, traced in eval mode; refused if its traced code depends on the mode."""
     module.train()
     try:
         train_code = fx.GraphModule(module, g.SeifyTracer().trace(module)).code
     finally:
         module.eval()
-    if train_code != g.trace(module).code:
+    local = g.trace(module)
+    if train_code != local.code:
         raise SeifyError(f"cannot insert SE into '{path or 'model'}': its forward branches on training mode; "
                          "exclude it with --exclude")
+    return local
 
 
 def _rebuild_owner(model: nn.Module, gm_whole: fx.GraphModule, owner: str, sites: list[Site],
                    options: SEOptions) -> nn.Module:
     module = model.get_submodule(owner) if owner else model
-    _check_train_graph(module, owner)
-    local = g.trace(module)
+    local = _trace_block(module, owner)
     local_by_key = g.scoped_keys(local.graph.nodes, "")
     key_of = {node: key for key, node in g.scoped_keys(gm_whole.graph.nodes, owner).items()}
     output = next(n for n in local.graph.nodes if n.op == "output")
