@@ -5,9 +5,8 @@ The API is importable without torch until it is used, so ``seify --help`` stays 
 __version__ = "0.1.0"
 
 _API = {
-    "load": "checkpoint", "save": "api",
-    "convert": "api", "create_model": "api",
-    "SEOptions": "surgery", "find_sites": "surgery",
+    "load": "models", "resolve": "models", "save": "api", "convert": "api",
+    "SEOptions": "options", "find_sites": "surgery",
     "SqueezeExcite": "se", "SeifyError": "errors",
 }
 __all__ = sorted(_API) + ["__version__"]

@@ -9,10 +9,10 @@ from torch import nn
 
 from . import checkpoint
 from .errors import SeifyError
-from .models import LoadedModel, create
-from .surgery import Conversion, SEOptions, convert as convert_model, find_sites, split_sites
+from .models import LoadedModel, data_config, resolve
+from .options import SEOptions
+from .surgery import Conversion, convert as convert_model, find_sites, split_sites
 
-create_model = create
 PRESERVATION_TOLERANCE = 1e-5  # max abs diff relative to the output's magnitude, fp32
 
 
@@ -26,6 +26,7 @@ class Converted:
     sites: list
     skipped: list
     placement: str
+    input_size_given: bool = False
     max_abs_diff: float | None = None
     output_scale: float | None = None
     output: str | None = None
@@ -37,6 +38,8 @@ class Converted:
 
     @property
     def model(self) -> nn.Module:
+        if self.conversion is None:
+            raise SeifyError("a dry run has no model")
         return self.conversion.model
 
     @property
@@ -46,10 +49,13 @@ class Converted:
     def recipe(self) -> dict:
         src = self.source
         parent = src.recipe
+        config = dict(src.data_config)
+        if self.input_size_given:  # the size the user works at is the size evaluate and profile default to
+            config["input_size"] = list(self.input_size)
         return checkpoint.make_recipe(
             parent["model"] if parent else src.spec, src.num_classes, self.options.to_dict(), self.input_size,
-            src.data_config, [s.to_dict() for s in self.sites], parent=parent,
-            **{k: parent[k] for k in ("classes",) if parent and k in parent})
+            config, [s.to_dict() for s in self.sites], parent=parent, weights=src.weights,
+            **{k: parent[k] for k in ("classes", "finetune") if parent and k in parent})
 
     def report(self) -> dict:
         """Everything ``seify convert --json`` prints."""
@@ -57,7 +63,7 @@ class Converted:
             "model": self.source.spec, "placement": self.placement, "options": self.options.to_dict(),
             "input_size": list(self.input_size), "base_params": self.base_params,
             "params": self.base_params + self.added_params, "added_params": self.added_params,
-            "added_percent": round(100 * self.added_params / max(self.base_params, 1), 3),
+            "added_params_percent": round(100 * self.added_params / max(self.base_params, 1), 3),
             "sites": [s.to_dict() for s in self.sites], "skipped": [s.to_dict() for s in self.skipped],
             "max_abs_diff": self.max_abs_diff, "output_scale": self.output_scale,
             "relative_diff": (self.max_abs_diff / self.output_scale) if self.output_scale else None,
@@ -70,22 +76,29 @@ def convert(model: str, options: SEOptions = SEOptions(), *, weights: str | None
             dry_run: bool = False) -> Converted:
     """Load ``model`` (any spec seify takes) and insert SE blocks; with ``dry_run``, only find the sites.
 
-    Raises SeifyError if, with the default identity initialisation, the result's outputs differ from the
-    original's by more than ``PRESERVATION_TOLERANCE`` of their magnitude.
+    Raises SeifyError on bad input, and if, with the default identity initialisation, the result's outputs
+    differ from the original's by more than ``PRESERVATION_TOLERANCE`` of their magnitude.
     """
-    source = create(model, pretrained=pretrained, weights=weights, num_classes=num_classes)
+    source = resolve(model, pretrained=pretrained, weights=weights, num_classes=num_classes)
+    return convert_loaded(source, options, input_size=input_size, dry_run=dry_run)
+
+
+def convert_loaded(source: LoadedModel, options: SEOptions = SEOptions(), *,
+                   input_size: tuple[int, int, int] | None = None, dry_run: bool = False) -> Converted:
+    """``convert`` for a model already resolved (``seify.resolve``)."""
     size = tuple(input_size or source.data_config["input_size"])
     if dry_run:
         _, placement, sites = find_sites(source.model, options, size)
         chosen, skipped = split_sites(source.model, placement, sites, options)
-        return Converted(source, options, size, None, chosen, skipped, placement)
+        return Converted(source, options, size, None, chosen, skipped, placement, input_size is not None)
     conversion = convert_model(source.model, options, size)
     result = Converted(source, options, size, conversion, conversion.sites, conversion.skipped,
-                       conversion.placement)
+                       conversion.placement, input_size is not None)
     result.max_abs_diff, result.output_scale = output_difference(source.model, conversion.model, size)
     if options.init == "identity" and result.max_abs_diff > PRESERVATION_TOLERANCE * result.output_scale:
-        raise RuntimeError(f"converted {model} differs from the original by {result.max_abs_diff:.3g} "
-                           f"(outputs up to {result.output_scale:.3g}); this is a seify bug, please report it")
+        raise SeifyError(f"converting {source.spec} did not keep its function: outputs differ by "
+                         f"{result.max_abs_diff:.3g} (up to {result.output_scale:.3g}); seify cannot convert this "
+                         "model exactly yet, please report it")
     return result
 
 
@@ -97,13 +110,35 @@ def output_difference(a: nn.Module, b: nn.Module, input_size, batch: int = 2, se
     return (ya - yb).abs().max().item(), ya.abs().max().item()
 
 
-def save(result: Converted, path: str | Path, *, force: bool = False, inputs: tuple = ()) -> Path:
-    """Write the converted model as a seify file and record where and how big it is."""
+def save(result: Converted | Conversion, path: str | Path, *, model: str | None = None, force: bool = False,
+         inputs: tuple = ()) -> Path:
+    """Write a converted model as a seify file that ``seify.load(path)`` rebuilds with no other argument.
+
+    ``result`` is what ``seify.convert`` returns, or a ``Conversion`` of a model you hold
+    (``seify.surgery.convert(my_model, ...)``); for the latter, ``model`` names its architecture (a timm name, or
+    ``torchvision:NAME``), which timm models record themselves.
+    """
+    if isinstance(result, Conversion):
+        return _save_conversion(result, path, model, force=force, inputs=inputs)
     if result.conversion is None:
         raise SeifyError("a dry run has nothing to save")
     out = checkpoint.save(result.model, path, result.recipe(), force=force, inputs=inputs)
     result.output, result.output_bytes = str(out), out.stat().st_size
     return out
+
+
+def _save_conversion(conversion: Conversion, path, spec: str | None, **kwargs) -> Path:
+    spec = spec or getattr(conversion.model, "pretrained_cfg", {}).get("architecture")
+    if not spec:
+        raise SeifyError("name the architecture of this model so the file can be rebuilt: "
+                         "seify.save(conversion, path, model='torchvision:resnet50')")
+    from .models import check_known, num_classes_of
+    check_known(spec)
+    options = conversion.options
+    recipe = checkpoint.make_recipe(spec, num_classes_of(conversion.model), options.to_dict(),
+                                    conversion.input_size, data_config(conversion.model, spec),
+                                    [s.to_dict() for s in conversion.sites], weights="held in memory")
+    return checkpoint.save(conversion.model, path, recipe, **kwargs)
 
 
 def default_output(spec: str) -> str:

@@ -1,6 +1,9 @@
 """The ``seify`` command: arguments, output and exit codes over the Python API (no torch import at start-up)."""
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import json
 import sys
 from typing import Annotated, Optional
@@ -8,7 +11,9 @@ from typing import Annotated, Optional
 import typer
 
 from . import __version__
-from .errors import SeifyError
+from .errors import SeifyError, first_line
+from .finetune.config import FinetuneConfig
+from .options import SEOptions, parse_value
 
 app = typer.Typer(
     help="Add Squeeze-and-Excitation blocks to trained PyTorch CNNs without losing their accuracy.\n\n"
@@ -26,32 +31,76 @@ def _version(value: bool):
 @app.callback()
 def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                                 help="Print the version and exit.")] = False,
-          debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False):
-    _state["debug"] = debug
+          debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors (also after the "
+                                                              "command).")] = False):
+    _state["debug"] = _state["debug"] or debug
 
 
-# Options shared by every command that builds an SE model; declared once, reused in each signature.
+# ---------------------------------------------------------------- flags declared once, from the dataclasses
+
+_CLI_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "str | None": Optional[str],
+              "int | None": Optional[int], "float | None": Optional[float], "bool | None": Optional[bool],
+              "tuple[int, ...] | None": Optional[str], "tuple[float, float] | None": Optional[str]}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _parameter(f: dataclasses.Field, default_owner) -> inspect.Parameter:
+    kind = _CLI_TYPES[f.type]
+    flags = f.metadata.get("flags") or ((_flag(f.name),) if f.type == "bool" else ())
+    default = getattr(default_owner, f.name)
+    if f.type.startswith("tuple") and default is not None:
+        default = ",".join(map(str, default))
+    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                             annotation=Annotated[kind, typer.Option(*flags, help=f.metadata["help"])])
+
+
+def _from_text(cls, name: str, value):
+    """A flag's value in the dataclass's own type: comma lists become tuples."""
+    if not isinstance(value, str):
+        return value
+    if name == "crop_scale":
+        return _floats(value, name, 2)
+    return parse_value(name, value) if cls is SEOptions else value
+
+
+def with_options(cls, into: str, skip: tuple[str, ...] = ()):
+    """Add ``cls``'s fields to a command as flags; the command gets ``into`` = (instance, names passed)."""
+    names = [f for f in dataclasses.fields(cls) if f.name not in skip]
+
+    def decorate(func):
+        signature = inspect.signature(func, eval_str=True)
+        wants_context = "ctx" in signature.parameters
+
+        @functools.wraps(func)
+        def wrapper(**kwargs):
+            ctx = kwargs["ctx"] if wants_context else kwargs.pop("ctx")
+            values = {f.name: _from_text(cls, f.name, kwargs.pop(f.name)) for f in names}
+            return func(**kwargs, **{into: (cls(**values), passed(ctx, [f.name for f in names]))})
+        params = [p for p in signature.parameters.values() if p.name != into]
+        if not wants_context:
+            params.append(inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context))
+        wrapper.__signature__ = signature.replace(parameters=params + [_parameter(f, cls()) for f in names])
+        return wrapper
+    return decorate
+
+
+def passed(ctx: typer.Context, names) -> set[str]:
+    """The options among ``names`` that the user wrote on the command line."""
+    return {name for name in names if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"}
+
+
+# Options shared by several commands.
 Model = Annotated[str, typer.Argument(help="timm name (resnet50, resnet50.a1_in1k, hf-hub:...), "
                                            "torchvision:NAME, or a file written by seify.")]
+Data = Annotated[str, typer.Argument(help="Image folder: DATA/train/<class>/* and DATA/val/<class>/* (or use "
+                                          "--val-split).")]
 Weights = Annotated[Optional[str], typer.Option(help="Checkpoint to load: .safetensors, or .pth/.pt/.bin "
                                                      "state_dict (also under state_dict/model/state_dict_ema).")]
 Pretrained = Annotated[bool, typer.Option(help="Use timm's or torchvision's pretrained weights (needs network).")]
 NumClasses = Annotated[Optional[int], typer.Option(help="Classifier size (default: taken from the weights).")]
-At = Annotated[str, typer.Option(help="Where SE goes: residual (on each residual branch, before the sum), "
-                                      "activation (after each conv nonlinearity), auto (residual if any).")]
-Variant = Annotated[str, typer.Option(help="Residual integration (paper Table 14): standard, pre, post, identity.")]
-Reduction = Annotated[float, typer.Option(help="Reduction ratio r: SE's hidden width is C/r.")]
-Divisor = Annotated[int, typer.Option(help="Round the hidden width to a multiple of this (timm: 8).")]
-MinChannels = Annotated[int, typer.Option(help="Smallest hidden width.")]
-Squeeze = Annotated[str, typer.Option(help="Squeeze pooling: avg or max.")]
-Gate = Annotated[str, typer.Option(help="Excitation gate: sigmoid or hard-sigmoid.")]
-Stages = Annotated[Optional[str], typer.Option(help="Only these stages, paper numbering: 2,3,4 is conv2_x..conv4_x "
-                                                    "(a stage's number is log2 of its stride).")]
-Include = Annotated[Optional[str], typer.Option(help="Only sites whose SE module path matches this regex.")]
-Exclude = Annotated[Optional[str], typer.Option(help="Skip sites whose SE module path matches this regex.")]
-Init = Annotated[str, typer.Option(help="identity: the converted model computes exactly what the original did; "
-                                        "paper: plain random init, for training from scratch.")]
-InputSize = Annotated[Optional[str], typer.Option(help="C,H,W of the probe input (default: the model's).")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
 
 
@@ -59,26 +108,40 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(","))
     except ValueError:
-        raise SeifyError(f"{what} must be comma-separated integers, not {text!r}") from None
+        raise SeifyError(f"{{{what}}} must be comma-separated integers, not {text!r}", what) from None
     if any(v <= 0 for v in values):
-        raise SeifyError(f"{what} must be positive, not {text!r}")
+        raise SeifyError(f"{{{what}}} must be positive, not {text!r}", what)
+    return values
+
+
+def _floats(text: str, what: str, count: int) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != count:
+        raise SeifyError(f"{{{what}}} must be {count} comma-separated numbers, not {text!r}", what)
     return values
 
 
 def _input_size(text: str | None) -> tuple[int, int, int] | None:
     if text is None:
         return None
-    size = _ints(text, "--input-size")
+    size = _ints(text, "input_size")
     if len(size) != 3:
-        raise SeifyError(f"--input-size is C,H,W (three numbers), not {text!r}")
+        raise SeifyError(f"{{input_size}} is C,H,W (three numbers), not {text!r}", "input_size")
+    if size[0] > 64 or max(size[1:]) > 4096:
+        raise SeifyError(f"{{input_size}} {text} is too large (at most 64 channels and 4096 px a side)",
+                         "input_size")
     return size
 
 
-def _se_options(at, variant, reduction, divisor, min_channels, squeeze, gate, stages, include, exclude, init):
-    from .surgery import SEOptions
-    return SEOptions(at=at, variant=variant, reduction=reduction, divisor=divisor, min_channels=min_channels,
-                     squeeze=squeeze, gate=gate, stages=_ints(stages, "--stages") if stages else None,
-                     include=include, exclude=exclude, init=init)
+def _run_log():
+    from .finetune.progress import PlainLog, RichLog
+    return RichLog if sys.stdout.isatty() else PlainLog
+
+
+# ---------------------------------------------------------------- output
 
 
 def _console():
@@ -101,7 +164,7 @@ def _print_conversion(report: dict, dry_run: bool) -> None:
         print(f"skipped {site['path']}: {site['skipped']}")
     added = report["added_params"]
     print(f"parameters: {report['base_params']:,} base + {added:,} SE = {report['params']:,} "
-          f"(+{report['added_percent']:.2f}%) in {len(report['sites'])} blocks")
+          f"(+{report['added_params_percent']:.2f}%) in {len(report['sites'])} blocks")
     for note in report["notes"]:
         print(note)
     if dry_run:
@@ -112,38 +175,6 @@ def _print_conversion(report: dict, dry_run: bool) -> None:
           f"(outputs up to {report['output_scale']:.3g})")
     print(f"wrote {report['output']} ({_size(report['output_bytes'])})")
 
-
-@app.command()
-def convert(model: Model, weights: Weights = None, pretrained: Pretrained = False, num_classes: NumClasses = None,
-            output: Annotated[Optional[str], typer.Option("--output", "-o", help="Where to write (default: "
-                                                          "MODEL-se.safetensors).")] = None,
-            force: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
-            at: At = "auto", variant: Variant = "standard", reduction: Reduction = 16, divisor: Divisor = 8,
-            min_channels: MinChannels = 8, squeeze: Squeeze = "avg", gate: Gate = "sigmoid",
-            stages: Stages = None, include: Include = None, exclude: Exclude = None, init: Init = "identity",
-            input_size: InputSize = None,
-            dry_run: Annotated[bool, typer.Option(help="List the sites and write nothing.")] = False,
-            json_out: Json = False):
-    """Insert SE blocks into MODEL and save it as a seify .safetensors file.
-
-    Example: seify convert resnet50 --weights resnet50_a1.safetensors -o resnet50-se.safetensors
-    """
-    from . import api
-    options = _se_options(at, variant, reduction, divisor, min_channels, squeeze, gate, stages, include, exclude,
-                          init)
-    out = output or api.default_output(model)
-    if not dry_run:
-        from .checkpoint import check_writable
-        check_writable(out, force=force, inputs=(model, weights))
-    result = api.convert(model, options, weights=weights, pretrained=pretrained, num_classes=num_classes,
-                         input_size=_input_size(input_size), dry_run=dry_run)
-    if not dry_run:
-        api.save(result, out, force=force, inputs=(model, weights))
-    report = result.report()
-    if json_out:
-        print(json.dumps(report))
-    else:
-        _print_conversion(report, dry_run)
 
 
 def _g(macs: int) -> str:
@@ -232,12 +263,45 @@ def _csv_rows(reports: list[dict]):
                    "device": r["device"] or ""}
 
 
+
+
 @app.command()
+@with_options(SEOptions, "se")
+def convert(model: Model, weights: Weights = None, pretrained: Pretrained = False, num_classes: NumClasses = None,
+            output: Annotated[Optional[str], typer.Option("--output", "-o", help="Where to write (default: "
+                                                          "MODEL-se.safetensors).")] = None,
+            force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
+            input_size: Annotated[Optional[str], typer.Option(help="C,H,W the model works at (default: the "
+                                                                   "model's); recorded in the file.")] = None,
+            dry_run: Annotated[bool, typer.Option("--dry-run", help="List the sites and write nothing.")] = False,
+            json_out: Json = False, se=None):
+    """Insert SE blocks into MODEL and save it as a seify .safetensors file.
+
+    Example: seify convert resnet50 --weights resnet50_a1.safetensors -o resnet50-se.safetensors
+    """
+    from . import api
+    options, _ = se
+    out = output or api.default_output(model)
+    if not dry_run:
+        from .checkpoint import check_writable
+        check_writable(out, force=force, inputs=(model, weights))
+    result = api.convert(model, options, weights=weights, pretrained=pretrained, num_classes=num_classes,
+                         input_size=_input_size(input_size), dry_run=dry_run)
+    if not dry_run:
+        api.save(result, out, force=force, inputs=(model, weights))
+    report = result.report()
+    if json_out:
+        print(json.dumps(report))
+    else:
+        _print_conversion(report, dry_run)
+
+
+@app.command()
+@with_options(SEOptions, "se", skip=("init",))
 def profile(models: Annotated[list[str], typer.Argument(help="One or more MODELs (names or seify files).")],
-            num_classes: NumClasses = None, at: At = "auto", variant: Variant = "standard",
-            reduction: Reduction = 16, divisor: Divisor = 8, min_channels: MinChannels = 8, squeeze: Squeeze = "avg",
-            gate: Gate = "sigmoid", stages: Stages = None, include: Include = None, exclude: Exclude = None,
-            input_size: Annotated[Optional[str], typer.Option(help="C,H,W (default: the model's).")] = None,
+            num_classes: NumClasses = None,
+            input_size: Annotated[Optional[str], typer.Option(help="C,H,W (default: the size the model was "
+                                                                   "trained or converted at).")] = None,
             batch_size: Annotated[str, typer.Option(help="Batch sizes to time, comma-separated.")] = "1",
             device: Annotated[Optional[str], typer.Option(help="cpu or cuda[:N] (default: cuda if present).")]
             = None,
@@ -246,17 +310,18 @@ def profile(models: Annotated[list[str], typer.Argument(help="One or more MODELs
             repeats: Annotated[int, typer.Option(help="Timed runs per model (median reported).")] = 10,
             warmup: Annotated[int, typer.Option(help="Untimed runs first.")] = 3,
             json_out: Json = False,
-            csv_out: Annotated[bool, typer.Option("--csv", help="Print CSV rows instead of tables.")] = False):
+            csv_out: Annotated[bool, typer.Option("--csv", help="Print CSV rows instead of tables.")] = False,
+            se=None):
     """Count what SE costs (parameters, MACs) and time it (latency, memory) against the base model.
 
     Example: seify profile resnet50 resnet101 torchvision:mobilenet_v2 --no-latency
     """
     from .profile import profile as run_profile
-    options = _se_options(at, variant, reduction, divisor, min_channels, squeeze, gate, stages, include, exclude,
-                          "identity")
-    batches = _ints(batch_size, "--batch-size")
-    if repeats < 1 or warmup < 0:
-        raise SeifyError("--repeats must be at least 1 and --warmup at least 0")
+    options, _ = se
+    batches = _ints(batch_size, "batch_size")
+    if repeats < 1 or warmup < 0 or max(batches) > 4096:
+        raise SeifyError("{repeats} must be at least 1, {warmup} at least 0 and {batch_size} at most 4096",
+                         "repeats", "warmup", "batch_size")
     reports = [run_profile(m, options, input_size=_input_size(input_size), num_classes=num_classes,
                            latency=latency, batch_sizes=batches, device=device, repeats=repeats,
                            warmup=warmup).to_dict() for m in models]
@@ -274,106 +339,101 @@ def profile(models: Annotated[list[str], typer.Argument(help="One or more MODELs
         _print_comparison(reports)
 
 
-def _floats(text: str, what: str, count: int) -> tuple[float, ...]:
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise SeifyError(f"{what} must be {count} comma-separated numbers, not {text!r}") from None
-    if len(values) != count:
-        raise SeifyError(f"{what} must be {count} comma-separated numbers, not {text!r}")
-    return values
-
-
-def _run_log():
-    from .finetune.progress import PlainLog, RichLog
-    return RichLog if sys.stdout.isatty() else PlainLog
-
-
 @app.command()
-def finetune(model: Model, data: Annotated[str, typer.Argument(help="Image folder: DATA/train/<class>/* and "
-                                                                     "DATA/val/<class>/* (or use --val-split).")],
-             out: Annotated[str, typer.Option(help="Run folder for checkpoints, metrics and curves.")] = "runs/seify",
-             epochs: Annotated[int, typer.Option(help="Epochs in all, SE warm-up included.")] = 10,
-             batch_size: Annotated[int, typer.Option(help="Images per step and device.")] = 64,
-             lr: Annotated[float, typer.Option(help="Learning rate of SE blocks and the new head.")] = 1e-3,
-             backbone_lr_scale: Annotated[float, typer.Option(help="Backbone learning rate = lr x this.")] = 0.1,
-             weight_decay: Annotated[float, typer.Option()] = 0.05,
-             optimizer: Annotated[str, typer.Option(help="adamw or sgd.")] = "adamw",
-             warmup_epochs: Annotated[float, typer.Option(help="Linear learning-rate warm-up, then cosine.")] = 1.0,
-             se_warmup_epochs: Annotated[int, typer.Option(help="First train only SE and head, backbone and its "
-                                                                "BatchNorm statistics frozen.")] = 1,
-             label_smoothing: Annotated[float, typer.Option()] = 0.1,
-             clip_grad: Annotated[float, typer.Option(help="Gradient-norm clip (0: off).")] = 1.0,
-             ema_decay: Annotated[Optional[float], typer.Option(help="Keep an EMA of weights (e.g. 0.999); "
-                                                                      "validation and best use it.")] = None,
-             img_size: Annotated[Optional[int], typer.Option(help="Train and evaluate at N px.")] = None,
-             crop_scale: Annotated[str, typer.Option(help="Random-resized-crop area range.")] = "0.08,1",
-             val_split: Annotated[Optional[float], typer.Option(help="Split one DATA/<class> tree (or a train/ "
-                                                                     "without val/) by this fraction.")] = None,
-             strict_data: Annotated[bool, typer.Option(help="Fail on unreadable files instead of skipping.")] = False,
-             seed: Annotated[int, typer.Option(help="Fixes data order, augmentation and initialisation.")] = 0,
-             workers: Annotated[Optional[int], typer.Option(help="Data-loading processes.")] = None,
-             device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda if present).")] = None,
-             precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp16 without bf16, fp32 on CPU), "
-                                                         "fp32, bf16, fp16.")] = "auto",
-             channels_last: Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last",
-                                                                   help="Default: on for CUDA.")] = None,
-             compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
-             save_every: Annotated[int, typer.Option(help="Also checkpoint every N steps (0: per epoch).")] = 0,
-             log_every: Annotated[int, typer.Option(help="In logs, a line every N steps (0: per epoch).")] = 50,
-             resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
-             force: Annotated[bool, typer.Option("--force", help="Start over in a --out that holds a run.")] = False,
-             weights: Weights = None, pretrained: Pretrained = False, at: At = "auto", variant: Variant = "standard",
-             reduction: Reduction = 16, divisor: Divisor = 8, min_channels: MinChannels = 8,
-             squeeze: Squeeze = "avg", gate: Gate = "sigmoid", stages: Stages = None, include: Include = None,
-             exclude: Exclude = None):
-    """Fine-tune MODEL with SE on an image folder (converting it first if it has no SE blocks).
+@with_options(SEOptions, "se")
+@with_options(FinetuneConfig, "recipe")
+def finetune(model: Model, data: Data, weights: Weights = None, pretrained: Pretrained = False,
+             with_se: Annotated[bool, typer.Option("--se/--no-se", help="--no-se fine-tunes the plain model with "
+                                                                        "the same recipe: the baseline.")] = True,
+             ctx: typer.Context = None, recipe=None, se=None):
+    """Fine-tune MODEL on an image folder, adding SE blocks first where it has none (--no-se: the baseline).
 
     Example: seify finetune resnet50 --weights resnet50.safetensors data/flowers --epochs 10 --out runs/flowers
     Many GPUs: torchrun --nproc_per_node 4 -m seify finetune resnet50-se.safetensors data/flowers
     """
-    from .finetune.loop import FinetuneConfig, exit_code, finetune as run
-    options = _se_options(at, variant, reduction, divisor, min_channels, squeeze, gate, stages, include, exclude,
-                          "identity")
-    config = FinetuneConfig(out=out, epochs=epochs, batch_size=batch_size, lr=lr,
-                            backbone_lr_scale=backbone_lr_scale, weight_decay=weight_decay, optimizer=optimizer,
-                            warmup_epochs=warmup_epochs, se_warmup_epochs=se_warmup_epochs,
-                            label_smoothing=label_smoothing, clip_grad=clip_grad or None, ema_decay=ema_decay,
-                            img_size=img_size, crop_scale=_floats(crop_scale, "--crop-scale", 2),
-                            val_split=val_split, strict_data=strict_data, seed=seed, workers=workers,
-                            device=device, precision=precision, channels_last=channels_last, compile=compile,
-                            save_every=save_every, log_every=log_every, resume=resume, force=force)
-    result = run(model, data, config, options, weights=weights, pretrained=pretrained, log=_run_log())
-    if result.stopped_by is None and result.main:
-        _table("Fine-tuning done", ["", ""],
-               [["best epoch", str(result.best_epoch)], ["best val top-1", f"{result.best_top1:.2f}%"],
-                ["last val top-1", f"{result.last_top1:.2f}%"],
-                ["best weights", str(result.out / "best.safetensors")],
-                ["last weights", str(result.out / "last.safetensors")],
-                ["metrics", str(result.out / "metrics.csv")], ["curves", str(result.out / "curves.png")]])
+    from .finetune.loop import exit_code, finetune as run
+    config, given = recipe
+    options, se_given = se
+    given |= se_given | passed(ctx, ("weights", "pretrained"))
+    result = run(model, data, config, options if with_se else None, weights=weights, pretrained=pretrained,
+                 log=_run_log(), explicit=given)
+    if result.stopped_by is None and result.main and result.epochs_run:
+        rows = [["best epoch", str(result.best_epoch)], ["best val top-1", f"{result.best_top1:.2f}%"],
+                ["last val top-1", f"{result.last_top1:.2f}%"]]
+        if result.start_top1 is not None:
+            rows.insert(0, ["val top-1 before", f"{result.start_top1:.2f}%"])
+        rows += [[name, str(result.out / file)] for name, file in (
+            ("best weights", "best.safetensors"), ("last weights", "last.safetensors"), ("run options", "run.json"),
+            ("metrics", "metrics.csv"), ("curves", "curves.png"))]
+        _table("Fine-tuning done", ["", ""], rows)
     raise typer.Exit(exit_code(result))
 
 
 @app.command()
+@with_options(FinetuneConfig, "recipe", skip=("out", "resume", "force"))
+def compare(model: Model, data: Data,
+            out: Annotated[str, typer.Option(help="Folder for every run (DIR/<arm>/seed-<n>) and the comparison.")],
+            weights: Weights = None, pretrained: Pretrained = False,
+            arms: Annotated[str, typer.Option(help="Arms to compare: plain (no SE), se, se:name=value[:...] "
+                                                   "(e.g. se:reduction=8, se:variant=pre, se:stages=4,5).")]
+            = "plain,se",
+            seeds: Annotated[int, typer.Option(help="Runs per arm, seeds --seed, --seed+1, ...")] = 3,
+            json_out: Json = False, recipe=None):
+    """Does SE pay on my data? Fine-tune each arm under one budget over several seeds and compare.
+
+    Example: seify compare resnet18 data/flowers --weights r18.safetensors --epochs 5 --seeds 3 --out cmp
+    Rerunning the same command skips finished runs and resumes a killed one.
+    """
+    from .compare import compare as run, parse_arms
+    config, _ = recipe
+    document = run(model, data, parse_arms(arms), dataclasses.replace(config, out=out), seeds=seeds,
+                   weights=weights, pretrained=pretrained, log=None if json_out else _run_log(),
+                   say=(lambda text: None) if json_out else print)
+    if "stopped_by" in document:
+        raise typer.Exit({"SIGINT": 130, "SIGTERM": 143}[document["stopped_by"]])
+    if json_out:
+        print(json.dumps(document))
+    else:
+        _print_arms(document, out)
+
+
+def _print_arms(document: dict, out: str) -> None:
+    def mean_std(stats: dict) -> str:
+        return f"{stats['mean']:.2f}" + (f" +/- {stats['std']:.2f}" if stats["std"] is not None else "")
+    rows = [[arm["name"], str(len(arm["runs"])), mean_std(arm["final_top1"]), mean_std(arm["best_top1"]),
+             f"{arm['params'] / 1e6:.2f}M", f"+{arm['added_params']:,}", _g(arm["macs"]),
+             f"{arm['images_per_sec']:.1f}" if arm["images_per_sec"] else ""] for arm in document["arms"]]
+    _table(f"{document['model']}: {', '.join(a['name'] for a in document['arms'])} over seeds "
+           f"{', '.join(map(str, document['seeds']))}",
+           ["arm", "runs", "final top-1", "best top-1", "params", "added", "MACs", "train img/s"], rows)
+    for verdict in document["verdicts"]:
+        print(verdict["text"])
+    print(f"wrote {out}/compare.json, compare.csv and compare.png")
+
+
+@app.command()
 def evaluate(model: Model, data: Annotated[str, typer.Argument(help="DATA/<class>/* or DATA/val/<class>/*.")],
+             weights: Weights = None,
              batch_size: Annotated[int, typer.Option()] = 64,
-             img_size: Annotated[Optional[int], typer.Option(help="Evaluate at N px (default: the model's).")]
-             = None,
+             img_size: Annotated[Optional[int], typer.Option(help="Evaluate at N px (default: the size the model "
+                                                                  "was trained at).")] = None,
              device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda if present).")] = None,
              workers: Annotated[Optional[int], typer.Option(help="Data-loading processes.")] = None,
              json_out: Json = False):
     """Top-1, top-5, loss, per-class accuracy and the confusion matrix of MODEL on an image folder.
 
     Example: seify evaluate runs/flowers/best.safetensors data/flowers/val --json
+    Plain checkpoint: seify evaluate resnet18 data/flowers --weights resnet18-flowers.pth
     """
     from .finetune.evaluate import evaluate_folder
-    from .profile import check_device
-    report = evaluate_folder(model, data, batch_size, img_size, check_device(device), workers)
+    report = evaluate_folder(model, data, batch_size, img_size, device, workers, weights=weights)
     if json_out:
         print(json.dumps(report))
         return
     classes = report["classes"]
-    _table(f"{model} on {report['data']}", ["class", "accuracy", *[c[:12] for c in classes]],
+    for note in report["notes"]:
+        print(note)
+    _table(f"{model} on {report['data']} at {report['img_size']} px", ["class", "accuracy", *[c[:12] for c in classes]],
            [[name, f"{acc:.1f}%", *map(str, row)] for name, acc, row in
             zip(classes, report["per_class"], report["confusion"])])
     print(f"top-1 {report['top1']:.2f}%  top-5 {report['top5']:.2f}%  loss {report['loss']:.4f}  "
@@ -394,20 +454,28 @@ def demo(out: Annotated[str, typer.Option(help="Folder for the demo's data and r
 
 
 def main() -> None:
+    _state["debug"] = "--debug" in sys.argv[1:]  # accepted anywhere on the line, also after the subcommand
+    sys.argv[1:] = [a for a in sys.argv[1:] if a != "--debug"]
     try:
         app(standalone_mode=True)
     except SeifyError as e:
-        _fail(e, 2)
+        _fail(e, 2, e.render(_flag))
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as e:  # an internal error still gets one line; --debug shows where
-        _fail(e, 1, hint=" (this is a seify bug; run with --debug for the traceback)")
+        _fail(e, 1, f"{first_line(e)} (this is a seify bug; run with --debug for the traceback)")
 
 
-def _fail(e: Exception, code: int, hint: str = "") -> None:
+def _fail(e: Exception, code: int, message: str) -> None:
     if _state["debug"]:
         import traceback
         traceback.print_exception(e)
-    message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    print(f"error: {message}{hint}", file=sys.stderr)
+    print(f"error: {_one_line(message)}", file=sys.stderr)
     sys.exit(code)
+
+
+def _one_line(text: str) -> str:
+    """The first line, without terminal colour codes: an error must read the same in a log."""
+    import re
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text).strip()
+    return text.splitlines()[0] if text else "unknown error"

@@ -62,7 +62,8 @@ def run(out: str | Path = "seify-demo", epochs: int = 8, force: bool = False, lo
     from .profile import profile
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not force:
-        raise SeifyError(f"{out} is not empty; pass --force to replace the demo there or choose --out")
+        raise SeifyError(f"{out} is not empty; pass {{force}} to replace the demo there or choose {{out}}", "force",
+                         "out")
     start = time.perf_counter()
     data = make_dataset(out / "data")
     print(f"drew {len(CLASSES)} classes of textures in {data} (train and val, 64 px JPEGs)")

@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import SeifyError
+from .errors import SeifyError, first_line
 from .se import SqueezeExcite
 
 
@@ -50,7 +50,7 @@ class SeifyTracer(fx.Tracer):
             where = [path for path, _ in self.module_stack.values()]
             inside = f"in module '{where[-1]}' ({type(root.get_submodule(where[-1])).__name__})" if where \
                 else f"in {type(root).__name__}.forward"
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            reason = first_line(e)
             raise SeifyError(f"cannot trace {type(root).__name__}: {inside}: {reason}. seify needs a model that "
                              "torch.fx can trace; mark that module as a leaf with "
                              "timm.layers.register_notrace_module, or rewrite its data-dependent control flow"
@@ -81,7 +81,7 @@ class _ShapeRecorder(fx.Interpreter):
             result = super().run_node(n)
         except Exception as e:
             what = n.target if n.op == "call_module" else n.name
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            reason = first_line(e)
             raise SeifyError(f"at '{what}': {reason}") from e
         if isinstance(result, torch.Tensor):
             n.meta["shape"] = tuple(result.shape)
@@ -100,7 +100,7 @@ def trace_with_shapes(model: nn.Module, input_size: tuple[int, int, int]) -> fx.
     except SeifyError as e:
         size = "x".join(map(str, input_size))
         raise SeifyError(f"{type(model).__name__} cannot take an input of {size} ({e}); "
-                         "pass an --input-size the model accepts") from e
+                         "pass an {input_size} the model accepts", "input_size") from e
     return gm
 
 

@@ -1,81 +1,136 @@
-"""Turning a model spec and weights into an nn.Module.
+"""Turning a model spec and weights into an nn.Module: the one way every command gets its model.
 
 Specs: timm names (``resnet50``), pretrained tags (``resnet50.a1_in1k``), ``hf-hub:`` ids, torchvision names
-as ``torchvision:resnet50``, and files written by seify (rebuilt from their recipe).
+as ``torchvision:resnet50``, and files written by seify (rebuilt from their recipe, with or without SE).
 """
 from __future__ import annotations
 
 import contextlib
 import difflib
-import pickle
 import socket
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .errors import SeifyError
+from .checkpoint import read_recipe, read_state_dict
+from .errors import SeifyError, first_line
+from .se import SqueezeExcite
+from .options import SEOptions
+from .surgery import Conversion, convert
 
 TORCHVISION = "torchvision:"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_CHECKPOINT_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")  # timm's order: EMA first
+RANDOM, PRETRAINED = "random", "pretrained"
 
 
 @dataclass
 class LoadedModel:
+    """A model and what is known about it: where its weights came from, its classes, its data config."""
     model: nn.Module
     spec: str
     num_classes: int
     data_config: dict
-    notes: list[str]
+    notes: list[str] = field(default_factory=list)
     recipe: dict | None = None  # set when the spec was a seify file
+    weights: str = RANDOM  # RANDOM, PRETRAINED or the weights file's name
+    base: nn.Module | None = None  # a seify file with SE: the model it was converted from, fresh weights
+
+    @property
+    def classes(self) -> list[str] | None:
+        """Class names in classifier order, where a seify run recorded them."""
+        return (self.recipe or {}).get("classes")
+
+    @property
+    def has_se(self) -> bool:
+        return any(isinstance(m, SqueezeExcite) for m in self.model.modules())
+
+    @property
+    def trained(self) -> bool:
+        """False for random weights: then there is nothing to preserve and nothing to warm up."""
+        return self.weights != RANDOM or bool((self.recipe or {}).get("finetune"))
 
 
 def is_seify_file(spec: str) -> bool:
-    return spec.endswith(".safetensors") and Path(spec).is_file() and _read_recipe_or_none(spec) is not None
+    return spec.endswith(".safetensors") and Path(spec).is_file() and read_recipe(spec) is not None
 
 
-def _read_recipe_or_none(path: str):
-    from .checkpoint import read_recipe
-    return read_recipe(path)
+def resolve(spec: str, *, weights: str | None = None, pretrained: bool = False, num_classes: int | None = None,
+            device: str | torch.device | None = None) -> LoadedModel:
+    """Build the model ``spec`` names, with ``weights`` from a file or the hub's ``pretrained`` ones.
+
+    On the ``meta`` device only the architecture is built (for counting): no weights are read.
+    """
+    meta = torch.device(device).type == "meta" if device is not None else False
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        if is_seify_file(spec):
+            if pretrained or weights:
+                raise SeifyError(f"{spec} is a seify file and carries its own weights; drop {{pretrained}}/"
+                                 "{weights}", "pretrained", "weights")
+            return _from_file(spec, meta)
+        if pretrained and weights:
+            raise SeifyError("pass either {pretrained} or {weights}, not both", "pretrained", "weights")
+        if Path(spec).suffix in (".safetensors", ".pth", ".pt", ".bin") or Path(spec).exists():
+            raise SeifyError(f"{spec} is not a seify file; to load a checkpoint pass the architecture and the "
+                             f"file as {{weights}} (resnet50 --weights {spec})", "weights")
+        check_known(spec)
+        model = build(spec, pretrained and not meta, num_classes)
+        loaded = LoadedModel(model, spec, 0, data_config(model, spec),
+                             weights=PRETRAINED if pretrained else RANDOM)
+        if weights and not meta:
+            loaded.model = _load_weights(loaded, weights, num_classes)
+            loaded.weights = Path(weights).name
+        if loaded.weights == RANDOM:
+            loaded.notes.append("random weights: pass --weights or --pretrained to start from a trained model")
+    loaded.num_classes = num_classes_of(loaded.model)
+    loaded.model.eval()
+    return loaded
 
 
-def create(spec: str, *, pretrained: bool = False, weights: str | None = None,
-           num_classes: int | None = None) -> LoadedModel:
-    """Build the model ``spec`` names, with ``weights`` from a file or the hub's ``pretrained`` ones."""
-    if is_seify_file(spec):
-        if pretrained or weights:
-            raise SeifyError(f"{spec} is a seify file and carries its own weights; drop --pretrained/--weights")
-        from .checkpoint import load_with_recipe
-        model, recipe = load_with_recipe(spec)
-        return LoadedModel(model, spec, recipe["num_classes"], recipe["data_config"], [], recipe)
-    if pretrained and weights:
-        raise SeifyError("pass either --pretrained or --weights, not both")
-    if Path(spec).suffix in (".safetensors", ".pth", ".pt", ".bin") or Path(spec).exists():
-        raise SeifyError(f"{spec} is not a seify file; to load a checkpoint pass the architecture and the file: "
-                         f"seify convert resnet50 --weights {spec}")
-    check_known(spec)
-    notes = [] if weights or pretrained else ["random weights: pass --weights or --pretrained to convert a "
-                                              "trained model"]
-    model = build(spec, pretrained, num_classes)
-    if weights:
-        state_dict, note = read_state_dict(weights)
-        notes.append(note)
-        head, fresh = _classifier_keys(model), ()
-        file_classes = int(state_dict[head[0]].shape[0]) if head and head[0] in state_dict else None
-        if file_classes is not None and file_classes != _num_classes(model):
-            if num_classes is None:
-                model = build(spec, False, file_classes)
-            else:
-                state_dict, fresh = {k: v for k, v in state_dict.items() if k not in head}, head
-                notes.append(f"classifier re-initialised for {num_classes} classes (the weights have "
-                             f"{file_classes})")
-        _load_strict(model, state_dict, spec, weights, fresh=fresh)
-    model.eval()
-    return LoadedModel(model, spec, _num_classes(model), data_config(model, spec), notes)
+def _from_file(path: str, meta: bool) -> LoadedModel:
+    recipe = read_recipe(path)
+    base, conversion = from_recipe(recipe)
+    model = conversion.model if conversion else base
+    if not meta:
+        from safetensors.torch import load_model
+        try:
+            load_model(model, path, strict=True)
+        except RuntimeError as e:
+            raise SeifyError(f"{path}: weights do not match its recipe: {first_line(e)}") from e
+    return LoadedModel(model.eval(), path, recipe["num_classes"], recipe["data_config"], [], recipe,
+                       weights=recipe.get("weights") or Path(path).name, base=base if conversion else None)
+
+
+def from_recipe(recipe: dict) -> tuple[nn.Module, Conversion | None]:
+    """(base model, its Conversion or None for a plain file) that a recipe describes, with fresh weights."""
+    parent = recipe.get("parent")
+    base = model_of(parent) if parent else build(recipe["model"], False, recipe["num_classes"])
+    if recipe.get("options") is None:
+        return base, None
+    conversion = convert(base, SEOptions.from_dict(recipe["options"]), tuple(recipe["input_size"]))
+    built = [s.path for s in conversion.sites]
+    recorded = [s["path"] for s in recipe["sites"]]
+    if built != recorded:
+        raise SeifyError(f"this file was written by seify {recipe['seify_version']} with SE sites that this "
+                         f"version places differently ({len(recorded)} recorded, {len(built)} now); convert again")
+    return base, conversion
+
+
+def model_of(recipe: dict) -> nn.Module:
+    """The model a recipe describes (SE or plain), with fresh weights."""
+    base, conversion = from_recipe(recipe)
+    return conversion.model if conversion else base
+
+
+def load(path: str | Path) -> nn.Module:
+    """The model a seify file holds, ready in eval mode."""
+    if read_recipe(path) is None:
+        raise SeifyError(f"{path} was not written by seify (no recipe in its metadata); load it with "
+                         "{weights} and a model name instead", "weights")
+    return _from_file(str(path), meta=False).model
 
 
 def check_known(spec: str) -> None:
@@ -109,9 +164,9 @@ def build(spec: str, pretrained: bool, num_classes: int | None) -> nn.Module:
     except Exception as e:
         if not pretrained:
             raise
-        reason = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e).split(". ")[0]
         raise SeifyError(f"could not fetch pretrained weights for {spec} ({reason}); are you offline? "
-                         "Pass a local checkpoint with --weights PATH instead") from e
+                         "Pass a local checkpoint as {weights} instead", "weights") from e
 
 
 @contextlib.contextmanager
@@ -137,80 +192,27 @@ def _build_torchvision(name: str, pretrained: bool, num_classes: int | None) -> 
         kwargs = {} if num_classes is None else {"num_classes": num_classes}
         return torchvision.models.get_model(name, weights=None, **kwargs)
     model = torchvision.models.get_model(name, weights="DEFAULT")
-    if num_classes is not None and num_classes != _num_classes(model):
+    if num_classes is not None and num_classes != num_classes_of(model):
         reset_classifier(model, num_classes)
     return model
 
 
-def classifier_name(model: nn.Module) -> str | None:
-    """Path of the final classifier layer: timm's ``get_classifier()``, else the last Linear."""
-    target = model.get_classifier() if hasattr(model, "get_classifier") else None
-    last_linear = None
-    for name, m in model.named_modules():
-        if target is not None and m is target:
-            return name
-        if isinstance(m, nn.Linear):
-            last_linear = name
-    return last_linear
-
-
-def _num_classes(model: nn.Module) -> int:
-    if isinstance(getattr(model, "num_classes", None), int):
-        return model.num_classes
-    name = classifier_name(model)
-    return model.get_submodule(name).out_features if name else 0
-
-
-def reset_classifier(model: nn.Module, num_classes: int) -> None:
-    """A fresh classifier for ``num_classes`` (timm's ``reset_classifier``; the last Linear for torchvision)."""
-    if hasattr(model, "reset_classifier"):
-        model.reset_classifier(num_classes)
-        return
-    name = classifier_name(model)
-    if name is None:
-        raise SeifyError(f"cannot find the classifier of {type(model).__name__} to resize it")
-    old = model.get_submodule(name)
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr,
-            nn.Linear(old.in_features, num_classes, bias=old.bias is not None))
-
-
-def _classifier_keys(model: nn.Module) -> tuple[str, ...]:
-    name = classifier_name(model)
-    return tuple(f"{name}.{p}" for p, _ in model.get_submodule(name).named_parameters()) if name else ()
-
-
-def read_state_dict(path: str) -> tuple[dict, str]:
-    """A plain state_dict from ``path``; never runs pickled code. Returns it and a note on where it came from."""
-    p = Path(path)
-    if not p.is_file():
-        raise SeifyError(f"weights file {path} does not exist")
-    if p.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-        try:
-            return load_file(str(p)), f"weights: {path}"
-        except SafetensorError as e:
-            raise SeifyError(f"{path} is not a readable safetensors file: {e}") from e
-    try:
-        checkpoint = torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise SeifyError(f"refusing to load {path}: it holds pickled code, not just tensors ("
-                         f"{str(e).strip().splitlines()[0][:120]}). Re-save it as a state_dict or safetensors "
-                         "from a trusted environment") from e
-    except Exception as e:
-        raise SeifyError(f"{path} is not a readable PyTorch checkpoint: {str(e).splitlines()[0][:160]}") from e
-    where = f"weights: {path}"
-    if isinstance(checkpoint, dict):
-        for key in _CHECKPOINT_KEYS:
-            if isinstance(checkpoint.get(key), dict):
-                checkpoint, where = checkpoint[key], f"weights: {path} ['{key}']"
-                break
-    if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        raise SeifyError(f"{path} holds no state_dict (a dict of tensors, possibly under 'state_dict', "
-                         "'model' or 'state_dict_ema')")
-    from timm.models import clean_state_dict
-    return clean_state_dict(checkpoint), where
+def _load_weights(loaded: LoadedModel, path: str, num_classes: int | None) -> nn.Module:
+    """The model with the file's weights; the classifier's size follows the file unless ``num_classes`` says."""
+    state_dict, note = read_state_dict(path)
+    loaded.notes.append(note)
+    model, spec = loaded.model, loaded.spec
+    head, fresh = classifier_keys(model), ()
+    file_classes = int(state_dict[head[0]].shape[0]) if head and head[0] in state_dict else None
+    if file_classes is not None and file_classes != num_classes_of(model):
+        if num_classes is None:
+            model = build(spec, False, file_classes)
+        else:
+            state_dict, fresh = {k: v for k, v in state_dict.items() if k not in head}, head
+            loaded.notes.append(f"classifier re-initialised for {num_classes} classes (the weights have "
+                                f"{file_classes})")
+    _load_strict(model, state_dict, spec, path, fresh=fresh)
+    return model
 
 
 def _load_strict(model: nn.Module, state_dict: dict, spec: str, path: str, fresh: tuple = ()) -> None:
@@ -227,6 +229,56 @@ def _load_strict(model: nn.Module, state_dict: dict, spec: str, path: str, fresh
         raise SeifyError(f"weights in {path} do not match {spec}: {'; '.join(parts)}; "
                          "check the model name matches the checkpoint")
     model.load_state_dict(state_dict, strict=not fresh)
+
+
+# ---------------------------------------------------------------- the classifier
+
+
+def classifier_name(model: nn.Module) -> str | None:
+    """Path of the final classifier layer: timm's ``get_classifier()``, else the last Linear."""
+    target = model.get_classifier() if hasattr(model, "get_classifier") else None
+    last_linear = None
+    for name, m in model.named_modules():
+        if target is not None and m is target:
+            return name
+        if isinstance(m, nn.Linear):
+            last_linear = name
+    return last_linear
+
+
+def num_classes_of(model: nn.Module) -> int:
+    if isinstance(getattr(model, "num_classes", None), int):
+        return model.num_classes
+    name = classifier_name(model)
+    return getattr(model.get_submodule(name), "out_features", 0) if name else 0
+
+
+def reset_classifier(model: nn.Module, num_classes: int) -> None:
+    """A fresh classifier for ``num_classes`` (timm's ``reset_classifier``; the last Linear for torchvision)."""
+    if hasattr(model, "reset_classifier"):
+        model.reset_classifier(num_classes)
+        return
+    name = classifier_name(model)
+    if name is None:
+        raise SeifyError(f"cannot find the classifier of {type(model).__name__} to resize it")
+    old = model.get_submodule(name)
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr,
+            nn.Linear(old.in_features, num_classes, bias=old.bias is not None))
+
+
+def reorder_classifier(model: nn.Module, order: list[int]) -> None:
+    """Permute the classifier's output rows: new class i is old class ``order[i]``."""
+    head = model.get_submodule(classifier_name(model))
+    index = torch.tensor(order)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.copy_(p[index])
+
+
+def classifier_keys(model: nn.Module) -> tuple[str, ...]:
+    name = classifier_name(model)
+    return tuple(f"{name}.{p}" for p, _ in model.get_submodule(name).named_parameters()) if name else ()
 
 
 def data_config(model: nn.Module, spec: str) -> dict:

@@ -15,9 +15,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .errors import SeifyError
+from .device import check_device, describe_device
+from .errors import SeifyError, first_line
 from .se import SqueezeExcite
-from .surgery import SEOptions, convert
+from .models import resolve
+from .options import SEOptions
+from .surgery import convert
 
 
 @dataclass
@@ -112,14 +115,15 @@ def count_macs(model: nn.Module, input_size) -> tuple[int, int, dict[str, int]]:
     except Exception as e:
         size = "x".join(map(str, input_size))
         raise SeifyError(f"{type(model).__name__} cannot take an input of {size} "
-                         f"({str(e).strip().splitlines()[0]}); pass an --input-size the model accepts") from e
+                         f"({first_line(e)}); pass an {{input_size}} the model accepts", "input_size") from e
     finally:
         for h in hooks:
             h.remove()
     return conv_linear[0] + squeeze_scale[0], conv_linear[0], per_block
 
 
-def _cost(model: nn.Module, input_size) -> tuple[Cost, dict[str, int]]:
+def cost(model: nn.Module, input_size) -> tuple[Cost, dict[str, int]]:
+    """Parameters and MACs of ``model`` for one image, and the MACs of each SE block in it."""
     macs, conv_linear, per_block = count_macs(model, input_size)
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -127,18 +131,17 @@ def _cost(model: nn.Module, input_size) -> tuple[Cost, dict[str, int]]:
 
 
 def _build_pair(spec: str, options: SEOptions, input_size, num_classes, device: str):
-    """(base, Conversion, input size) for ``spec``: a model name, or a seify file and the base it came from."""
-    from .checkpoint import read_recipe, rebuild
-    from .models import build, check_known, data_config, is_seify_file
+    """(base, SE model, SE sites, input size) for ``spec``: a model, or a seify file against the base it came from.
+
+    The input size defaults to the one the model was trained (or converted) at.
+    """
+    loaded = resolve(spec, num_classes=num_classes, device=device)
+    size = tuple(input_size or loaded.data_config["input_size"])
+    if loaded.base is not None:
+        return loaded.base, loaded.model, loaded.recipe["sites"], size
     with torch.device(device):
-        if is_seify_file(spec):
-            recipe = read_recipe(spec)
-            base, conversion = rebuild(recipe)
-            return base, conversion, tuple(input_size or recipe["input_size"])
-        check_known(spec)
-        base = build(spec, False, num_classes)
-        size = tuple(input_size or data_config(base, spec)["input_size"])
-        return base, convert(base, options, size), size
+        conversion = convert(loaded.model, options, size)
+    return loaded.model, conversion.model, [s.to_dict() for s in conversion.sites], size
 
 
 def _count_pair(spec, options, input_size, num_classes):
@@ -155,38 +158,16 @@ def profile(spec: str, options: SEOptions = SEOptions(), *, input_size=None, num
             warmup: int = 3) -> Profile:
     """Count and (unless ``latency=False``) time ``spec`` against its SE conversion."""
     device = check_device(device)
-    base, conversion, size = _count_pair(spec, options, input_size, num_classes)
-    base_cost, _ = _cost(base, size)
-    se_cost, per_block = _cost(conversion.model, size)
-    sites = [{**s.to_dict(), "macs": per_block[s.path]} for s in conversion.sites]
+    base, se, sites, size = _count_pair(spec, options, input_size, num_classes)
+    base_cost, _ = cost(base, size)
+    se_cost, per_block = cost(se, size)
+    sites = [{**s, "macs": per_block[s["path"]]} for s in sites]
     result = Profile(spec, size, base_cost, se_cost, sites)
     if latency:
-        base, conversion, _ = _build_pair(spec, options, size, num_classes, "cpu")
+        base, se, _, _ = _build_pair(spec, options, size, num_classes, "cpu")
         result.device = describe_device(device)
-        result.timings = [measure(base, conversion.model, size, b, device, repeats, warmup) for b in batch_sizes]
+        result.timings = [measure(base, se, size, b, device, repeats, warmup) for b in batch_sizes]
     return result
-
-
-def check_device(device: str | None) -> str:
-    if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise SeifyError(f"--device {device} is not a device; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SeifyError(f"--device {device}: this machine has no CUDA device; use --device cpu")
-    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-        raise SeifyError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
-    if dev.type not in ("cpu", "cuda"):
-        raise SeifyError(f"--device {device}: seify measures on cpu or cuda")
-    return device
-
-
-def describe_device(device: str) -> str:
-    if torch.device(device).type == "cuda":
-        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
-    return f"cpu ({torch.get_num_threads()} threads)"
 
 
 def _sync(device: str):

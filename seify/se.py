@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SQUEEZES = ("avg", "max")
+from .options import SQUEEZES
+
 GATES = {"sigmoid": nn.Sigmoid, "hard-sigmoid": nn.Hardsigmoid}
 
 

@@ -11,7 +11,7 @@ import copy
 import math
 import re
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -20,55 +20,8 @@ from torch import nn
 
 from . import graph as g
 from .errors import SeifyError
-from .se import GATES, SQUEEZES, SqueezeExcite, reduced_channels
-
-PLACEMENTS = ("auto", "residual", "activation")
-VARIANTS = ("standard", "pre", "post", "identity")
-INITS = ("identity", "paper")
-
-
-@dataclass(frozen=True)
-class SEOptions:
-    """The paper's design space (Sec. 6 and Tables 10-14), with timm's channel rounding."""
-    at: str = "auto"
-    variant: str = "standard"
-    reduction: float = 16
-    divisor: int = 8
-    min_channels: int = 8
-    squeeze: str = "avg"
-    gate: str = "sigmoid"
-    stages: tuple[int, ...] | None = None
-    include: str | None = None
-    exclude: str | None = None
-    init: str = "identity"
-
-    def __post_init__(self):
-        for name, allowed in (("at", PLACEMENTS), ("variant", VARIANTS), ("squeeze", SQUEEZES),
-                              ("gate", tuple(GATES)), ("init", INITS)):
-            if getattr(self, name) not in allowed:
-                raise SeifyError(f"--{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
-        if not self.reduction > 0 or self.divisor < 1 or self.min_channels < 1:
-            raise SeifyError("--reduction must be > 0 and --divisor, --min-channels at least 1")
-        if self.variant != "standard" and self.at == "activation":
-            raise SeifyError(f"--variant {self.variant} places SE around residual sums; it needs --at residual")
-        for name in ("include", "exclude"):
-            try:
-                re.compile(getattr(self, name) or "")
-            except re.error as e:
-                raise SeifyError(f"--{name} is not a valid regular expression: {e}") from e
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["stages"] = list(self.stages) if self.stages is not None else None
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SEOptions":
-        d = dict(d)
-        if d.get("stages") is not None:
-            d["stages"] = tuple(d["stages"])
-        return cls(**d)
-
+from .options import SEOptions
+from .se import SqueezeExcite, reduced_channels
 
 @dataclass
 class Site:
@@ -104,6 +57,8 @@ class Conversion:
     sites: list[Site]
     skipped: list[Site]
     placement: str
+    options: SEOptions
+    input_size: tuple[int, int, int]
 
     @property
     def added_params(self) -> int:
@@ -365,7 +320,7 @@ def _trace_block(module: nn.Module, path: str) -> fx.GraphModule:
     local = g.trace(module)
     if train_code != local.code:
         raise SeifyError(f"cannot insert SE into '{path or 'model'}': its forward branches on training mode; "
-                         "exclude it with --exclude")
+                         "exclude it with {exclude}", "exclude")
     return local
 
 
@@ -540,7 +495,7 @@ def convert(model: nn.Module, options: SEOptions, input_size: tuple[int, int, in
         model = _rebuild_owner(model, gm, owner, by_owner[owner], options)
     if options.init == "identity":
         _compensate(model, gm, chosen)
-    return Conversion(model.eval(), chosen, skipped, placement)
+    return Conversion(model.eval(), chosen, skipped, placement, options, tuple(input_size))
 
 
 def split_sites(model: nn.Module, placement: str, sites: list[Site], options: SEOptions):
@@ -548,7 +503,8 @@ def split_sites(model: nn.Module, placement: str, sites: list[Site], options: SE
     chosen = [s for s in sites if s.skipped is None]
     skipped = [s for s in sites if s.skipped is not None]
     if not chosen:
-        raise SeifyError(_nothing_to_convert(model, placement, skipped, options))
+        raise SeifyError(_nothing_to_convert(model, placement, skipped, options), "stages", "include", "exclude",
+                         "at")
     return chosen, skipped
 
 
@@ -558,8 +514,8 @@ def _nothing_to_convert(model: nn.Module, placement: str, skipped: list[Site], o
         return (f"nothing to convert in {name}: all {len(skipped)} {placement} sites already have an SE-style "
                 f"gate (e.g. {skipped[0].skipped.split(' ', 3)[-1]})")
     if options.stages is not None or options.include or options.exclude:
-        return f"nothing to convert in {name}: no {placement} site matches --stages/--include/--exclude"
+        return f"nothing to convert in {name}: no {placement} site matches {{stages}}/{{include}}/{{exclude}}"
     if not any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules()) or placement == "activation":
         return (f"nothing to convert in {name}: it has no convolutional residual branches and no activations "
                 "after convolutions (SE needs convolutional feature maps; transformers have none)")
-    return f"nothing to convert in {name}: no {placement} sites found; try --at activation"
+    return f"nothing to convert in {name}: no {placement} sites found; try {{at}} activation"

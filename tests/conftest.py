@@ -1,8 +1,9 @@
+import json
 import sys
 
 import pytest
-from torch import nn
 import torch
+from torch import nn
 
 
 @pytest.fixture(autouse=True)
@@ -64,3 +65,44 @@ def realistic(model, seed=0):
                 with torch.no_grad():
                     p.copy_(torch.rand(p.shape, generator=g) + 0.5)
     return model.eval()
+
+
+# ------------------------------------------------------------------ fine-tuning on tiny data
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """4 classes of textures, 8 training and 4 validation images each, 32 px."""
+    from seify.demo import make_dataset
+    return make_dataset(tmp_path_factory.mktemp("data"), train_per_class=8, val_per_class=4, size=32)
+
+
+@pytest.fixture(scope="session")
+def r18(tmp_path_factory):
+    """A trained-looking resnet18 (1000 classes) converted to SE at 32 px, as a seify file."""
+    import timm
+
+    import seify
+    folder = tmp_path_factory.mktemp("m")
+    trained = save_weights(realistic(timm.create_model("resnet18")), folder / "r18.safetensors")
+    result = seify.convert("resnet18", weights=trained, input_size=(3, 32, 32))
+    return str(seify.save(result, folder / "r18-se.safetensors"))
+
+
+def config(out, **kw):
+    """A fine-tuning config small enough for the test suite."""
+    from seify.finetune.config import FinetuneConfig
+    base = dict(out=str(out), epochs=2, batch_size=8, img_size=32, workers=0, device="cpu", log_every=0,
+                lr=1e-3, warmup_epochs=0.5, threads=1)
+    return FinetuneConfig(**{**base, **kw})
+
+
+def weights(path):
+    from safetensors.torch import load_file
+    return load_file(str(path))
+
+
+def rows_of(out):
+    """The metrics rows of the epochs a run finished (epoch 0, the starting model, left out)."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["epoch"] > 0]

@@ -73,7 +73,7 @@ def test_input_is_never_written_over(cli, tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["convert", "resnet5O"], "unknown model 'resnet5O'; did you mean resnet50"),
     (["convert", "vit_tiny_patch16_224", "--dry-run"], "nothing to convert"),
-    (["convert", "resnet18", "--stages", "two"], "--stages must be comma-separated integers"),
+    (["convert", "resnet18", "--stages", "two"], "--stages must be comma-separated whole numbers"),
     (["convert", "resnet18", "--input-size", "3,64"], "--input-size is C,H,W"),
     (["convert", "resnet18", "--variant", "sideways"], "--variant must be one of standard, pre, post, identity"),
     (["convert", "resnet18", "--weights", "nowhere.pth"], "weights file nowhere.pth does not exist"),

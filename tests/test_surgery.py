@@ -77,7 +77,7 @@ def test_include_exclude(resnet18):
     assert [s.path for s in only.sites] == ["layer4.0.se", "layer4.1.se"]
     rest = convert(resnet18, SEOptions(exclude=r"^layer4\."), SIZE)
     assert len(rest.sites) == 6
-    with pytest.raises(SeifyError, match="matches --stages/--include/--exclude"):
+    with pytest.raises(SeifyError, match="matches stages/include/exclude"):
         convert(resnet18, SEOptions(include="nothing-here"), SIZE)
     with pytest.raises(SeifyError, match="not a valid regular expression"):
         SEOptions(include="(")
@@ -152,11 +152,20 @@ def test_training_keeps_drop_path_and_se_learns():
     assert se.fc2.weight.grad.abs().sum() > 0  # the zeroed layer learns from the first step
 
 
-def test_bad_options():
-    with pytest.raises(SeifyError, match="--variant pre .* needs --at residual"):
+def test_bad_options_speak_the_api_and_render_as_flags():
+    with pytest.raises(SeifyError, match="^variant pre .* needs at residual") as e:
         SEOptions(variant="pre", at="activation")
-    with pytest.raises(SeifyError, match="--gate must be one of"):
+    assert e.value.render(lambda name: f"--{name}").startswith("--variant pre")
+    assert e.value.render(lambda name: f"--{name}").endswith("needs --at residual")
+    with pytest.raises(SeifyError, match="^gate must be one of"):
         SEOptions(gate="tanh")
+    for bad in (dict(reduction=0.0005), dict(reduction="8"), dict(divisor=0), dict(stages=(2, "x")),
+                dict(min_channels=2.5)):
+        with pytest.raises(SeifyError, match=f"^{next(iter(bad))} must be"):
+            SEOptions(**bad)
+    assert SEOptions.parse("reduction=8:stages=4,5") == SEOptions(reduction=8.0, stages=(4, 5))
+    with pytest.raises(SeifyError, match="'ratio=8' is not an SE option"):
+        SEOptions.parse("ratio=8")
 
 
 def test_api_convert_dry_run_lists_without_building():

@@ -7,7 +7,7 @@ import torch
 
 import seify
 from seify.errors import SeifyError
-from seify.models import create
+from seify.models import resolve as create
 
 from conftest import outputs, save_weights
 
@@ -90,7 +90,7 @@ def test_pretrained_offline_says_to_pass_weights(monkeypatch, tmp_path):
     monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(SeifyError, match="offline. Pass a local checkpoint with --weights"):
+    with pytest.raises(SeifyError, match="offline. Pass a local checkpoint as weights instead"):
         create("resnet18", pretrained=True)
 
 

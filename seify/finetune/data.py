@@ -10,6 +10,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import SeifyError
+from .config import AUGMENTATIONS
+from .rng import seed_worker
 
 
 @dataclass
@@ -62,7 +64,8 @@ def discover(data: str | Path, val_split: float | None = None, seed: int = 0,
         train = scan(root / "train", classes)
         if not (root / "val").is_dir():
             if val_split is None:
-                raise SeifyError(f"{data} has train/ but no val/; add DATA/val/<class>/ or pass --val-split 0.1")
+                raise SeifyError(f"{data} has train/ but no val/; add DATA/val/<class>/ or pass {{val_split}} 0.1",
+                                 "val_split")
             train, val = _split(train, val_split, seed)
         else:
             extra = sorted({p.name for p in _class_dirs(root / "val")} - set(classes))
@@ -75,11 +78,11 @@ def discover(data: str | Path, val_split: float | None = None, seed: int = 0,
         train, val = _split(scan(root, classes), val_split, seed)
     else:
         raise SeifyError(f"{data} has no train/ folder; use DATA/train/<class>/ and DATA/val/<class>/, "
-                         "or pass --val-split 0.1 to split a single DATA/<class>/ tree")
+                         "or pass {val_split} 0.1 to split a single DATA/<class>/ tree", "val_split")
     skipped = train.skipped + val.skipped
     if skipped and strict:
         raise SeifyError(f"{len(skipped)} files are not readable images (first: {skipped[0]}); remove them or "
-                         "drop --strict-data to skip them")
+                         "drop {strict_data} to skip them", "strict_data")
     return classes, train, val
 
 
@@ -91,7 +94,7 @@ def _check_classes(classes: list[str], root: Path) -> None:
 def _split(samples: Samples, fraction: float, seed: int) -> tuple[Samples, Samples]:
     """Per-class split, the same for the same seed whatever the file system's order."""
     if not 0 < fraction < 1:
-        raise SeifyError(f"--val-split must be between 0 and 1, not {fraction}")
+        raise SeifyError(f"{{val_split}} must be between 0 and 1, not {fraction}", "val_split")
     rng = random.Random(seed)
     train, val = [], []
     by_class: dict[int, list] = {}
@@ -121,14 +124,53 @@ class ImageDataset(torch.utils.data.Dataset):
             return self.transform(img.convert("RGB")), label
 
 
-def transforms(data_config: dict, img_size: int | None, training: bool, crop_scale=(0.08, 1.0)):
-    """timm's transform factory with the model's data config (input size, mean/std, interpolation, crop)."""
+SMALL_IMAGE = 160  # below this many pixels a side, ImageNet's crops cut away most of what there is to see
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """The training augmentation: a preset, its random-resized-crop area range and the flip probability."""
+    preset: str
+    crop_scale: tuple[float, float]
+    hflip: float
+
+    @classmethod
+    def choose(cls, preset: str, img_size: int, crop_scale=None, hflip=None) -> "Augmentation":
+        """``auto`` is ``imagenet`` from 160 px up and ``light`` below; explicit values override the preset's."""
+        if preset not in AUGMENTATIONS:
+            raise SeifyError(f"{{aug}} must be one of {', '.join(AUGMENTATIONS)}, not {preset!r}", "aug")
+        if preset == "auto":
+            preset = "imagenet" if img_size >= SMALL_IMAGE else "light"
+        default_scale = {"none": (1.0, 1.0), "light": (0.5, 1.0), "imagenet": (0.08, 1.0)}[preset]
+        default_flip = 0.0 if preset == "none" else 0.5
+        return cls(preset, tuple(crop_scale or default_scale), default_flip if hflip is None else hflip)
+
+    def describe(self) -> str:
+        if self.preset == "none":
+            return "none (resize and centre crop, as for validation)" + \
+                (f", horizontal flip p={self.hflip:g}" if self.hflip else "")
+        jitter = ", colour jitter 0.4" if self.preset == "imagenet" else ""
+        return (f"{self.preset} (random-resized-crop of {self.crop_scale[0]:g}-{self.crop_scale[1]:g} of the area, "
+                f"horizontal flip p={self.hflip:g}{jitter})")
+
+
+def transforms(data_config: dict, img_size: int | None, augmentation: Augmentation | None = None):
+    """timm's transform factory with the model's data config; ``augmentation`` None gives validation's."""
     from timm.data import create_transform
-    size = data_config["input_size"] if img_size is None else (3, img_size, img_size)
-    extra = {"scale": tuple(crop_scale)} if training else {}
-    return create_transform(tuple(size), is_training=training, interpolation=data_config["interpolation"],
-                            mean=tuple(data_config["mean"]), std=tuple(data_config["std"]),
-                            crop_pct=data_config.get("crop_pct"), crop_mode=data_config.get("crop_mode"), **extra)
+    size = tuple(data_config["input_size"] if img_size is None else (3, img_size, img_size))
+    common = dict(interpolation=data_config["interpolation"], mean=tuple(data_config["mean"]),
+                  std=tuple(data_config["std"]), crop_pct=data_config.get("crop_pct"),
+                  crop_mode=data_config.get("crop_mode"))
+    if augmentation is None or augmentation.preset == "none":
+        evaluation = create_transform(size, is_training=False, **common)
+        if augmentation is None or not augmentation.hflip:
+            return evaluation
+        from torchvision.transforms import Compose, RandomHorizontalFlip
+        return Compose([RandomHorizontalFlip(augmentation.hflip), evaluation])
+    jitter = 0.4 if augmentation.preset == "imagenet" else None
+    return create_transform(size, is_training=True, scale=augmentation.crop_scale, hflip=augmentation.hflip,
+                            color_jitter=jitter, interpolation=common["interpolation"], mean=common["mean"],
+                            std=common["std"])
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -166,13 +208,14 @@ def loader(dataset, batch_size: int, sampler: EpochSampler, workers: int, pin: b
     seed = sampler.seed * 100_003 + sampler.epoch
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin, drop_last=drop_last,
-        generator=torch.Generator().manual_seed(seed), worker_init_fn=_seed_worker if workers else None)
+        generator=torch.Generator().manual_seed(seed), worker_init_fn=seed_worker if workers else None)
 
 
-def _seed_worker(worker_id: int) -> None:
-    from .loop import _seed_everything
-    _seed_everything(torch.initial_seed() % 2**32)
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def default_workers() -> int:
-    return min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+def default_workers(device: torch.device) -> int:
+    """On a GPU, decoding must keep up with the device; on a CPU the model is the bottleneck, and one loading
+    process overlaps decoding with compute without taking cores from it."""
+    return min(8, usable_cores()) if device.type == "cuda" else 1

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from ..device import check_device
+from .data import usable_cores
 
 
 @dataclass
@@ -38,7 +42,7 @@ def setup(device: str | None) -> tuple[Dist, torch.device]:
     """Join the process group torchrun describes (if any) and pick this process's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     d = Dist(int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world)
-    wanted = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    wanted = check_device(device)
     if wanted.startswith("cuda"):
         dev = torch.device("cuda", d.local_rank if d.enabled else torch.device(wanted).index or 0)
         torch.cuda.set_device(dev)
@@ -52,3 +56,33 @@ def setup(device: str | None) -> tuple[Dist, torch.device]:
 def teardown(d: Dist) -> None:
     if d.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def busy_cores(seconds: float = 0.25) -> float:
+    """How many cores other processes keep busy, sampled from /proc/stat (0 where it cannot be read)."""
+    def sample():
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return sum(values), values[3] + values[4]  # total and idle + iowait jiffies
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    cores = os.cpu_count() or 1
+    return cores * (1 - (idle1 - idle0) / max(total1 - total0, 1))
+
+
+def choose_threads(requested: int | None, device: torch.device, world: int) -> tuple[int, str]:
+    """(intra-op threads, why). On a CPU the cores other processes use are left to them: a thread that waits for a
+    core stalls every other thread at the next barrier, which made a busy 2-core machine 10x slower."""
+    if requested is not None:
+        return requested, "--threads"
+    cores = max(1, usable_cores() // world)
+    if device.type == "cuda":
+        return min(torch.get_num_threads(), cores), "default"
+    busy = busy_cores()
+    free = max(1, min(cores, int(usable_cores() - busy + 0.3) // world))
+    why = f"{free} of {cores} cores" + (f"; about {busy:.1f} busy with other work" if busy >= 0.7 else "")
+    return free, why

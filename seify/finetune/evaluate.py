@@ -45,30 +45,47 @@ def evaluate(model: nn.Module, batches, device: torch.device, num_classes: int, 
 
 
 def evaluate_folder(model_spec: str, data: str, batch_size: int = 64, img_size: int | None = None,
-                    device: str | None = None, workers: int | None = None) -> dict:
-    """``seify evaluate``: a seify file (or any MODEL) on DATA/<class>/* or DATA/val/<class>/*."""
-    from ..models import create
-    loaded = create(model_spec)
+                    device: str | None = None, workers: int | None = None, weights: str | None = None) -> dict:
+    """``seify evaluate``: any MODEL (a seify file, or a name with ``weights``) on DATA/<class>/* or
+    DATA/val/<class>/*, at the size the model was trained at unless ``img_size`` says otherwise."""
+    from ..device import check_device
+    from ..models import resolve
+    if batch_size < 1:
+        raise SeifyError(f"{{batch_size}} must be at least 1, not {batch_size}", "batch_size")
+    if img_size is not None and not 8 <= img_size <= 4096:
+        raise SeifyError(f"{{img_size}} must be from 8 to 4096, not {img_size}", "img_size")
+    if workers is not None and workers < 0:
+        raise SeifyError(f"{{workers}} must be at least 0, not {workers}", "workers")
+    dev = torch.device(check_device(device))
+    loaded = resolve(model_spec, weights=weights)
     root = Path(data)
     if not root.is_dir():
         raise SeifyError(f"data folder {data} does not exist")
     if (root / "val").is_dir():
         root = root / "val"
     folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    classes = (loaded.recipe or {}).get("classes") or folders
+    if not folders:
+        raise SeifyError(f"{root} has no class folders")
+    notes = []
+    classes = loaded.classes
+    if classes is None:
+        classes = folders
+        notes.append("the model records no class names: its outputs are taken to be the folders in sorted order")
     unknown = sorted(set(folders) - set(classes))
     if unknown:
         raise SeifyError(f"{root} has classes the model was not trained on: {', '.join(unknown[:5])}")
-    if not folders:
-        raise SeifyError(f"{root} has no class folders")
+    if loaded.num_classes != len(classes):
+        raise SeifyError(f"{model_spec} has {loaded.num_classes} outputs but {root} has {len(classes)} classes; "
+                         "evaluate a model trained on these classes (seify finetune gives one)")
     present = [c for c in classes if c in folders]
     samples = scan(root, present)
     index = {name: i for i, name in enumerate(classes)}
     items = [(path, index[present[label]]) for path, label in samples.items]
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dataset = ImageDataset(items, transforms(loaded.data_config, img_size, training=False))
+    dataset = ImageDataset(items, transforms(loaded.data_config, img_size))
     sampler = EpochSampler(len(dataset), shuffle=False)
-    batches = loader(dataset, batch_size, sampler, default_workers() if workers is None else workers,
+    batches = loader(dataset, batch_size, sampler, default_workers(dev) if workers is None else workers,
                      dev.type == "cuda", drop_last=False)
     result = evaluate(loaded.model.to(dev), batches, dev, len(classes))
-    return {"model": model_spec, "data": str(root), "classes": list(classes), "skipped": samples.skipped, **result}
+    size = img_size or loaded.data_config["input_size"][-1]
+    return {"model": model_spec, "weights": weights, "data": str(root), "img_size": size, "classes": list(classes),
+            "skipped": samples.skipped, "notes": notes, **result}

@@ -1,77 +1,30 @@
-"""The fine-tuning loop: two phases, mixed precision, DDP, checkpoints that survive anything but lost epochs."""
+"""The fine-tuning loop: a warm-up of what is new, then everything; mixed precision, DDP, exact resume."""
 from __future__ import annotations
 
 import contextlib
-import copy
+import dataclasses
 import math
-import random
+import platform
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import checkpoint
+from .. import __version__
 from ..errors import SeifyError
-from ..models import classifier_name, reset_classifier
-from ..se import SqueezeExcite
-from ..surgery import SEOptions
-from . import artifacts, data
-from .dist import Dist, setup, teardown
+from ..models import resolve
+from ..options import SEOptions
+from . import artifacts, data, rng
+from .config import CHANGEABLE_ON_RESUME, FinetuneConfig
+from .dist import choose_threads, setup, teardown
 from .evaluate import evaluate
+from .model import Prepared, prepare
 from .progress import PlainLog
-
-STATE = "state.pt"
-LAST = "last.safetensors"
-BEST = "best.safetensors"
-
-
-@dataclass
-class FinetuneConfig:
-    out: str = "runs/seify"
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 1e-3
-    backbone_lr_scale: float = 0.1
-    weight_decay: float = 0.05
-    optimizer: str = "adamw"
-    momentum: float = 0.9
-    warmup_epochs: float = 1.0
-    se_warmup_epochs: int = 1
-    label_smoothing: float = 0.1
-    clip_grad: float | None = 1.0
-    ema_decay: float | None = None
-    img_size: int | None = None
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    val_split: float | None = None
-    strict_data: bool = False
-    seed: int = 0
-    workers: int | None = None
-    device: str | None = None
-    precision: str = "auto"
-    channels_last: bool | None = None
-    compile: bool = False
-    save_every: int = 0
-    log_every: int = 50
-    resume: bool = False
-    force: bool = False
-
-    def check(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
-            raise SeifyError("--epochs and --batch-size must be at least 1")
-        if self.optimizer not in ("adamw", "sgd"):
-            raise SeifyError(f"--optimizer must be adamw or sgd, not {self.optimizer!r}")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise SeifyError(f"--precision must be auto, fp32, bf16 or fp16, not {self.precision!r}")
-        if not self.lr > 0 or self.se_warmup_epochs < 0 or self.warmup_epochs < 0:
-            raise SeifyError("--lr must be > 0 and the warm-up epochs at least 0")
-        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
-            raise SeifyError(f"--crop-scale must be two fractions 0 < min <= max <= 1, not {self.crop_scale}")
-        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
-            raise SeifyError("--ema-decay must be between 0 and 1")
+from .state import BEST, LAST, Progress, RunFolder
 
 
 @dataclass
@@ -83,6 +36,20 @@ class RunResult:
     epochs_run: int
     stopped_by: str | None = None
     main: bool = True  # False on the other ranks of a distributed run, which print nothing
+    start_top1: float | None = None  # the model's val top-1 before fine-tuning (trained models only)
+
+
+@dataclass
+class Source:
+    """What a run fine-tunes: the MODEL argument, its weights, and the SE options (None: the plain baseline)."""
+    spec: str
+    options: SEOptions | None
+    weights: str | None = None
+    pretrained: bool = False
+
+    def to_dict(self) -> dict:
+        return {"model": self.spec, "weights": self.weights, "pretrained": self.pretrained,
+                "se": self.options.to_dict() if self.options else None}
 
 
 class _Stop:
@@ -104,51 +71,22 @@ class _Stop:
                 signal.signal(s, handler)
 
 
-def prepare_model(spec: str, options: SEOptions, classes: list[str], *, weights=None, pretrained=False,
-                  img_size=None):
-    """(model with SE and a head for ``classes``, recipe): a plain model is converted first."""
-    from ..api import convert
-    from ..models import create, is_seify_file
-    if is_seify_file(spec):
-        loaded = create(spec)
-        model, recipe = loaded.model, copy.deepcopy(loaded.recipe)
-    else:
-        result = convert(spec, options, weights=weights, pretrained=pretrained)
-        model, recipe = result.model, result.recipe()
-    if recipe.get("classes") != classes:
-        reset_classifier(model, len(classes))
-    recipe.update(num_classes=len(classes), classes=classes)
-    if img_size is not None:
-        recipe["data_config"] = {**recipe["data_config"], "input_size": [3, img_size, img_size]}
-    return model, recipe
+# ---------------------------------------------------------------- phases and schedule
 
 
-def _param_groups(model: nn.Module):
-    """(backbone, SE + classifier) parameters: the second group trains from the first step."""
-    head = classifier_name(model)
-    fresh_ids = {id(p) for m in model.modules() if isinstance(m, SqueezeExcite) for p in m.parameters()}
-    if head:
-        fresh_ids |= {id(p) for p in model.get_submodule(head).parameters()}
-    backbone = [p for p in model.parameters() if id(p) not in fresh_ids]
-    fresh = [p for p in model.parameters() if id(p) in fresh_ids]
-    return backbone, fresh
+def _freeze(model: nn.Module, trainable: set[str] | None) -> None:
+    """Only ``trainable`` parameters get gradients (all when None); frozen BatchNorm keeps its statistics."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(trainable is None or name in trainable)
 
 
-def _freeze_backbone(model: nn.Module, frozen: bool) -> None:
-    backbone, _ = _param_groups(model)
-    for p in backbone:
-        p.requires_grad_(not frozen)
-
-
-def _set_train_mode(model: nn.Module, backbone_frozen: bool) -> None:
-    """Training mode, except that a frozen backbone's BatchNorm keeps its running statistics."""
+def _set_train_mode(model: nn.Module) -> None:
+    """Training mode, except for BatchNorm layers whose parameters are all frozen."""
     model.train()
-    if backbone_frozen:
-        trainable = {id(p) for p in model.parameters() if p.requires_grad}
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(id(p) in trainable for p in
-                                                                           m.parameters()):
-                m.eval()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine and \
+                not any(p.requires_grad for p in m.parameters()):
+            m.eval()
 
 
 def _lr_lambda(total_steps: int, warmup_steps: int):
@@ -171,139 +109,294 @@ def _precision(config: FinetuneConfig, device: torch.device):
     return (lambda: torch.autocast(device.type, dtype=dtype)), dtype, wanted == "fp16" and device.type == "cuda"
 
 
-def _check_out(out: Path, config: FinetuneConfig) -> None:
-    has_run = out.exists() and any((out / f).exists() for f in (LAST, BEST, STATE, "metrics.jsonl"))
-    if config.resume and not (out / STATE).exists():
-        raise SeifyError(f"nothing to resume in {out}: it has no {STATE}; start without --resume")
-    if has_run and not config.resume and not config.force:
-        raise SeifyError(f"{out} already holds a run; pass --resume to continue it or --force to start over")
+def _versions() -> dict:
+    import timm
+    import torchvision
+    return {"seify": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "timm": timm.__version__, "python": platform.python_version()}
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy
-        numpy.random.seed(seed)
-    except ImportError:
-        pass
+# ---------------------------------------------------------------- resuming
 
 
-def _rng_state(device: torch.device) -> dict:
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-             "python_version": random.getstate()[0], "python_gauss": random.getstate()[2]}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
+def _resumed_config(saved: FinetuneConfig, given: FinetuneConfig, explicit: set[str] | None) -> FinetuneConfig:
+    """The run's own options, with the ones a resume may change taken from ``given``.
+
+    ``explicit`` names the options the user passed; None means those that differ from the defaults.
+    """
+    defaults = FinetuneConfig()
+    names = explicit if explicit is not None else \
+        {f.name for f in dataclasses.fields(given) if getattr(given, f.name) != getattr(defaults, f.name)}
+    merged = dataclasses.replace(saved, resume=True, force=False, extend=given.extend)
+    for name in sorted(names):
+        new, old = getattr(given, name), getattr(saved, name)
+        if name in CHANGEABLE_ON_RESUME or name == "epochs":
+            setattr(merged, name, new)
+        elif new != old:
+            raise SeifyError(f"{{resume}}: {{{name}}} {new} differs from the run's {old}; drop it to continue with "
+                             f"the run's settings, or start a new run in another folder", "resume", name)
+    return merged
 
 
-def _set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+def _check_same_source(saved: dict, source: Source, explicit: set[str] | None) -> None:
+    given = source.to_dict()
+    for key, option in (("model", None), ("weights", "weights"), ("pretrained", "pretrained")):
+        if given[key] != saved[key] and (option is None or explicit is None or option in explicit
+                                         or given[key]):
+            what = f"{given[key]}" if key != "pretrained" else f"pretrained={given[key]}"
+            raise SeifyError(f"{{resume}}: this run fine-tunes {saved['model']} (weights {saved['weights']}), "
+                             f"not {what}; pass the same MODEL, or start a new run in another folder", "resume")
+    if (given["se"] is None) != (saved["se"] is None):
+        raise SeifyError(f"{{resume}}: this run was started {'without' if saved['se'] is None else 'with'} SE "
+                         "blocks; resume it with the same choice of {no_se}", "resume", "no_se")
+
+
+# ---------------------------------------------------------------- the trainer
 
 
 class Trainer:
-    def __init__(self, spec: str, data_dir: str, config: FinetuneConfig, options: SEOptions = SEOptions(), *,
-                 weights=None, pretrained=False, log=None):
+    """One fine-tuning run in ``config.out``; ``options`` None trains the plain model (``--no-se``)."""
+
+    def __init__(self, spec: str, data_dir: str, config: FinetuneConfig, options: SEOptions | None = SEOptions(),
+                 *, weights: str | None = None, pretrained: bool = False, log=None, explicit: set[str] | None = None,
+                 split: tuple | None = None):
         config.check()
-        self.config, self.out = config, Path(config.out)
+        self.source = Source(spec, options, weights, pretrained)
+        self.folder = RunFolder(config.out)
+        self.out = self.folder.out
         self.dist, self.device = setup(config.device)
         self.log = (log or PlainLog)(self.dist.main, config.log_every)
-        if self.dist.main:
-            _check_out(self.out, config)
-        _seed_everything(config.seed + self.dist.rank)  # DDP then broadcasts rank 0's initial weights
-        self.classes, train, val = data.discover(data_dir, config.val_split, config.seed, config.strict_data)
+        self._lock = contextlib.ExitStack()
+        try:
+            if self.dist.main:
+                self._lock.enter_context(self.folder.locked())
+            self._build(spec, data_dir, config, explicit, split)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self._lock.close()
+        teardown(self.dist)
+
+    # ------------------------------------------------------------ builders
+
+    def _build(self, spec, data_dir, config: FinetuneConfig, explicit, split) -> None:
+        saved = self._check_folder(config, explicit)
+        self.config = config = _resumed_config(saved["config"], config, explicit) if saved else config
+        self.threads, self.threads_why = choose_threads(config.threads, self.device, self.dist.world)
+        torch.set_num_threads(self.threads)
+        rng.seed_everything(config.seed + self.dist.rank)  # DDP then broadcasts rank 0's initial weights
+        self.classes, train, val = split or data.discover(data_dir, config.val_split, config.seed, config.strict_data)
         self.skipped = train.skipped + val.skipped
+        self.prepared = self._build_model(saved)
+        self.img_size = config.img_size or int(self.prepared.recipe["data_config"]["input_size"][-1])
+        self._build_data(train, val)
+        self._build_precision()
+        self._build_optimizer()
+        self.progress = Progress()
+        if saved:
+            self._restore(saved)
+        elif self.dist.main:
+            self._write_info(data_dir)
+
+    def _check_folder(self, config: FinetuneConfig, explicit) -> dict | None:
+        """The saved state to resume from, or None for a new run; refuses to mix runs or lose files."""
+        folder = self.folder
+        if self.dist.main and folder.out.is_dir():
+            self._check_not_an_input()
+            if config.force:
+                folder.clear()
+            folder.remove_leftovers()
+        committed = folder.committed()
+        outputs = folder.holds_outputs()
         if config.resume:
-            self.model, self.recipe = checkpoint.load_with_recipe(self.out / LAST)
+            if committed is None:
+                hint = "the run there stopped before its first checkpoint; start it again with {force}" \
+                    if outputs else "start without {resume}"
+                raise SeifyError(f"nothing to resume in {self.out}: {hint}", "force", "resume")
+            state, rows = folder.read(committed)
+            saved_config = FinetuneConfig.from_dict(state["config"])
+            _check_same_source(state["source"], self.source, explicit)
+            return {"state": state, "rows": rows, "config": saved_config, "folder": committed}
+        if outputs:
+            what = "a run" if committed is not None or "run.json" in outputs else f"files a run writes " \
+                                                                                    f"({', '.join(outputs)})"
+            raise SeifyError(f"{self.out} already holds {what}; pass {{resume}} to continue it or {{force}} to "
+                             "replace it, or choose another folder", "resume", "force")
+        return None
+
+    def _check_not_an_input(self) -> None:
+        """--force clears the run's outputs: never when MODEL or --weights is one of them."""
+        for path in (self.source.spec, self.source.weights):
+            if path and Path(path).exists() and (Path(path).resolve().parent == self.out.resolve()
+                                                 or self.out.resolve() in Path(path).resolve().parents):
+                raise SeifyError(f"{path} is inside {self.out}, which this run writes; copy it elsewhere or "
+                                 "choose another {out}", "out")
+
+    def _build_model(self, saved: dict | None) -> Prepared:
+        if saved:
+            loaded = resolve(str(saved["folder"] / LAST))
+            prepared = Prepared(loaded.model, loaded.recipe, set(saved["state"]["fresh"]))
         else:
-            self.model, self.recipe = prepare_model(spec, options, self.classes, weights=weights,
-                                                    pretrained=pretrained, img_size=config.img_size)
-        if self.recipe.get("classes") != self.classes:
-            raise SeifyError(f"{self.out / LAST} was trained on other classes than {data_dir} holds")
-        self.model.to(self.device)
-        cuda = self.device.type == "cuda"
-        self.channels_last = cuda if config.channels_last is None else config.channels_last
-        if self.channels_last:
-            self.model.to(memory_format=torch.channels_last)
-        self.autocast, self.amp_dtype, scaled = _precision(config, self.device)
-        self.scaler = torch.amp.GradScaler("cuda") if scaled else None
-        cfg = self.recipe["data_config"]
-        workers = data.default_workers() if config.workers is None else config.workers
-        self.train_set = data.ImageDataset(train.items, data.transforms(cfg, config.img_size, training=True,
-                                                                       crop_scale=config.crop_scale))
-        self.val_set = data.ImageDataset(val.items, data.transforms(cfg, config.img_size, training=False))
+            src = self.source
+            prepared = prepare(src.spec, self.classes, src.options, weights=src.weights, pretrained=src.pretrained,
+                               new_head=self.config.new_head)
+        if prepared.recipe.get("classes") != self.classes:
+            raise SeifyError(f"the run in {self.out} was trained on other classes than the data holds")
+        prepared.model.to(self.device)
+        return prepared
+
+    @staticmethod
+    def _all_params(model: nn.Module) -> set[str]:
+        return {name for name, _ in model.named_parameters()}
+
+    def _build_data(self, train, val) -> None:
+        config, cuda = self.config, self.device.type == "cuda"
+        cfg = self.prepared.recipe["data_config"]
+        self.augmentation = data.Augmentation.choose(config.aug, self.img_size, config.crop_scale, config.hflip)
+        self.prepared.recipe["data_config"] = {**cfg, "input_size": [3, self.img_size, self.img_size]}
+        self.prepared.recipe["finetune"] = {"img_size": self.img_size, "augmentation": self.augmentation.preset}
+        self.train_set = data.ImageDataset(train.items, data.transforms(cfg, self.img_size, self.augmentation))
+        self.val_set = data.ImageDataset(val.items, data.transforms(cfg, self.img_size))
         self.train_sampler = data.EpochSampler(len(self.train_set), True, config.seed, self.dist.rank,
                                                self.dist.world)
         self.val_sampler = data.EpochSampler(len(self.val_set), False, config.seed, self.dist.rank, self.dist.world)
-        self.workers, self.pin = workers, cuda
-        self.steps_per_epoch = max(1, len(self.train_sampler) // config.batch_size)
-        backbone, fresh = _param_groups(self.model)
-        groups = [{"params": backbone, "lr": config.lr * config.backbone_lr_scale},
-                  {"params": fresh, "lr": config.lr}]
+        self.workers = data.default_workers(self.device) if config.workers is None else config.workers
+        self.pin = cuda
+        self.steps_per_epoch = len(self.train_sampler) // config.batch_size
+        if self.steps_per_epoch == 0:
+            raise SeifyError(f"{{batch_size}} {config.batch_size} is larger than the {len(self.train_sampler)} "
+                             f"training images{' per process' if self.dist.enabled else ''}; lower it",
+                             "batch_size")
+        self.channels_last = cuda if config.channels_last is None else config.channels_last
+        if self.channels_last:
+            self.prepared.model.to(memory_format=torch.channels_last)
+
+    def _build_precision(self) -> None:
+        self.autocast, self.amp_dtype, scaled = _precision(self.config, self.device)
+        self.scaler = torch.amp.GradScaler("cuda") if scaled else None
+
+    @property
+    def model(self) -> nn.Module:
+        return self.prepared.model
+
+    @property
+    def recipe(self) -> dict:
+        return self.prepared.recipe
+
+    @property
+    def warmup_epochs(self) -> int:
+        """Epochs that train only what is new: none when nothing is, or when everything is (random weights)."""
+        fresh = self.prepared.fresh
+        return self.config.se_warmup_epochs if fresh and fresh != self._all_params(self.model) else 0
+
+    def _build_optimizer(self) -> None:
+        config, fresh = self.config, self.prepared.fresh
+        named = list(self.model.named_parameters())
+        groups = [{"params": [p for n, p in named if n not in fresh], "lr": config.lr * config.backbone_lr_scale,
+                   "name": "trained"},
+                  {"params": [p for n, p in named if n in fresh], "lr": config.lr, "name": "new"}]
+        groups = [g for g in groups if g["params"]]
         if config.optimizer == "adamw":
             self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
         else:
             self.optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
-                                             weight_decay=config.weight_decay, nesterov=True)
-        total = config.epochs * self.steps_per_epoch
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, _lr_lambda(total, round(config.warmup_epochs * self.steps_per_epoch)))
+                                             weight_decay=config.weight_decay, nesterov=config.momentum > 0)
+        self.scheduler = self._schedule(config.epochs)
         self.ema = None
         if config.ema_decay:
             from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
             self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay),
                                      use_buffers=True)
-        self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
-        self.partial = [0.0, 0.0, 0.0]  # loss sum, correct, images of the epoch in progress
-        self.best_top1, self.best_epoch = -1.0, 0  # best_epoch counts from 1
-        self.history: list[dict] = []
-        if config.resume:
-            self._restore()
+
+    def _schedule(self, epochs: int):
+        warmup = round(self.config.warmup_epochs * self.steps_per_epoch)
+        return torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(epochs * self.steps_per_epoch, warmup))
+
+    def _lrs(self) -> dict[str, float]:
+        return {g["name"]: lr for g, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr())}
 
     # ------------------------------------------------------------ state
 
     def _state(self) -> dict:
-        state = {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.step,
-                 "partial": self.partial, "best_top1": self.best_top1, "best_epoch": self.best_epoch,
-                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "rng": _rng_state(self.device), "config": asdict(self.config)}
+        state = {"progress": dataclasses.asdict(self.progress), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "rng": rng.capture(self.device),
+                 "config": self.config.to_dict(), "source": self.source.to_dict(), "fresh": sorted(self.prepared.fresh),
+                 "steps_per_epoch": self.steps_per_epoch}
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
         return state
 
-    def _restore(self) -> None:
-        state = torch.load(self.out / STATE, map_location="cpu", weights_only=True)
-        self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
-        self.partial, self.best_top1, self.best_epoch = state["partial"], state["best_top1"], state["best_epoch"]
-        _freeze_backbone(self.model, self.epoch < self.config.se_warmup_epochs)
+    def _restore(self, saved: dict) -> None:
+        state = saved["state"]
+        self.progress = Progress(**state["progress"])
+        self.progress.history = saved["rows"]
+        if state["steps_per_epoch"] != self.steps_per_epoch:
+            raise SeifyError(f"{{resume}}: the data now gives {self.steps_per_epoch} steps per epoch where the run "
+                             f"had {state['steps_per_epoch']}; resume with the same data and batch size", "resume")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.ema is not None and "ema" in state:
             self.ema.load_state_dict(state["ema"])
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"], self.device)
-        self.history = [r for r in artifacts.read_metrics(self.out) if r["epoch"] <= self.epoch]
-        self.log.line(f"resuming {self.out} at epoch {self.epoch + 1}, batch {self.batch_in_epoch} "
-                      f"(step {self.step})")
+        rng.restore(state["rng"], self.device)
+        planned = state["config"]["epochs"]
+        if self.config.epochs != planned:
+            self._replan(planned)
+        self.complete = self.progress.epoch >= self.config.epochs
+        if self.complete:
+            return
+        self.progress.resumes.append(self.progress.position(self.steps_per_epoch))
+        self.log.line(f"resuming {self.out} at epoch {self.progress.epoch + 1}, batch "
+                      f"{self.progress.batch_in_epoch} (step {self.progress.step})")
 
-    def _save(self, top1: float | None = None) -> None:
-        """last (and best) weights, then the state that points at them: a kill between leaves a valid pair."""
+    def _replan(self, planned: int) -> None:
+        """A resume with another --epochs: refused unless --extend, which re-plans the cosine schedule."""
+        epochs, done = self.config.epochs, self.progress.position(self.steps_per_epoch)
+        if epochs < done:
+            raise SeifyError(f"{{epochs}} {epochs}: the run in {self.out} has already trained {done:g} epochs",
+                             "epochs")
+        before = self.scheduler.get_last_lr()[-1]
+        replanned = self._schedule(epochs)
+        replanned.load_state_dict({**self.scheduler.state_dict(), "lr_lambdas": [None] * len(replanned.lr_lambdas)})
+        factor = replanned.lr_lambdas[0](self.progress.step)
+        after = replanned.base_lrs[-1] * factor
+        change = (f"the run was planned for {planned} epochs; {{epochs}} {epochs} stretches its cosine schedule to "
+                  f"end at step {epochs * self.steps_per_epoch}, so the learning rate at step {self.progress.step} "
+                  f"goes from {before:.3g} to {after:.3g}")
+        if not self.config.extend:
+            raise SeifyError(f"{{resume}}: {change}; pass {{extend}} to continue that way", "resume", "epochs",
+                             "extend")
+        for group, base in zip(self.optimizer.param_groups, replanned.base_lrs):
+            group["initial_lr"], group["lr"] = base, base * factor
+        self.scheduler = replanned
+        self.log.line(SeifyError(change, "epochs").render(lambda n: "--" + n.replace("_", "-")))
+
+    def _write_info(self, data_dir: str) -> None:
+        self.folder.write_info({
+            "versions": _versions(), "source": self.source.to_dict(), "config": self.config.to_dict(),
+            "data": str(data_dir), "classes": self.classes, "train_images": len(self.train_set),
+            "val_images": len(self.val_set), "skipped_files": len(self.skipped), "img_size": self.img_size,
+            "augmentation": dataclasses.asdict(self.augmentation), "device": str(self.device),
+            "world_size": self.dist.world, "threads": self.threads, "workers": self.workers,
+            "warmup_epochs": self.warmup_epochs, "new_parameters": len(self.prepared.fresh),
+            "parameters": len(self._all_params(self.model)), "notes": self.prepared.notes,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+    def _commit(self, best_changed: bool) -> None:
         if not self.dist.main:
             return
-        self.out.mkdir(parents=True, exist_ok=True)
-        checkpoint.save(self.model, self.out / LAST, self.recipe, force=True)
-        if top1 is not None and top1 > self.best_top1:
-            self.best_top1, self.best_epoch = top1, self.epoch
-            best = self.ema.module if self.ema is not None else self.model
-            checkpoint.save(best, self.out / BEST, {**self.recipe, "top1": top1, "epoch": self.epoch},
-                            force=True)
-        checkpoint.atomic_write(self.out / STATE, lambda tmp: torch.save(self._state(), tmp), force=True)
+        best = None
+        if best_changed:
+            model = self.ema.module if self.ema is not None else self.model
+            best = (model, {**self.recipe, "top1": self.progress.best_top1, "epoch": self.progress.best_epoch})
+        folder = self.folder.commit(self.model, self.recipe, best, self._state(), self.progress.history)
+        self.folder.publish(folder)
+        artifacts.write_views(self.out, self.progress.history, self.progress.resumes, self.out.name)
 
     # ------------------------------------------------------------ training
 
@@ -327,8 +420,9 @@ class Trainer:
         local_loss = loss.item()
         loss_value, stop_flag = self.dist.all_sum([local_loss, float(stop.signum is not None)], self.device)
         if not math.isfinite(loss_value):
-            raise SeifyError(f"loss became {loss_value} at epoch {self.epoch + 1}, step {self.step}; stopped. "
-                             f"The last good checkpoint is {self.out / LAST}; lower --lr or use --precision fp32")
+            raise SeifyError(f"loss became {loss_value} at epoch {self.progress.epoch + 1}, step {self.progress.step};"
+                             f" stopped. {self._last_good()}; lower {{lr}} or use {{precision}} fp32",
+                             "lr", "precision")
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -348,82 +442,113 @@ class Trainer:
         correct = (logits.argmax(dim=1) == labels).sum().item()
         return local_loss * len(labels), correct, stop_flag > 0
 
+    def _last_good(self) -> str:
+        if self.folder.committed() is None:
+            return "Nothing was saved"
+        return f"The last good checkpoint is {self.out / LAST}"
+
     def run(self) -> RunResult:
         stop = _Stop()
         try:
+            if getattr(self, "complete", False):
+                return self._already_complete()
             with stop.installed():
                 return self._run(stop)
         finally:
-            teardown(self.dist)
+            self.close()
+
+    def _already_complete(self) -> RunResult:
+        p = self.progress
+        self.log.line(f"the run in {self.out} is complete ({p.epoch} epochs, best val top-1 {p.best_top1:.2f}% at "
+                      f"epoch {p.best_epoch}); nothing to do. To train longer pass a larger --epochs with --extend")
+        return self._result()
+
+    def _result(self, stopped_by: str | None = None) -> RunResult:
+        p = self.progress
+        trained = [r for r in p.history if r["epoch"] > 0]
+        start = next((r["val_top1"] for r in p.history if r["epoch"] == 0), None)
+        return RunResult(self.out, p.best_epoch, p.best_top1, trained[-1]["val_top1"] if trained else float("nan"),
+                         len(trained), stopped_by=stopped_by, main=self.dist.main, start_top1=start)
 
     def _run(self, stop: _Stop) -> RunResult:
-        config = self.config
+        config, p = self.config, self.progress
         self._announce()
-        net, frozen = None, None
-        for epoch in range(self.epoch, config.epochs):
-            self.epoch = epoch
-            phase_frozen = epoch < config.se_warmup_epochs
-            if phase_frozen != frozen:
-                frozen = phase_frozen
-                _freeze_backbone(self.model, frozen)
+        if not p.history and self.prepared.head_kept:
+            self._evaluate_start()
+        net, phase = None, None
+        for epoch in range(p.epoch, config.epochs):
+            p.epoch = epoch
+            warming = epoch < self.warmup_epochs
+            if warming != phase:
+                phase = warming
+                _freeze(self.model, self.prepared.fresh if warming else None)
                 net = self._wrapped()
-            _set_train_mode(self.model, frozen)
-            self.train_sampler.set_epoch(epoch, self.batch_in_epoch * config.batch_size)
+            _set_train_mode(self.model)
+            self.train_sampler.set_epoch(epoch, p.batch_in_epoch * config.batch_size)
             batches = data.loader(self.train_set, config.batch_size, self.train_sampler, self.workers, self.pin,
                                   drop_last=True)
             start, seen = time.perf_counter(), 0
-            self.log.epoch_start(epoch, config.epochs, self.steps_per_epoch, self.batch_in_epoch,
-                                 "SE + head (backbone frozen)" if frozen else "all layers")
+            self.log.epoch_start(epoch, config.epochs, self.steps_per_epoch, p.batch_in_epoch,
+                                 "new parts only (the rest frozen)" if warming else "all layers")
             for images, labels in batches:
                 images, labels = self._batch(images, labels)
                 loss_sum, correct, stopping = self._train_step(net, images, labels, stop)
-                self.partial = [self.partial[0] + loss_sum, self.partial[1] + correct,
-                                self.partial[2] + len(labels)]
-                self.batch_in_epoch += 1
-                self.step += 1
+                p.partial = [p.partial[0] + loss_sum, p.partial[1] + correct, p.partial[2] + len(labels)]
+                p.batch_in_epoch += 1
+                p.step += 1
                 seen += len(labels)
                 rate = seen * self.dist.world / (time.perf_counter() - start)
-                self.log.step(self.batch_in_epoch, self.partial[0] / self.partial[2],
-                              100 * self.partial[1] / self.partial[2], self.scheduler.get_last_lr()[1], rate)
+                self.log.step(p.batch_in_epoch, p.partial[0] / p.partial[2], 100 * p.partial[1] / p.partial[2],
+                              self._lrs().get("new", self._lrs().get("trained")), rate)
                 if stopping:
                     return self._interrupted(stop)
-                if config.save_every and self.step % config.save_every == 0:
-                    self._save()
-            self._end_epoch(frozen, seen, time.perf_counter() - start)
+                if config.save_every and p.step % config.save_every == 0:
+                    self._commit(best_changed=False)
+            self._end_epoch("warmup" if warming else "full", seen, time.perf_counter() - start)
         self.log.done()
-        return RunResult(self.out, self.best_epoch, self.best_top1, self.history[-1]["val_top1"],
-                         len(self.history), main=self.dist.main)
+        return self._result()
 
-    def _end_epoch(self, frozen: bool, seen: int, seconds: float) -> None:
-        cfg = self.config
+    def _evaluate_start(self) -> None:
+        """The starting model's val accuracy: what fine-tuning has to keep (epoch 0 in the metrics)."""
+        metrics = self._validate()
+        self.progress.history.append({"epoch": 0, "phase": "start", "step": 0, "val_loss": metrics["loss"],
+                                      "val_top1": metrics["top1"], "val_top5": metrics["top5"]})
+        self.log.line(f"before fine-tuning: val top-1 {metrics['top1']:.2f}%, loss {metrics['loss']:.4f}")
+
+    def _validate(self) -> dict:
         self.val_sampler.set_epoch(0)
-        val_batches = data.loader(self.val_set, cfg.batch_size, self.val_sampler, self.workers, self.pin,
-                                  drop_last=False)
+        batches = data.loader(self.val_set, self.config.batch_size, self.val_sampler, self.workers, self.pin,
+                              drop_last=False)
         judged = self.ema.module if self.ema is not None else self.model
-        metrics = evaluate(judged, val_batches, self.device, len(self.classes), self.autocast, self.dist,
-                           self.channels_last)
-        loss_sum, correct, images = self.dist.all_sum(self.partial, self.device)
-        row = {"epoch": self.epoch + 1, "phase": "se_warmup" if frozen else "full",
+        return evaluate(judged, batches, self.device, len(self.classes), self.autocast, self.dist,
+                        self.channels_last)
+
+    def _end_epoch(self, phase: str, seen: int, seconds: float) -> None:
+        p = self.progress
+        metrics = self._validate()
+        loss_sum, correct, images = self.dist.all_sum(p.partial, self.device)
+        lrs = self._lrs()
+        row = {"epoch": p.epoch + 1, "phase": phase, "step": p.step,
                "train_loss": loss_sum / max(images, 1), "train_top1": 100 * correct / max(images, 1),
                "val_loss": metrics["loss"], "val_top1": metrics["top1"], "val_top5": metrics["top5"],
-               "lr": self.scheduler.get_last_lr()[1], "lr_backbone": self.scheduler.get_last_lr()[0],
+               "lr": lrs.get("new", lrs.get("trained")), "lr_backbone": lrs.get("trained", lrs.get("new")),
                "images_per_sec": seen * self.dist.world / max(seconds, 1e-9), "seconds": seconds}
-        self.history.append(row)
-        self.epoch += 1
-        self.batch_in_epoch, self.partial = 0, [0.0, 0.0, 0.0]
-        self._save(metrics["top1"])
-        if self.dist.main:
-            artifacts.write_metrics(self.out, self.history)
+        p.history.append(row)
+        p.epoch += 1
+        p.batch_in_epoch, p.partial = 0, [0.0, 0.0, 0.0]
+        improved = metrics["top1"] > p.best_top1
+        if improved:
+            p.best_top1, p.best_epoch = metrics["top1"], p.epoch
+        self._commit(best_changed=improved)
         self.log.epoch_end(row)
 
     def _interrupted(self, stop: _Stop) -> RunResult:
-        self._save()
+        self._commit(best_changed=False)
         name = signal.Signals(stop.signum).name
         self.log.done()
-        self.log.line(f"{name}: saved {self.out / LAST} and {self.out / STATE} at epoch {self.epoch + 1}, batch "
-                      f"{self.batch_in_epoch}; continue with --resume")
-        return RunResult(self.out, self.best_epoch, self.best_top1, float("nan"), len(self.history),
-                         stopped_by=name, main=self.dist.main)
+        self.log.line(f"{name}: saved a checkpoint in {self.out} at epoch {self.progress.epoch + 1}, batch "
+                      f"{self.progress.batch_in_epoch}; continue with --resume")
+        return self._result(stopped_by=name)
 
     def _announce(self) -> None:
         n_skipped = len(self.skipped)
@@ -433,16 +558,31 @@ class Trainer:
         amp = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
         self.log.line(f"device {self.device} x{self.dist.world}, {amp}"
                       f"{', channels_last' if self.channels_last else ''}{', compiled' if self.config.compile else ''}"
-                      f", {self.steps_per_epoch} steps per epoch")
+                      f", {self.threads} CPU threads ({self.threads_why}), {self.steps_per_epoch} steps per epoch")
+        self.log.line(f"model: {'plain (no SE)' if self.source.options is None else 'with SE'}, "
+                      f"{self.img_size} px; augmentation: {self.augmentation.describe()}")
+        for note in self.prepared.notes:
+            self.log.line(note)
+        self.log.line(self._plan())
+
+    def _plan(self) -> str:
+        c, fresh = self.config, self.prepared.fresh
+        if fresh == self._all_params(self.model):
+            return f"plan: random weights, so everything trains from the start at lr {c.lr:g}"
+        if not fresh:
+            return f"plan: nothing new to warm up; everything trains at lr {c.lr * c.backbone_lr_scale:g}"
+        count = sum(p.numel() for n, p in self.model.named_parameters() if n in fresh)
+        warm = f"{self.warmup_epochs} epoch(s) train only the new parts ({count:,} parameters), then " \
+            if self.warmup_epochs else ""
+        return (f"plan: {warm}everything trains, the new parts at lr {c.lr:g} and the trained ones at "
+                f"{c.lr * c.backbone_lr_scale:g}")
 
 
-def finetune(spec: str, data_dir: str, config: FinetuneConfig, options: SEOptions = SEOptions(), **kwargs):
-    """Fine-tune ``spec`` (converted to SE first if it has none) on ``data_dir``; see ``FinetuneConfig``."""
+def finetune(spec: str, data_dir: str, config: FinetuneConfig, options: SEOptions | None = SEOptions(),
+             **kwargs) -> RunResult:
+    """Fine-tune ``spec`` on ``data_dir`` (adding SE first where it has none; ``options=None``: plain)."""
     return Trainer(spec, data_dir, config, options, **kwargs).run()
 
 
 def exit_code(result: RunResult) -> int:
     return {"SIGINT": 130, "SIGTERM": 143}.get(result.stopped_by, 0)
-
-
-

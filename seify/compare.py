@@ -1,0 +1,197 @@
+"""``seify compare``: does SE pay on my data? Arms (plain, SE, SE variants) fine-tuned under one budget, per seed.
+
+Every arm-seed is an ordinary run folder, ``DIR/<arm>/seed-<n>``: rerunning the comparison skips finished runs
+and resumes killed ones. Seeds run in turns with the arm order alternating, so drift in the machine's speed hits
+every arm alike. The verdict pairs arms by seed: same data order, augmentation draws and schedule.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from .checkpoint import atomic_write
+from .errors import SeifyError
+from .finetune import data
+from .finetune.config import FinetuneConfig
+from .finetune.loop import RunResult, Trainer
+from .finetune.state import RunFolder
+from .options import SEOptions
+
+REPORT, TABLE, FIGURE = "compare.json", "compare.csv", "compare.png"
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One way to fine-tune: ``plain`` (no SE), ``se`` (convert's defaults) or ``se:name=value:...``."""
+    name: str
+    options: SEOptions | None
+
+    @property
+    def folder(self) -> str:
+        return self.name.replace(":", "_").replace(",", "-").replace("/", "-")
+
+
+def parse_arms(text: str) -> list[Arm]:
+    """``plain,se,se:reduction=8,se:stages=4,5``: a piece that starts with neither ``plain`` nor ``se`` continues
+    the previous arm's value (``stages=4,5``)."""
+    pieces: list[str] = []
+    for piece in (p.strip() for p in text.split(",")):
+        if piece.split(":", 1)[0] in ("plain", "se") or not pieces:
+            pieces.append(piece)
+        else:
+            pieces[-1] += "," + piece
+    arms = []
+    for piece in pieces:
+        kind, _, rest = piece.partition(":")
+        if kind == "plain" and not rest:
+            arms.append(Arm("plain", None))
+        elif kind == "se":
+            arms.append(Arm(piece, SEOptions.parse(rest)))
+        else:
+            raise SeifyError(f"{piece!r} is not an arm; write plain, se or se:name=value[:name=value] (for example "
+                             "se:reduction=8)", "arms")
+    names = [a.name for a in arms]
+    if len(set(names)) != len(names) or len({a.folder for a in arms}) != len(arms):
+        raise SeifyError(f"{{arms}} names an arm twice: {text}", "arms")
+    if len(arms) < 2:
+        raise SeifyError("{arms} needs at least two arms to compare, for example plain,se", "arms")
+    return arms
+
+
+def compare(spec: str, data_dir: str, arms: list[Arm], config: FinetuneConfig, *, seeds: int = 3,
+            weights: str | None = None, pretrained: bool = False, log=None, say=print) -> dict:
+    """Fine-tune every arm with seeds ``config.seed .. config.seed + seeds - 1`` in ``config.out``/<arm>/seed-<n>,
+    then write and return the comparison (``compare.json``, ``.csv``, ``.png`` in ``config.out``)."""
+    if not 1 <= seeds <= 100:
+        raise SeifyError(f"{{seeds}} must be from 1 to 100, not {seeds}", "seeds")
+    config.check()
+    root = Path(config.out)
+    split = data.discover(data_dir, config.val_split, config.seed, config.strict_data)
+    seed_list = [config.seed + k for k in range(seeds)]
+    for k, seed in enumerate(seed_list):
+        for arm in arms if k % 2 == 0 else arms[::-1]:
+            say(f"--- {arm.name}, seed {seed}")
+            result = _run_one(spec, data_dir, arm, seed, config, root, split, weights, pretrained, log)
+            if result.stopped_by is not None:
+                return {"stopped_by": result.stopped_by, "out": str(root)}
+    document = summarize(root, arms, seed_list, spec)
+    _write(root, document)
+    return document
+
+
+def _run_one(spec, data_dir, arm: Arm, seed: int, config: FinetuneConfig, root: Path, split, weights, pretrained,
+             log) -> RunResult:
+    out = root / arm.folder / f"seed-{seed}"
+    folder = RunFolder(out)
+    committed = folder.committed()
+    run_config = dataclasses.replace(config, out=str(out), seed=seed, resume=committed is not None,
+                                     force=committed is None and bool(folder.holds_outputs()))
+    return Trainer(spec, data_dir, run_config, arm.options, weights=weights, pretrained=pretrained, log=log,
+                   split=split).run()
+
+
+# ---------------------------------------------------------------- the comparison
+
+
+def _run_record(out: Path) -> dict | None:
+    folder = RunFolder(out)
+    committed = folder.committed()
+    if committed is None:
+        return None
+    state, rows = folder.read(committed)
+    trained = [r for r in rows if r["epoch"] > 0]
+    if not trained:
+        return None
+    seconds = sum(r["seconds"] for r in trained)
+    images = sum(r["images_per_sec"] * r["seconds"] for r in trained)
+    start = next((r["val_top1"] for r in rows if r["epoch"] == 0), None)
+    return {"seed": state["config"]["seed"], "folder": str(out), "epochs": [r["epoch"] for r in trained],
+            "val_top1": [r["val_top1"] for r in trained], "best_top1": max(r["val_top1"] for r in trained),
+            "final_top1": trained[-1]["val_top1"], "start_top1": start, "seconds": seconds,
+            "images_per_sec": images / seconds if seconds else None,
+            "complete": state["progress"]["epoch"] >= state["config"]["epochs"]}
+
+
+def _stats(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values) if values else None,
+            "std": statistics.stdev(values) if len(values) > 1 else None, "n": len(values)}
+
+
+def _arm_cost(runs: list[dict]) -> dict:
+    """Parameters and MACs of the arm's model and of the model without SE, at the size it was trained at."""
+    from .models import resolve
+    from .profile import cost
+    loaded = resolve(str(Path(runs[0]["folder"]) / "last.safetensors"), device="meta")
+    size = tuple(loaded.data_config["input_size"])
+    own, _ = cost(loaded.model, size)
+    base, _ = cost(loaded.base, size) if loaded.base is not None else (own, None)
+    return {"img_size": size[-1], "params": own.params, "macs": own.macs, "base_params": base.params,
+            "base_macs": base.macs, "added_params": own.params - base.params, "added_macs": own.macs - base.macs}
+
+
+def summarize(root: Path, arms: list[Arm], seeds: list[int], spec: str) -> dict:
+    """The comparison document of the runs under ``root``: per arm its runs, statistics and cost; verdicts."""
+    summary = []
+    for arm in arms:
+        runs = [r for r in (_run_record(root / arm.folder / f"seed-{s}") for s in seeds) if r is not None]
+        if not runs:
+            raise SeifyError(f"no finished epoch for arm {arm.name} in {root}; run the comparison first")
+        total_seconds = sum(r["seconds"] for r in runs)
+        total_images = sum((r["images_per_sec"] or 0) * r["seconds"] for r in runs)
+        summary.append({"name": arm.name, "folder": arm.folder,
+                        "options": arm.options.to_dict() if arm.options else None, "runs": runs,
+                        "final_top1": _stats([r["final_top1"] for r in runs]),
+                        "best_top1": _stats([r["best_top1"] for r in runs]),
+                        "images_per_sec": total_images / total_seconds if total_seconds else None,
+                        **_arm_cost(runs)})
+    reference = next((a for a in summary if a["options"] is None), summary[0])
+    verdicts = [_verdict(arm, reference) for arm in summary if arm is not reference]
+    return {"model": spec, "seeds": seeds, "metric": "final val top-1 (%)", "reference": reference["name"],
+            "arms": summary, "verdicts": verdicts}
+
+
+def _verdict(arm: dict, reference: dict) -> dict:
+    """The paired difference in final top-1 over the seeds both arms finished, and the step-time ratio."""
+    ours = {r["seed"]: r["final_top1"] for r in arm["runs"] if r["complete"]}
+    theirs = {r["seed"]: r["final_top1"] for r in reference["runs"] if r["complete"]}
+    seeds = sorted(set(ours) & set(theirs))
+    diffs = [ours[s] - theirs[s] for s in seeds]
+    stats = _stats(diffs)
+    ratio = reference["images_per_sec"] / arm["images_per_sec"] if arm["images_per_sec"] else None
+    better = sum(d > 0 for d in diffs)
+    if diffs:
+        spread = f" +/- {stats['std']:.1f}" if stats["std"] is not None else ""
+        text = (f"{arm['name']}: {stats['mean']:+.1f}{spread} points over {reference['name']}, better in {better} "
+                f"of {len(diffs)} seed{'s' if len(diffs) > 1 else ''}")
+    else:
+        text = f"{arm['name']}: no seed finished in both it and {reference['name']} yet"
+    if ratio is not None:
+        text += f", {ratio:.2f}x step time"
+    return {"arm": arm["name"], "against": reference["name"], "seeds": seeds, "differences": diffs,
+            "mean_difference": stats["mean"], "std_difference": stats["std"], "better_in": better,
+            "step_time_ratio": ratio, "text": text}
+
+
+def _write(root: Path, document: dict) -> None:
+    def table(tmp):
+        buf = io.StringIO()
+        columns = ["arm", "seed", "final_top1", "best_top1", "start_top1", "seconds", "images_per_sec", "params",
+                   "macs", "added_params", "added_macs", "complete", "folder"]
+        writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for arm in document["arms"]:
+            for run in arm["runs"]:
+                writer.writerow({**run, **{k: arm[k] for k in columns if k in arm}, "arm": arm["name"]})
+        Path(tmp).write_text(buf.getvalue())
+
+    def figure(tmp):
+        from .plots import comparison, save_png
+        save_png(comparison(document["arms"]), tmp)
+    atomic_write(root / REPORT, lambda tmp: Path(tmp).write_text(json.dumps(document, indent=2) + "\n"), force=True)
+    atomic_write(root / TABLE, table, force=True)
+    atomic_write(root / FIGURE, figure, force=True)

@@ -1,0 +1,122 @@
+"""Every option of a fine-tuning run, checked before any work is done."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+from ..errors import SeifyError
+from ..options import option
+
+# Options a resumed run may change: how it runs, not what it computes.
+CHANGEABLE_ON_RESUME = frozenset({"workers", "threads", "device", "compile", "log_every", "save_every", "out",
+                                  "resume", "force", "extend"})
+MAX_IMAGE_SIZE = 4096
+MAX_BATCH_SIZE = 65536
+AUGMENTATIONS = ("auto", "none", "light", "imagenet")
+
+
+@dataclass
+class FinetuneConfig:
+    """A run's recipe and how it runs; each field is a ``seify finetune`` flag with this help."""
+    out: str = option("runs/seify", "Run folder for checkpoints, metrics and curves.")
+    epochs: int = option(10, "Epochs in all, warm-up included.")
+    batch_size: int = option(64, "Images per step and device.")
+    lr: float = option(1e-3, "Learning rate of what is new (SE blocks, a new head; everything for random weights).")
+    backbone_lr_scale: float = option(0.1, "Learning rate of trained layers = lr x this.")
+    weight_decay: float = option(0.05, "Weight decay (decoupled, as AdamW's).")
+    optimizer: str = option("adamw", "adamw or sgd.")
+    momentum: float = option(0.9, "SGD momentum (Nesterov).")
+    warmup_epochs: float = option(1.0, "Linear learning-rate warm-up, then cosine.")
+    se_warmup_epochs: int = option(1, "First train only what is new (SE blocks, a new head), the rest and its "
+                                      "BatchNorm statistics frozen.")
+    label_smoothing: float = option(0.1, "Label smoothing of the cross-entropy loss.")
+    clip_grad: float | None = option(1.0, "Gradient-norm clip (0: off).")
+    ema_decay: float | None = option(None, "Keep an EMA of weights (e.g. 0.999); validation and best use it.")
+    img_size: int | None = option(None, "Train and evaluate at N px (default: the model's).")
+    aug: str = option("auto", "Augmentation preset: none, light (mild crops, flips), imagenet (timm's), auto "
+                              "(imagenet from 160 px, else light).")
+    crop_scale: tuple[float, float] | None = option(None, "Random-resized-crop area range MIN,MAX (default: "
+                                                          "the preset's).")
+    hflip: float | None = option(None, "Horizontal-flip probability (0: off; default: the preset's).")
+    new_head: bool = option(False, "A new classifier even where the trained one has one output per class.")
+    val_split: float | None = option(None, "Split one DATA/<class> tree (or a train/ without val/) by this "
+                                           "fraction.")
+    strict_data: bool = option(False, "Fail on unreadable files instead of skipping them.")
+    seed: int = option(0, "Fixes data order, augmentation and initialisation.")
+    workers: int | None = option(None, "Data-loading processes (default: 1 on a CPU, up to 8 on a GPU).")
+    threads: int | None = option(None, "CPU threads (default: the cores other processes leave free).")
+    device: str | None = option(None, "cpu or cuda (default: cuda if present).")
+    precision: str = option("auto", "auto (bf16 on CUDA, fp16 without bf16, fp32 on CPU), fp32, bf16, fp16.")
+    channels_last: bool | None = option(None, "channels_last memory format (default: on for CUDA).",
+                                        "--channels-last/--no-channels-last")
+    compile: bool = option(False, "torch.compile the model.")
+    save_every: int = option(0, "Also checkpoint every N steps (0: per epoch).")
+    log_every: int = option(50, "In logs, a line every N steps (0: per epoch).")
+    resume: bool = option(False, "Continue the run in --out with its own settings.")
+    extend: bool = option(False, "With --resume and another --epochs: re-plan the schedule for them.")
+    force: bool = option(False, "Start over in an --out that holds a run (the run's files go, nothing else).")
+
+    def check(self) -> None:
+        """Refuse what cannot train (or would train into nonsense) before any model is built."""
+        _whole(self.epochs, "epochs", 1, 100_000)
+        _whole(self.batch_size, "batch_size", 1, MAX_BATCH_SIZE)
+        _whole(self.se_warmup_epochs, "se_warmup_epochs", 0, 100_000)
+        _whole(self.save_every, "save_every", 0, None)
+        _whole(self.log_every, "log_every", 0, None)
+        for name in ("workers", "threads"):
+            if getattr(self, name) is not None:
+                _whole(getattr(self, name), name, 0 if name == "workers" else 1, 256)
+        if self.img_size is not None:
+            _whole(self.img_size, "img_size", 8, MAX_IMAGE_SIZE)
+        _number(self.lr, "lr", 0, 10, low_open=True)
+        _number(self.backbone_lr_scale, "backbone_lr_scale", 0, 100)
+        _number(self.weight_decay, "weight_decay", 0, 10)
+        _number(self.momentum, "momentum", 0, 1)
+        _number(self.warmup_epochs, "warmup_epochs", 0, 100_000)
+        _number(self.label_smoothing, "label_smoothing", 0, 1, high_open=True)
+        if self.clip_grad is not None:
+            _number(self.clip_grad, "clip_grad", 0, 1e6)
+        if self.ema_decay is not None:
+            _number(self.ema_decay, "ema_decay", 0, 1, low_open=True, high_open=True)
+        if self.hflip is not None:
+            _number(self.hflip, "hflip", 0, 1)
+        if self.crop_scale is not None and not (len(self.crop_scale) == 2 and
+                                                0 < self.crop_scale[0] <= self.crop_scale[1] <= 1):
+            raise SeifyError(f"{{crop_scale}} must be two fractions 0 < min <= max <= 1, not {self.crop_scale}",
+                             "crop_scale")
+        _choice(self.optimizer, "optimizer", ("adamw", "sgd"))
+        _choice(self.precision, "precision", ("auto", "fp32", "bf16", "fp16"))
+        _choice(self.aug, "aug", AUGMENTATIONS)
+        if self.resume and self.force:
+            raise SeifyError("pass {resume} to continue the run or {force} to start over, not both",
+                             "resume", "force")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "FinetuneConfig":
+        known = {f.name for f in fields(cls)}
+        config = cls(**{k: v for k, v in values.items() if k in known})
+        if config.crop_scale is not None:
+            config.crop_scale = tuple(config.crop_scale)
+        return config
+
+
+def _whole(value, name: str, low: int, high: int | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bound = f"from {low} to {high}" if high is not None else f"at least {low}"
+        raise SeifyError(f"{{{name}}} must be a whole number {bound}, not {value!r}", name)
+
+
+def _number(value, name: str, low: float, high: float, low_open: bool = False, high_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and math.isfinite(value) and \
+        (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        bounds = f"{'>' if low_open else '>='} {low:g} and {'<' if high_open else '<='} {high:g}"
+        raise SeifyError(f"{{{name}}} must be a finite number {bounds}, not {value!r}", name)
+
+
+def _choice(value, name: str, allowed: tuple) -> None:
+    if value not in allowed:
+        raise SeifyError(f"{{{name}}} must be one of {', '.join(allowed)}, not {value!r}", name)

@@ -1,0 +1,109 @@
+"""The model a run trains: SE added (or not, for a plain baseline), the trained classifier kept where it fits.
+
+What starts untrained is recorded, because the recipe depends on it: the SE blocks just inserted and a new
+classifier are warmed up first with the rest frozen, and a model with random weights trains everything at once.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .. import checkpoint
+from ..api import convert_loaded
+from ..errors import SeifyError
+from ..models import (LoadedModel, classifier_name, num_classes_of, reorder_classifier, reset_classifier,
+                      resolve)
+from ..se import SqueezeExcite
+from ..options import SEOptions
+
+
+@dataclass
+class Prepared:
+    model: nn.Module
+    recipe: dict
+    fresh: set[str]  # names of the parameters that start untrained
+    notes: list[str] = field(default_factory=list)
+    head_kept: bool = False  # the trained classifier fits the data: the starting accuracy means something
+
+
+def prepare(spec: str, classes: list[str], options: SEOptions | None, *, weights: str | None = None,
+            pretrained: bool = False, new_head: bool = False) -> Prepared:
+    """The model to fine-tune on ``classes``; ``options`` None gives the plain model (``--no-se``)."""
+    loaded = resolve(spec, weights=weights, pretrained=pretrained)
+    if options is None:
+        prepared = _plain(loaded)
+    else:
+        prepared = _with_se(loaded, options)
+    _fit_head(prepared, loaded, classes, new_head)
+    return prepared
+
+
+def _plain(loaded: LoadedModel) -> Prepared:
+    if loaded.has_se:
+        raise SeifyError(f"{loaded.spec} already has SE blocks, so it cannot be the plain baseline; pass the model "
+                         "it was converted from (name and weights)")
+    recipe = copy.deepcopy(loaded.recipe) if loaded.recipe else checkpoint.make_recipe(
+        loaded.spec, loaded.num_classes, None, loaded.data_config["input_size"], loaded.data_config, [],
+        weights=loaded.weights)
+    fresh = set() if loaded.trained else _all(loaded.model)
+    return Prepared(loaded.model, recipe, fresh)
+
+
+def _with_se(loaded: LoadedModel, options: SEOptions) -> Prepared:
+    if loaded.has_se:
+        model, recipe = loaded.model, copy.deepcopy(loaded.recipe)
+        se_fresh = not recipe.get("finetune")  # converted but never trained
+    else:
+        if not loaded.trained and options.init == "identity":
+            options = SEOptions.from_dict({**options.to_dict(), "init": "paper"})  # nothing to preserve
+        result = convert_loaded(loaded, options)
+        model, recipe, se_fresh = result.model, result.recipe(), True
+    if not loaded.trained:
+        return Prepared(model, recipe, _all(model))
+    fresh = {name for name, _ in model.named_parameters() if _in_se(model, name)} if se_fresh else set()
+    return Prepared(model, recipe, fresh)
+
+
+def _fit_head(prepared: Prepared, loaded: LoadedModel, classes: list[str], new_head: bool) -> None:
+    """Keep the trained classifier when it has one output per class, else give a new one."""
+    model, outputs = prepared.model, num_classes_of(prepared.model)
+    if loaded.trained and not new_head and outputs == len(classes):
+        prepared.head_kept = True
+        prepared.notes.append(_keep_head(model, loaded.classes, classes))
+    else:
+        reset_classifier(model, len(classes))
+        head = classifier_name(model)
+        prepared.fresh |= {f"{head}.{n}" for n, _ in model.get_submodule(head).named_parameters()}
+        if loaded.trained:
+            why = "as asked" if new_head else f"the model has {outputs} outputs, the data {len(classes)} classes"
+            prepared.notes.append(f"classifier: a new {len(classes)}-way head ({why})")
+    prepared.recipe.update(num_classes=len(classes), classes=classes)
+
+
+def _keep_head(model: nn.Module, recorded: list[str] | None, classes: list[str]) -> str:
+    """Line the trained head's rows up with the data's classes (by name where the model records them)."""
+    if recorded is None:
+        shown = ", ".join(classes[:4]) + (", ..." if len(classes) > 4 else "")
+        return (f"classifier: keeping the trained {len(classes)}-way head; the model records no class names, so its "
+                f"outputs are taken to be the data's folders in sorted order ({shown}); pass --new-head if they "
+                "are not")
+    if recorded == classes:
+        return f"classifier: keeping the trained {len(classes)}-way head (same classes)"
+    if sorted(recorded) != sorted(classes):
+        unknown = sorted(set(classes) - set(recorded))
+        raise SeifyError(f"the model was trained on other classes than the data holds ({len(unknown)} of the "
+                         f"data's are unknown to it, e.g. {unknown[0]!r}); pass {{new_head}} to train a new "
+                         "classifier", "new_head")
+    reorder_classifier(model, [recorded.index(name) for name in classes])
+    return "classifier: keeping the trained head, its rows reordered to the data's class order"
+
+
+def _all(model: nn.Module) -> set[str]:
+    return {name for name, _ in model.named_parameters()}
+
+
+def _in_se(model: nn.Module, name: str) -> bool:
+    parts = name.split(".")
+    return any(isinstance(model.get_submodule(".".join(parts[:i])), SqueezeExcite) for i in range(1, len(parts)))

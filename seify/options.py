@@ -1,0 +1,111 @@
+"""The SE design space as one frozen value: the paper's options (Sec. 6, Tables 10-15) with timm's rounding.
+
+Declared here once, with each option's help text: the CLI builds its flags from these fields, and recipes
+store them. Importing this module does not import torch, so ``seify --help`` stays fast.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field, fields
+
+from .errors import SeifyError
+
+PLACEMENTS = ("auto", "residual", "activation")
+VARIANTS = ("standard", "pre", "post", "identity")
+SQUEEZES = ("avg", "max")
+GATES = ("sigmoid", "hard-sigmoid")
+INITS = ("identity", "paper")
+
+
+def option(default, help: str, *flags: str):
+    """A dataclass field that the CLI turns into a flag (``flags`` overrides the flag's spelling)."""
+    return field(default=default, metadata={"help": help, "flags": flags})
+
+
+@dataclass(frozen=True)
+class SEOptions:
+    """Where SE blocks go and what they are."""
+    at: str = option("auto", "Where SE goes: residual (on each residual branch, before the sum), activation "
+                              "(after each conv nonlinearity), auto (residual if the model has residual sums).")
+    variant: str = option("standard", "Residual integration (paper Table 14): standard, pre, post, identity.")
+    reduction: float = option(16, "Reduction ratio r: the SE block's hidden width is C/r.")
+    divisor: int = option(8, "Round the hidden width to a multiple of this (timm: 8).")
+    min_channels: int = option(8, "Smallest hidden width.")
+    squeeze: str = option("avg", "Squeeze pooling: avg or max.")
+    gate: str = option("sigmoid", "Excitation gate: sigmoid or hard-sigmoid.")
+    stages: tuple[int, ...] | None = option(None, "Only these stages, paper numbering: 2,3,4 is conv2_x..conv4_x "
+                                                   "(a stage's number is log2 of its stride).")
+    include: str | None = option(None, "Only sites whose SE module path matches this regex.")
+    exclude: str | None = option(None, "Skip sites whose SE module path matches this regex.")
+    init: str = option("identity", "identity: the converted model computes exactly what the original did; "
+                                    "paper: plain random init, for training from scratch.")
+
+    def __post_init__(self):
+        for name, allowed in (("at", PLACEMENTS), ("variant", VARIANTS), ("squeeze", SQUEEZES),
+                              ("gate", GATES), ("init", INITS)):
+            if getattr(self, name) not in allowed:
+                raise SeifyError(f"{{{name}}} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}",
+                                 name)
+        for name, low, high in (("reduction", 1, 4096), ("divisor", 1, 1024), ("min_channels", 1, 4096)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+                raise SeifyError(f"{{{name}}} must be a number from {low} to {high}, not {value!r}", name)
+        for name in ("divisor", "min_channels"):
+            if not isinstance(getattr(self, name), int):
+                raise SeifyError(f"{{{name}}} must be a whole number, not {getattr(self, name)!r}", name)
+        if self.stages is not None and (not isinstance(self.stages, tuple) or not self.stages or not all(
+                isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= 12 for s in self.stages)):
+            raise SeifyError(f"{{stages}} must be stage numbers from 0 to 12, not {self.stages!r}", "stages")
+        if self.variant != "standard" and self.at == "activation":
+            raise SeifyError(f"{{variant}} {self.variant} places SE around residual sums; it needs {{at}} residual",
+                             "variant", "at")
+        for name in ("include", "exclude"):
+            try:
+                re.compile(getattr(self, name) or "")
+            except (re.error, TypeError) as e:
+                raise SeifyError(f"{{{name}}} is not a valid regular expression: {e}", name) from e
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["stages"] = list(self.stages) if self.stages is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SEOptions":
+        if not isinstance(d, dict):
+            raise SeifyError(f"SE options must be a mapping of option names to values, not {type(d).__name__}")
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise SeifyError(f"unknown SE option(s) {', '.join(unknown)}")
+        d = dict(d)
+        if isinstance(d.get("stages"), list):
+            d["stages"] = tuple(d["stages"])
+        return cls(**d)
+
+    @classmethod
+    def parse(cls, text: str) -> "SEOptions":
+        """Options written ``reduction=8:stages=4,5`` (name=value pairs joined by ':', as in ``--arms``)."""
+        names = [f.name for f in fields(cls)]
+        values = {}
+        for pair in filter(None, text.split(":")):
+            name, sep, value = pair.partition("=")
+            name = name.strip().replace("-", "_")
+            if not sep or name not in names:
+                raise SeifyError(f"{pair!r} is not an SE option; write name=value with a name from {', '.join(names)}")
+            values[name] = parse_value(name, value.strip())
+        return cls(**values)
+
+
+def parse_value(name: str, text: str):
+    """An option's value from its text form (as typed on a command line)."""
+    try:
+        if name == "reduction":
+            return float(text)
+        if name in ("divisor", "min_channels"):
+            return int(text)
+        if name == "stages":
+            return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        what = "comma-separated whole numbers" if name == "stages" else "a number"
+        raise SeifyError(f"{{{name}}} must be {what}, not {text!r}", name) from None
+    return text

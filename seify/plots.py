@@ -1,0 +1,91 @@
+"""The figures seify writes: a run's training curves and a comparison of fine-tuning arms.
+
+Drawn with matplotlib's object API on an Agg canvas (no global backend, no display needed).
+"""
+from __future__ import annotations
+
+import statistics
+
+from matplotlib.figure import Figure
+
+_PHASE_COLOUR, _RESUME_COLOUR = "0.35", "tab:purple"
+
+
+def _axes(fig: Figure, count: int):
+    axes = fig.subplots(1, count)
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+        ax.set_xlabel("epoch")
+    return axes
+
+
+def _mark_events(ax, rows: list[dict], resumes: list[float]) -> None:
+    """The phase boundary (end of the warm-up) and where the run was resumed."""
+    warmup = [r["epoch"] for r in rows if r.get("phase") == "warmup"]
+    if warmup and any(r.get("phase") == "full" for r in rows):
+        ax.axvline(max(warmup), color=_PHASE_COLOUR, linestyle=":", linewidth=1, label="end of warm-up")
+    for i, at in enumerate(resumes):
+        ax.axvline(at, color=_RESUME_COLOUR, linestyle="--", linewidth=1, label="resumed" if i == 0 else None)
+
+
+def _series(ax, rows: list[dict], key: str, label: str, **style) -> None:
+    points = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None]
+    if points:
+        ax.plot(*zip(*points), marker="o", markersize=3, label=label, **style)
+
+
+def training_curves(rows: list[dict], resumes: list[float], title: str) -> Figure:
+    """Loss, accuracy and learning rate per epoch; epoch 0 is the model before fine-tuning."""
+    fig = Figure(figsize=(15, 4.2), layout="constrained")
+    loss, accuracy, lr = _axes(fig, 3)
+    _series(loss, rows, "train_loss", "train")
+    _series(loss, rows, "val_loss", "val")
+    loss.set_title("loss")
+    _series(accuracy, rows, "train_top1", "train top-1")
+    _series(accuracy, rows, "val_top1", "val top-1")
+    _series(accuracy, rows, "val_top5", "val top-5", linestyle="--")
+    accuracy.set_title("accuracy (%)")
+    _series(lr, rows, "lr", "new parts")
+    if any(r.get("lr_backbone") != r.get("lr") for r in rows):
+        _series(lr, rows, "lr_backbone", "trained parts")
+    lr.set_title("learning rate (end of epoch)")
+    lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    for ax in (loss, accuracy, lr):
+        _mark_events(ax, rows, resumes)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small", frameon=False)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.suptitle(title)
+    return fig
+
+
+def comparison(arms: list[dict], cost_key: str = "macs", cost_label: str = "multiply-adds (G)",
+               cost_scale: float = 1e-9) -> Figure:
+    """Left: val top-1 per epoch, mean over seeds with a min-max band, per arm. Right: final top-1 against cost."""
+    fig = Figure(figsize=(13, 4.6), layout="constrained")
+    curves, cost = _axes(fig, 2)
+    cost.set_xlabel(cost_label)
+    for i, arm in enumerate(arms):
+        colour = f"C{i}"
+        per_epoch: dict[int, list[float]] = {}
+        for run in arm["runs"]:
+            for epoch, top1 in zip(run["epochs"], run["val_top1"]):
+                per_epoch.setdefault(epoch, []).append(top1)
+        epochs = sorted(per_epoch)
+        mean = [statistics.fmean(per_epoch[e]) for e in epochs]
+        curves.plot(epochs, mean, marker="o", markersize=3, color=colour, label=arm["name"])
+        curves.fill_between(epochs, [min(per_epoch[e]) for e in epochs], [max(per_epoch[e]) for e in epochs],
+                            color=colour, alpha=0.18, linewidth=0)
+        finals = arm["final_top1"]
+        cost.errorbar([arm[cost_key] * cost_scale], [finals["mean"]], yerr=[finals["std"] or 0], fmt="o",
+                      color=colour, capsize=4, label=arm["name"])
+        cost.annotate(arm["name"], (arm[cost_key] * cost_scale, finals["mean"]), textcoords="offset points",
+                      xytext=(6, 4), fontsize="small")
+    curves.set_title("val top-1 (%) per epoch: mean over seeds, band min-max")
+    cost.set_title("final val top-1 (%) against cost: mean +/- std")
+    curves.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small", frameon=False)
+    curves.xaxis.get_major_locator().set_params(integer=True)
+    return fig
+
+
+def save_png(fig: Figure, path) -> None:
+    fig.savefig(path, format="png", dpi=100)
