@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -35,14 +36,22 @@ def atomic_write(path: str | Path, write: Callable[[str], None], *, force: bool 
     gets the permissions a plain ``open`` would give (mkstemp's are 0600).
     """
     path = check_writable(path, force=force, inputs=inputs)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except OSError as e:
+        raise SeifyError(f"cannot write {path}: {e.strerror or first_line(e)}; nothing there was changed") from e
+    except RuntimeError as e:  # torch's and safetensors' writers report a full disk as RuntimeError
+        if "write" not in str(e).lower() and "pos" not in str(e).lower():
+            raise
+        raise SeifyError(f"cannot write {path}: {first_line(e)} (is the disk full?); nothing there was changed"
+                         ) from e
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     return path
 
@@ -53,11 +62,23 @@ def check_writable(path: str | Path, *, force: bool = False, inputs: tuple = ())
     for source in inputs:
         if source and Path(source).exists() and path.exists() and path.samefile(source):
             raise SeifyError(f"refusing to write over the input {source}; choose another output path")
+    if path.is_dir():
+        raise SeifyError(f"cannot write {path}: it is a folder; name a file")
     if path.exists() and not force:
         raise SeifyError(f"{path} already exists; pass {{force}} to replace it or choose another path", "force")
-    if not path.parent.exists():
-        raise SeifyError(f"cannot write {path}: the folder {path.parent} does not exist")
+    if not path.parent.is_dir():
+        raise SeifyError(f"cannot write {path}: {path.parent} is not an existing folder")
+    check_folder_writable(path.parent)
     return path
+
+
+def check_folder_writable(folder: Path) -> None:
+    """Create and remove a file there: the one test that also catches read-only and special file systems."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise SeifyError(f"cannot write in {folder}: {e.strerror or first_line(e)}") from e
 
 
 def save(model: nn.Module, path: str | Path, recipe: dict, *, force: bool = False, inputs: tuple = ()) -> Path:
@@ -85,9 +106,45 @@ def read_recipe(path: str | Path) -> dict | None:
     if RECIPE_KEY not in meta:
         return None
     try:
-        return json.loads(meta[RECIPE_KEY])
-    except json.JSONDecodeError as e:
-        raise SeifyError(f"{path} has a damaged seify recipe: {e}") from e
+        recipe = json.loads(meta[RECIPE_KEY])
+        _check_recipe(recipe)
+    except (json.JSONDecodeError, RecursionError, _Damaged) as e:
+        reason = "nested too deep" if isinstance(e, RecursionError) else str(e)
+        raise SeifyError(f"{path} has a damaged seify recipe ({reason}); convert the model again") from e
+    return recipe
+
+
+class _Damaged(ValueError):
+    pass
+
+
+MAX_PARENTS = 8  # conversions of conversions: more than a handful is a tampered file, not a workflow
+_MAX_CLASSES = 1_000_000
+
+
+def _check_recipe(recipe, depth: int = 0) -> None:
+    """The shape of a recipe, checked before anything is built from it."""
+    def need(ok: bool, what: str):
+        if not ok:
+            raise _Damaged(what)
+    need(isinstance(recipe, dict), f"expected a JSON object, found {type(recipe).__name__}")
+    need(depth <= MAX_PARENTS, f"more than {MAX_PARENTS} nested parents")
+    for key, kind in (("model", str), ("num_classes", int), ("input_size", list), ("data_config", dict),
+                      ("sites", list)):
+        need(isinstance(recipe.get(key), kind) and not isinstance(recipe.get(key), bool),
+             f"'{key}' missing or not a {kind.__name__}")
+    need(0 < recipe["num_classes"] <= _MAX_CLASSES, f"num_classes {recipe['num_classes']} out of range")
+    for size in (recipe["input_size"], recipe["data_config"].get("input_size")):
+        need(isinstance(size, list) and len(size) == 3 and all(isinstance(v, int) and 0 < v <= 4096 for v in size),
+             f"input size {size!r} is not three whole numbers up to 4096")
+    need(recipe.get("options") is None or isinstance(recipe["options"], dict), "'options' is not an object")
+    need(all(isinstance(site, dict) and isinstance(site.get("path"), str) for site in recipe["sites"]),
+         "'sites' holds entries without a path")
+    classes = recipe.get("classes")
+    need(classes is None or (isinstance(classes, list) and all(isinstance(c, str) for c in classes)
+                             and len(classes) == recipe["num_classes"]), "'classes' does not match num_classes")
+    if recipe.get("parent") is not None:
+        _check_recipe(recipe["parent"], depth + 1)
 
 
 def read_state_dict(path: str | Path) -> tuple[dict, str]:
@@ -103,11 +160,13 @@ def read_state_dict(path: str | Path) -> tuple[dict, str]:
         except SafetensorError as e:
             raise SeifyError(f"{path} is not a readable safetensors file: {e}") from e
     try:
-        checkpoint = torch.load(p, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols before it refuses; one line is enough
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise SeifyError(f"refusing to load {path}: it holds pickled code, not just tensors ("
-                         f"{first_line(e)[:120]}). Re-save it as a state_dict or safetensors "
-                         "from a trusted environment") from e
+        raise SeifyError(f"refusing to load {path}: it is not a checkpoint that loads without running pickled code "
+                         f"({_unpickling_reason(e)}); re-save it as a state_dict or safetensors from a trusted "
+                         "environment") from e
     except Exception as e:
         raise SeifyError(f"{path} is not a readable PyTorch checkpoint: {first_line(e)[:160]}") from e
     where = f"weights: {path}"
@@ -121,3 +180,11 @@ def read_state_dict(path: str | Path) -> tuple[dict, str]:
                          "'model' or 'state_dict_ema')")
     from timm.models import clean_state_dict
     return clean_state_dict(checkpoint), where
+
+
+def _unpickling_reason(e: Exception) -> str:
+    """The line of torch's weights-only refusal that says what it met, without its advice to load unsafely."""
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    reasons = [line for line in lines if not line.startswith(boilerplate)]
+    return reasons[0].rstrip(".") if reasons else "refused by torch's weights-only loader"

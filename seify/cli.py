@@ -386,8 +386,9 @@ def compare(model: Model, data: Data,
     """
     from .compare import compare as run, parse_arms
     config, _ = recipe
+    from .finetune.progress import SilentLog
     document = run(model, data, parse_arms(arms), dataclasses.replace(config, out=out), seeds=seeds,
-                   weights=weights, pretrained=pretrained, log=None if json_out else _run_log(),
+                   weights=weights, pretrained=pretrained, log=SilentLog if json_out else _run_log(),
                    say=(lambda text: None) if json_out else print)
     if "stopped_by" in document:
         raise typer.Exit({"SIGINT": 130, "SIGTERM": 143}[document["stopped_by"]])
@@ -401,11 +402,11 @@ def _print_arms(document: dict, out: str) -> None:
     def mean_std(stats: dict) -> str:
         return f"{stats['mean']:.2f}" + (f" +/- {stats['std']:.2f}" if stats["std"] is not None else "")
     rows = [[arm["name"], str(len(arm["runs"])), mean_std(arm["final_top1"]), mean_std(arm["best_top1"]),
-             f"{arm['params'] / 1e6:.2f}M", f"+{arm['added_params']:,}", _g(arm["macs"]),
+             f"{arm['params'] / 1e6:.2f}M (+{arm['added_params']:,})",
+             f"{arm['macs'] / 1e9:.4g} G (+{100 * arm['added_macs'] / arm['base_macs']:.2f}%)",
              f"{arm['images_per_sec']:.1f}" if arm["images_per_sec"] else ""] for arm in document["arms"]]
-    _table(f"{document['model']}: {', '.join(a['name'] for a in document['arms'])} over seeds "
-           f"{', '.join(map(str, document['seeds']))}",
-           ["arm", "runs", "final top-1", "best top-1", "params", "added", "MACs", "train img/s"], rows)
+    _table(f"{document['model']}: {document['metric']} over seeds {', '.join(map(str, document['seeds']))}",
+           ["arm", "runs", "final top-1", "best top-1", "params (added)", "MACs (added)", "train img/s"], rows)
     for verdict in document["verdicts"]:
         print(verdict["text"])
     print(f"wrote {out}/compare.json, compare.csv and compare.png")
@@ -442,8 +443,9 @@ def evaluate(model: Model, data: Annotated[str, typer.Argument(help="DATA/<class
 
 
 @app.command()
-def demo(out: Annotated[str, typer.Option(help="Folder for the demo's data and results.")] = "seify-demo",
-         epochs: Annotated[int, typer.Option()] = 8,
+def demo(out: Annotated[Optional[str], typer.Option(help="Folder for the demo's data and results (default: a new "
+                                                         "temporary folder).")] = None,
+         epochs: Annotated[int, typer.Option()] = 5,
          force: Annotated[bool, typer.Option("--force", help="Replace an earlier demo in --out.")] = False):
     """Draw a small image dataset, then convert, profile, fine-tune and evaluate a resnet18 on it (no downloads).
 

@@ -107,13 +107,16 @@ def _run_record(out: Path) -> dict | None:
     trained = [r for r in rows if r["epoch"] > 0]
     if not trained:
         return None
-    seconds = sum(r["seconds"] for r in trained)
-    images = sum(r["images_per_sec"] * r["seconds"] for r in trained)
+    # Step time is compared where every layer trains: a warm-up with a frozen backbone is cheaper per step.
+    full = [r for r in trained if r["phase"] == "full"] or trained
+    full_seconds = sum(r["seconds"] for r in full)
     start = next((r["val_top1"] for r in rows if r["epoch"] == 0), None)
-    return {"seed": state["config"]["seed"], "folder": str(out), "epochs": [r["epoch"] for r in trained],
-            "val_top1": [r["val_top1"] for r in trained], "best_top1": max(r["val_top1"] for r in trained),
-            "final_top1": trained[-1]["val_top1"], "start_top1": start, "seconds": seconds,
-            "images_per_sec": images / seconds if seconds else None,
+    return {"seed": state["config"]["seed"], "folder": str(out), "epochs": [r["epoch"] for r in rows],
+            "val_top1": [r["val_top1"] for r in rows], "best_top1": max(r["val_top1"] for r in trained),
+            "final_top1": trained[-1]["val_top1"], "start_top1": start,
+            "seconds": sum(r["seconds"] for r in trained),
+            "images_per_sec": sum(r["images_per_sec"] * r["seconds"] for r in full) / full_seconds
+            if full_seconds else None,
             "complete": state["progress"]["epoch"] >= state["config"]["epochs"]}
 
 
@@ -141,13 +144,12 @@ def summarize(root: Path, arms: list[Arm], seeds: list[int], spec: str) -> dict:
         runs = [r for r in (_run_record(root / arm.folder / f"seed-{s}") for s in seeds) if r is not None]
         if not runs:
             raise SeifyError(f"no finished epoch for arm {arm.name} in {root}; run the comparison first")
-        total_seconds = sum(r["seconds"] for r in runs)
-        total_images = sum((r["images_per_sec"] or 0) * r["seconds"] for r in runs)
+        rates = [r["images_per_sec"] for r in runs if r["images_per_sec"]]
         summary.append({"name": arm.name, "folder": arm.folder,
                         "options": arm.options.to_dict() if arm.options else None, "runs": runs,
                         "final_top1": _stats([r["final_top1"] for r in runs]),
                         "best_top1": _stats([r["best_top1"] for r in runs]),
-                        "images_per_sec": total_images / total_seconds if total_seconds else None,
+                        "images_per_sec": statistics.median(rates) if rates else None,
                         **_arm_cost(runs)})
     reference = next((a for a in summary if a["options"] is None), summary[0])
     verdicts = [_verdict(arm, reference) for arm in summary if arm is not reference]

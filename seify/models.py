@@ -107,7 +107,11 @@ def _from_file(path: str, meta: bool) -> LoadedModel:
 def from_recipe(recipe: dict) -> tuple[nn.Module, Conversion | None]:
     """(base model, its Conversion or None for a plain file) that a recipe describes, with fresh weights."""
     parent = recipe.get("parent")
-    base = model_of(parent) if parent else build(recipe["model"], False, recipe["num_classes"])
+    if parent:
+        base = model_of(parent)
+    else:
+        check_known(recipe["model"])
+        base = build(recipe["model"], False, recipe["num_classes"], offline=True)
     if recipe.get("options") is None:
         return base, None
     conversion = convert(base, SEOptions.from_dict(recipe["options"]), tuple(recipe["input_size"]))
@@ -150,18 +154,25 @@ def check_known(spec: str) -> None:
         raise SeifyError(f"unknown model '{spec}'{hint}")
 
 
-def build(spec: str, pretrained: bool, num_classes: int | None) -> nn.Module:
-    """The architecture ``spec`` names (a timm or torchvision name), with fresh or pretrained weights."""
+def build(spec: str, pretrained: bool, num_classes: int | None, offline: bool = False) -> nn.Module:
+    """The architecture ``spec`` names (a timm or torchvision name), with fresh or pretrained weights.
+
+    ``offline``: never reach the network (rebuilding a file: an ``hf-hub:`` config must be in the local cache).
+    """
     try:
         if spec.startswith(TORCHVISION):
             return _build_torchvision(spec[len(TORCHVISION):], pretrained, num_classes)
         import timm
         kwargs = {} if num_classes is None else {"num_classes": num_classes}
-        with _hub_offline_unless_reachable(pretrained):
+        with _hub_offline_unless_reachable(pretrained, offline):
             return timm.create_model(spec, pretrained=pretrained, **kwargs)
     except SeifyError:
         raise
     except Exception as e:
+        if offline and spec.startswith("hf-hub:"):
+            raise SeifyError(f"{spec}: its configuration is not in the local Hugging Face cache, and seify does not "
+                             "go to the network to rebuild a file; convert it again where the hub is reachable"
+                             ) from e
         if not pretrained:
             raise
         reason = first_line(e).split(". ")[0]
@@ -170,11 +181,13 @@ def build(spec: str, pretrained: bool, num_classes: int | None) -> nn.Module:
 
 
 @contextlib.contextmanager
-def _hub_offline_unless_reachable(pretrained: bool):
+def _hub_offline_unless_reachable(pretrained: bool, force_offline: bool = False):
     """Without a network, let the Hugging Face hub use its cache at once instead of retrying for a minute."""
     import huggingface_hub.constants as hub
     offline = hub.HF_HUB_OFFLINE
-    if pretrained and not offline:
+    if force_offline:
+        hub.HF_HUB_OFFLINE = True
+    elif pretrained and not offline:
         host = urllib.parse.urlparse(hub.ENDPOINT).hostname
         try:
             socket.create_connection((host, 443), timeout=3).close()

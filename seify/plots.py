@@ -52,18 +52,21 @@ def training_curves(rows: list[dict], resumes: list[float], title: str) -> Figur
     lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
     for ax in (loss, accuracy, lr):
         _mark_events(ax, rows, resumes)
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small", frameon=False)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small", frameon=False)
         ax.xaxis.get_major_locator().set_params(integer=True)
     fig.suptitle(title)
     return fig
 
 
-def comparison(arms: list[dict], cost_key: str = "macs", cost_label: str = "multiply-adds (G)",
-               cost_scale: float = 1e-9) -> Figure:
-    """Left: val top-1 per epoch, mean over seeds with a min-max band, per arm. Right: final top-1 against cost."""
+def comparison(arms: list[dict]) -> Figure:
+    """Left: val top-1 per epoch (0: before fine-tuning), mean over seeds with a min-max band, per arm.
+    Right: final top-1 against multiply-adds per image."""
     fig = Figure(figsize=(13, 4.6), layout="constrained")
     curves, cost = _axes(fig, 2)
-    cost.set_xlabel(cost_label)
+    giga = max(arm["macs"] for arm in arms) >= 1e9
+    cost_key, cost_scale = "macs", 1e-9 if giga else 1e-6
+    cost.set_xlabel(f"multiply-adds per image ({'G' if giga else 'M'})")
     for i, arm in enumerate(arms):
         colour = f"C{i}"
         per_epoch: dict[int, list[float]] = {}

@@ -89,6 +89,14 @@ def r18(tmp_path_factory):
     return str(seify.save(result, folder / "r18-se.safetensors"))
 
 
+@pytest.fixture(scope="session")
+def trained4(tmp_path_factory):
+    """A plain 4-class resnet18 checkpoint, as a user who trained one on the same classes has it."""
+    import timm
+    return save_weights(realistic(timm.create_model("resnet18", num_classes=4)),
+                        tmp_path_factory.mktemp("t4") / "r18-4.safetensors")
+
+
 def config(out, **kw):
     """A fine-tuning config small enough for the test suite."""
     from seify.finetune.config import FinetuneConfig

@@ -26,7 +26,8 @@ class FinetuneConfig:
     weight_decay: float = option(0.05, "Weight decay (decoupled, as AdamW's).")
     optimizer: str = option("adamw", "adamw or sgd.")
     momentum: float = option(0.9, "SGD momentum (Nesterov).")
-    warmup_epochs: float = option(1.0, "Linear learning-rate warm-up, then cosine.")
+    warmup_epochs: float | None = option(None, "Linear learning-rate warm-up, then cosine (default: a tenth of "
+                                               "the epochs, at most 1).")
     se_warmup_epochs: int = option(1, "First train only what is new (SE blocks, a new head), the rest and its "
                                       "BatchNorm statistics frozen.")
     label_smoothing: float = option(0.1, "Label smoothing of the cross-entropy loss.")
@@ -72,7 +73,8 @@ class FinetuneConfig:
         _number(self.backbone_lr_scale, "backbone_lr_scale", 0, 100)
         _number(self.weight_decay, "weight_decay", 0, 10)
         _number(self.momentum, "momentum", 0, 1)
-        _number(self.warmup_epochs, "warmup_epochs", 0, 100_000)
+        if self.warmup_epochs is not None:
+            _number(self.warmup_epochs, "warmup_epochs", 0, 100_000)
         _number(self.label_smoothing, "label_smoothing", 0, 1, high_open=True)
         if self.clip_grad is not None:
             _number(self.clip_grad, "clip_grad", 0, 1e6)
@@ -90,6 +92,10 @@ class FinetuneConfig:
         if self.resume and self.force:
             raise SeifyError("pass {resume} to continue the run or {force} to start over, not both",
                              "resume", "force")
+
+    @property
+    def lr_warmup_epochs(self) -> float:
+        return self.warmup_epochs if self.warmup_epochs is not None else min(1.0, self.epochs / 10)
 
     def to_dict(self) -> dict:
         return asdict(self)

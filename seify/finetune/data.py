@@ -1,15 +1,17 @@
 """Image-folder data: DATA/train/<class>/* and DATA/val/<class>/*, or one tree split by --val-split."""
 from __future__ import annotations
 
+import functools
 import os
 import random
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import SeifyError
+from ..errors import SeifyError, first_line
 from .config import AUGMENTATIONS
 from .rng import seed_worker
 
@@ -29,13 +31,28 @@ def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
+MAX_PIXELS = 64 * 1024 * 1024  # larger images are refused: a header can claim 30000x30000 to exhaust memory
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+                  Image.DecompressionBombWarning)
+
+
+def _open(path: str | Path) -> Image.Image:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        img = Image.open(path)
+    if img.width * img.height > MAX_PIXELS:
+        img.close()
+        raise ValueError(f"{img.width}x{img.height} pixels is more than seify decodes ({MAX_PIXELS:,})")
+    return img
+
+
 def _readable(path: Path) -> bool:
     """Opening reads only the header: cheap enough to check every file before training starts."""
     try:
-        with Image.open(path) as img:
+        with _open(path) as img:
             img.verify()
         return True
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+    except _DECODE_ERRORS:
         return False
 
 
@@ -119,9 +136,31 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int):
+        """(image, label), or (None, (path, reason)) for a file that passed the header check but cannot be
+        decoded (a truncated JPEG, a PNG with a damaged stream): one bad file must not end a run."""
         path, label = self.items[i]
-        with Image.open(path) as img:
-            return self.transform(img.convert("RGB")), label
+        try:
+            with _open(path) as img:
+                rgb = img.convert("RGB")
+        except _DECODE_ERRORS as e:
+            return None, (path, first_line(e))
+        return self.transform(rgb), label
+
+
+def collate(batch: list, fill: bool):
+    """(images, labels, failures). In training (``fill``) an undecodable image is replaced by a good one of the
+    same batch, so every process of a distributed run takes a step of the same size; evaluation drops it."""
+    failures = [item[1] for item in batch if item[0] is None]
+    good = [item for item in batch if item[0] is not None]
+    if not good:
+        if fill:
+            raise SeifyError(f"no image of a batch of {len(batch)} could be decoded (first: {failures[0][0]}: "
+                             f"{failures[0][1]}); check the data folder")
+        return None, None, failures
+    if fill:
+        good += [good[k % len(good)] for k in range(len(failures))]
+    images, labels = torch.utils.data.default_collate(good)
+    return images, labels, failures
 
 
 SMALL_IMAGE = 160  # below this many pixels a side, ImageNet's crops cut away most of what there is to see
@@ -141,8 +180,10 @@ class Augmentation:
             raise SeifyError(f"{{aug}} must be one of {', '.join(AUGMENTATIONS)}, not {preset!r}", "aug")
         if preset == "auto":
             preset = "imagenet" if img_size >= SMALL_IMAGE else "light"
-        default_scale = {"none": (1.0, 1.0), "light": (0.5, 1.0), "imagenet": (0.08, 1.0)}[preset]
-        default_flip = 0.0 if preset == "none" else 0.5
+        # Small images hold little beyond their object: a crop must keep most of it, and flips (a prior of natural
+        # photographs) turn digits, letters and symbols into other things, so light leaves them to --hflip.
+        default_scale = {"none": (1.0, 1.0), "light": (0.8, 1.0), "imagenet": (0.08, 1.0)}[preset]
+        default_flip = 0.5 if preset == "imagenet" else 0.0
         return cls(preset, tuple(crop_scale or default_scale), default_flip if hflip is None else hflip)
 
     def describe(self) -> str:
@@ -150,8 +191,9 @@ class Augmentation:
             return "none (resize and centre crop, as for validation)" + \
                 (f", horizontal flip p={self.hflip:g}" if self.hflip else "")
         jitter = ", colour jitter 0.4" if self.preset == "imagenet" else ""
+        flip = f"horizontal flip p={self.hflip:g}" if self.hflip else "no flips (--hflip 0.5 for photographs)"
         return (f"{self.preset} (random-resized-crop of {self.crop_scale[0]:g}-{self.crop_scale[1]:g} of the area, "
-                f"horizontal flip p={self.hflip:g}{jitter})")
+                f"{flip}{jitter})")
 
 
 def transforms(data_config: dict, img_size: int | None, augmentation: Augmentation | None = None):
@@ -203,12 +245,14 @@ class EpochSampler(torch.utils.data.Sampler):
         return len(self._indices()) - self.start
 
 
-def loader(dataset, batch_size: int, sampler: EpochSampler, workers: int, pin: bool, drop_last: bool):
-    """A loader for the sampler's current epoch; its augmentation seed depends on (seed, epoch) only."""
+def loader(dataset, batch_size: int, sampler: EpochSampler, workers: int, pin: bool, training: bool):
+    """Batches of (images, labels, failures) for the sampler's current epoch; the augmentation's random draws
+    depend on (seed, epoch) only. Training drops the last incomplete batch."""
     seed = sampler.seed * 100_003 + sampler.epoch
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin, drop_last=drop_last,
-        generator=torch.Generator().manual_seed(seed), worker_init_fn=seed_worker if workers else None)
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin, drop_last=training,
+        collate_fn=functools.partial(collate, fill=training), generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=seed_worker if workers else None)
 
 
 def usable_cores() -> int:

@@ -19,8 +19,12 @@ def evaluate(model: nn.Module, batches, device: torch.device, num_classes: int, 
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     loss_sum = top5 = 0.0
+    failures = []
     with torch.inference_mode():
-        for images, labels in batches:
+        for images, labels, failed in batches:
+            failures += failed
+            if images is None:
+                continue
             images = images.to(device, non_blocking=True)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -41,7 +45,7 @@ def evaluate(model: nn.Module, batches, device: torch.device, num_classes: int, 
     per_class = (confusion.diag().double() / confusion.sum(dim=1).clamp(min=1)).tolist()
     return {"images": n, "loss": loss_sum / max(n, 1), "top1": 100.0 * int(confusion.diag().sum()) / max(n, 1),
             "top5": 100.0 * top5 / max(n, 1), "per_class": [100.0 * a for a in per_class],
-            "confusion": confusion.tolist()}
+            "confusion": confusion.tolist(), "undecodable": [list(f) for f in failures]}
 
 
 def evaluate_folder(model_spec: str, data: str, batch_size: int = 64, img_size: int | None = None,
@@ -84,7 +88,7 @@ def evaluate_folder(model_spec: str, data: str, batch_size: int = 64, img_size: 
     dataset = ImageDataset(items, transforms(loaded.data_config, img_size))
     sampler = EpochSampler(len(dataset), shuffle=False)
     batches = loader(dataset, batch_size, sampler, default_workers(dev) if workers is None else workers,
-                     dev.type == "cuda", drop_last=False)
+                     dev.type == "cuda", training=False)
     result = evaluate(loaded.model.to(dev), batches, dev, len(classes))
     size = img_size or loaded.data_config["input_size"][-1]
     return {"model": model_spec, "weights": weights, "data": str(root), "img_size": size, "classes": list(classes),

@@ -286,7 +286,7 @@ class Trainer:
         return self.prepared.recipe
 
     @property
-    def warmup_epochs(self) -> int:
+    def frozen_epochs(self) -> int:
         """Epochs that train only what is new: none when nothing is, or when everything is (random weights)."""
         fresh = self.prepared.fresh
         return self.config.se_warmup_epochs if fresh and fresh != self._all_params(self.model) else 0
@@ -311,7 +311,7 @@ class Trainer:
                                      use_buffers=True)
 
     def _schedule(self, epochs: int):
-        warmup = round(self.config.warmup_epochs * self.steps_per_epoch)
+        warmup = round(self.config.lr_warmup_epochs * self.steps_per_epoch)
         return torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(epochs * self.steps_per_epoch, warmup))
 
     def _lrs(self) -> dict[str, float]:
@@ -344,6 +344,8 @@ class Trainer:
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
         rng.restore(state["rng"], self.device)
+        if self.dist.main:  # a kill between a commit and the refresh of the files users open left them behind
+            self._publish(saved["folder"])
         planned = state["config"]["epochs"]
         if self.config.epochs != planned:
             self._replan(planned)
@@ -383,11 +385,13 @@ class Trainer:
             "val_images": len(self.val_set), "skipped_files": len(self.skipped), "img_size": self.img_size,
             "augmentation": dataclasses.asdict(self.augmentation), "device": str(self.device),
             "world_size": self.dist.world, "threads": self.threads, "workers": self.workers,
-            "warmup_epochs": self.warmup_epochs, "new_parameters": len(self.prepared.fresh),
+            "frozen_epochs": self.frozen_epochs, "lr_warmup_epochs": self.config.lr_warmup_epochs,
+            "new_parameters": len(self.prepared.fresh),
             "parameters": len(self._all_params(self.model)), "notes": self.prepared.notes,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
-    def _commit(self, best_changed: bool) -> None:
+    def _commit(self, best_changed: bool, epoch_end: bool = False) -> None:
+        """Commit a checkpoint (rank 0); at the end of an epoch also redraw the metrics table and curves."""
         if not self.dist.main:
             return
         best = None
@@ -395,8 +399,12 @@ class Trainer:
             model = self.ema.module if self.ema is not None else self.model
             best = (model, {**self.recipe, "top1": self.progress.best_top1, "epoch": self.progress.best_epoch})
         folder = self.folder.commit(self.model, self.recipe, best, self._state(), self.progress.history)
+        self._publish(folder, views=epoch_end)
+
+    def _publish(self, folder: Path, views: bool = True) -> None:
         self.folder.publish(folder)
-        artifacts.write_views(self.out, self.progress.history, self.progress.resumes, self.out.name)
+        if views:
+            artifacts.write_views(self.out, self.progress.history, self.progress.resumes, self.out.name)
 
     # ------------------------------------------------------------ training
 
@@ -478,7 +486,7 @@ class Trainer:
         net, phase = None, None
         for epoch in range(p.epoch, config.epochs):
             p.epoch = epoch
-            warming = epoch < self.warmup_epochs
+            warming = epoch < self.frozen_epochs
             if warming != phase:
                 phase = warming
                 _freeze(self.model, self.prepared.fresh if warming else None)
@@ -486,11 +494,13 @@ class Trainer:
             _set_train_mode(self.model)
             self.train_sampler.set_epoch(epoch, p.batch_in_epoch * config.batch_size)
             batches = data.loader(self.train_set, config.batch_size, self.train_sampler, self.workers, self.pin,
-                                  drop_last=True)
+                                  training=True)
+            failures = []
             start, seen = time.perf_counter(), 0
             self.log.epoch_start(epoch, config.epochs, self.steps_per_epoch, p.batch_in_epoch,
                                  "new parts only (the rest frozen)" if warming else "all layers")
-            for images, labels in batches:
+            for images, labels, failed in batches:
+                failures += self._undecodable(failed)
                 images, labels = self._batch(images, labels)
                 loss_sum, correct, stopping = self._train_step(net, images, labels, stop)
                 p.partial = [p.partial[0] + loss_sum, p.partial[1] + correct, p.partial[2] + len(labels)]
@@ -504,7 +514,7 @@ class Trainer:
                     return self._interrupted(stop)
                 if config.save_every and p.step % config.save_every == 0:
                     self._commit(best_changed=False)
-            self._end_epoch("warmup" if warming else "full", seen, time.perf_counter() - start)
+            self._end_epoch("warmup" if warming else "full", seen, time.perf_counter() - start, failures)
         self.log.done()
         return self._result()
 
@@ -518,28 +528,45 @@ class Trainer:
     def _validate(self) -> dict:
         self.val_sampler.set_epoch(0)
         batches = data.loader(self.val_set, self.config.batch_size, self.val_sampler, self.workers, self.pin,
-                              drop_last=False)
+                              training=False)
         judged = self.ema.module if self.ema is not None else self.model
         return evaluate(judged, batches, self.device, len(self.classes), self.autocast, self.dist,
                         self.channels_last)
 
-    def _end_epoch(self, phase: str, seen: int, seconds: float) -> None:
+    def _undecodable(self, failed: list) -> list:
+        if failed and self.config.strict_data:
+            path, reason = failed[0]
+            raise SeifyError(f"{path} cannot be decoded ({reason}); remove it, or drop {{strict_data}} to skip such "
+                             "files", "strict_data")
+        return failed
+
+    def _end_epoch(self, phase: str, seen: int, seconds: float, failures: list) -> None:
         p = self.progress
         metrics = self._validate()
+        failures = self._undecodable([tuple(f) for f in metrics["undecodable"]]) + failures
+        if failures:
+            path, reason = failures[0]
+            self.log.line(f"skipped {len(failures)} image(s) that could not be decoded this epoch (first: {path}: "
+                          f"{reason})")
+        if not math.isfinite(metrics["loss"]):
+            raise SeifyError(f"the validation loss became {metrics['loss']} after epoch {p.epoch + 1}; stopped "
+                             f"without saving. {self._last_good()}; lower {{lr}} or use {{precision}} fp32",
+                             "lr", "precision")
         loss_sum, correct, images = self.dist.all_sum(p.partial, self.device)
         lrs = self._lrs()
         row = {"epoch": p.epoch + 1, "phase": phase, "step": p.step,
                "train_loss": loss_sum / max(images, 1), "train_top1": 100 * correct / max(images, 1),
                "val_loss": metrics["loss"], "val_top1": metrics["top1"], "val_top5": metrics["top5"],
                "lr": lrs.get("new", lrs.get("trained")), "lr_backbone": lrs.get("trained", lrs.get("new")),
-               "images_per_sec": seen * self.dist.world / max(seconds, 1e-9), "seconds": seconds}
+               "images_per_sec": seen * self.dist.world / max(seconds, 1e-9), "seconds": seconds,
+               "undecodable": len(failures)}
         p.history.append(row)
         p.epoch += 1
         p.batch_in_epoch, p.partial = 0, [0.0, 0.0, 0.0]
         improved = metrics["top1"] > p.best_top1
         if improved:
             p.best_top1, p.best_epoch = metrics["top1"], p.epoch
-        self._commit(best_changed=improved)
+        self._commit(best_changed=improved, epoch_end=True)
         self.log.epoch_end(row)
 
     def _interrupted(self, stop: _Stop) -> RunResult:
@@ -572,8 +599,8 @@ class Trainer:
         if not fresh:
             return f"plan: nothing new to warm up; everything trains at lr {c.lr * c.backbone_lr_scale:g}"
         count = sum(p.numel() for n, p in self.model.named_parameters() if n in fresh)
-        warm = f"{self.warmup_epochs} epoch(s) train only the new parts ({count:,} parameters), then " \
-            if self.warmup_epochs else ""
+        warm = f"{self.frozen_epochs} epoch(s) train only the new parts ({count:,} parameters), then " \
+            if self.frozen_epochs else ""
         return (f"plan: {warm}everything trains, the new parts at lr {c.lr:g} and the trained ones at "
                 f"{c.lr * c.backbone_lr_scale:g}")
 

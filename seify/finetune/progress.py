@@ -29,6 +29,13 @@ class PlainLog:
         pass
 
 
+class SilentLog(PlainLog):
+    """Nothing at all: for ``--json``, where stdout holds one document."""
+
+    def __init__(self, enabled: bool, every: int = 0):
+        super().__init__(False, every)
+
+
 class RichLog(PlainLog):
     """Progress bars for epochs and steps with loss, accuracy, learning rate, images/s and time left."""
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import atomic_write, save
-from ..errors import SeifyError
+from ..checkpoint import atomic_write, check_folder_writable, save
+from ..errors import SeifyError, first_line
 
 POINTER = "checkpoint.json"
 CHECKPOINTS = "checkpoints"
@@ -80,6 +80,10 @@ class RunFolder:
     @contextlib.contextmanager
     def locked(self):
         """An exclusive lock on the folder while this process writes it; the OS drops it when the process dies."""
+        if self.out.exists() and not self.out.is_dir():
+            raise SeifyError(f"{{out}} {self.out} is a file; name a folder for the run", "out")
+        existing = next(p for p in (self.out, *self.out.parents) if p.exists())
+        check_folder_writable(existing)
         self.out.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -142,10 +146,16 @@ class RunFolder:
             os.replace(tmp, folder)
             record = {"checkpoint": folder.name, "step": state["progress"]["step"]}
             atomic_write(self.pointer, lambda t: Path(t).write_text(json.dumps(record) + "\n"), force=True)
-        except OSError as e:
+        except SeifyError as e:  # from atomic_write: it names the file and the reason
             shutil.rmtree(tmp, ignore_errors=True)
-            raise SeifyError(f"cannot write the checkpoint in {self.out}: {e.strerror or e} "
-                             f"({e.filename or self.out}); the previous checkpoint is kept") from e
+            raise SeifyError(f"{first_line(e)}; the previous checkpoint in {self.out} is kept") from e
+        except (OSError, RuntimeError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, RuntimeError) and "write" not in str(e).lower() and "pos" not in str(e).lower():
+                raise
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+            raise SeifyError(f"cannot write a checkpoint in {self.out}: {reason}; the previous checkpoint is "
+                             "kept") from e
         if previous is not None:
             shutil.rmtree(previous, ignore_errors=True)
         return folder

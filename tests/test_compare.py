@@ -1,0 +1,94 @@
+"""seify compare: arms parsed as written, paired verdicts, files on disk, and a comparison that survives a kill."""
+import csv
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import pytest
+from PIL import Image
+
+from seify.compare import Arm, _verdict, parse_arms
+from seify.errors import SeifyError
+from seify.options import SEOptions
+
+from conftest import rows_of
+
+
+def test_arms_are_parsed_as_written():
+    arms = parse_arms("plain,se,se:reduction=8,se:stages=4,5,se:variant=pre:squeeze=max")
+    assert [a.name for a in arms] == ["plain", "se", "se:reduction=8", "se:stages=4,5", "se:variant=pre:squeeze=max"]
+    assert arms[0].options is None and arms[1].options == SEOptions()
+    assert arms[2].options.reduction == 8 and arms[3].options.stages == (4, 5)
+    assert (arms[4].options.variant, arms[4].options.squeeze) == ("pre", "max")
+    assert len({a.folder for a in arms}) == 5 and all("/" not in a.folder and ":" not in a.folder for a in arms)
+    for bad, message in (("plain", "at least two arms"), ("se,se", "names an arm twice"), ("plain,vgg", "not an arm"),
+                         ("plain,se:ratio=8", "not an SE option"), ("plain,se:reduction=x", "reduction must be")):
+        with pytest.raises(SeifyError, match=message):
+            parse_arms(bad)
+
+
+def _arm(name, finals, rate):
+    return {"name": name, "images_per_sec": rate,
+            "runs": [{"seed": s, "final_top1": f, "complete": True} for s, f in enumerate(finals)]}
+
+
+def test_verdict_pairs_seeds():
+    se, plain = _arm("se", [91.0, 92.5, 90.0], 80.0), _arm("plain", [90.0, 92.0, 90.5], 100.0)
+    v = _verdict(se, plain)
+    diffs = [1.0, 0.5, -0.5]
+    assert v["differences"] == diffs and v["better_in"] == 2
+    assert v["mean_difference"] == pytest.approx(statistics.fmean(diffs))
+    assert v["std_difference"] == pytest.approx(statistics.stdev(diffs))
+    assert v["step_time_ratio"] == pytest.approx(1.25)
+    assert v["text"] == "se: +0.3 +/- 0.8 points over plain, better in 2 of 3 seeds, 1.25x step time"
+    unfinished = _arm("se", [91.0], 80.0)
+    unfinished["runs"][0]["complete"] = False
+    assert "no seed finished in both" in _verdict(unfinished, plain)["text"]
+
+
+@pytest.mark.slow
+def test_compare_writes_its_files_and_resumes_after_a_kill(tmp_path, tiny, trained4):
+    out = tmp_path / "cmp"
+    args = [sys.executable, "-m", "seify", "compare", "resnet18", str(tiny), "--weights", trained4, "--arms",
+            "plain,se", "--seeds", "2", "--epochs", "2", "--batch-size", "8", "--img-size", "32", "--workers", "0",
+            "--threads", "1", "--log-every", "0", "--out", str(out)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    second = out / "se" / "seed-0" / "checkpoint.json"  # seed 0 runs plain, then se
+    deadline = time.time() + 300
+    while not second.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert second.exists() and not (out / "compare.json").exists()
+    finished = (out / "plain" / "seed-0" / "checkpoint.json").read_text()
+    run = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert f"the run in {out / 'plain' / 'seed-0'} is complete" in run.stdout  # skipped, not trained again
+    assert (out / "plain" / "seed-0" / "checkpoint.json").read_text() == finished
+    assert f"resuming {out / 'se' / 'seed-0'}" in run.stdout
+    assert "se: " in run.stdout and "points over plain" in run.stdout and "x step time" in run.stdout
+    document = json.loads((out / "compare.json").read_text())
+    assert [a["name"] for a in document["arms"]] == ["plain", "se"]
+    for arm in document["arms"]:
+        assert [r["seed"] for r in arm["runs"]] == [0, 1] and all(r["complete"] for r in arm["runs"])
+        for r in arm["runs"]:  # every figure read back from the run folder itself
+            rows = rows_of(out / arm["folder"] / f"seed-{r['seed']}")
+            assert [x["epoch"] for x in rows] == [1, 2]
+            assert r["final_top1"] == rows[-1]["val_top1"] and r["best_top1"] == max(x["val_top1"] for x in rows)
+        assert arm["final_top1"]["mean"] == pytest.approx(statistics.fmean(r["final_top1"] for r in arm["runs"]))
+    plain, se = document["arms"]
+    assert se["added_params"] == 90_112 and plain["added_params"] == 0
+    assert se["base_params"] == plain["params"] == 11_178_564
+    verdict = document["verdicts"][0]
+    assert verdict["differences"] == [s["final_top1"] - p["final_top1"] for s, p in zip(se["runs"], plain["runs"])]
+    table = list(csv.DictReader((out / "compare.csv").open()))
+    assert [(r["arm"], r["seed"]) for r in table] == [("plain", "0"), ("plain", "1"), ("se", "0"), ("se", "1")]
+    assert Image.open(out / "compare.png").size[0] > 1000
+    again = subprocess.run(args + ["--json"], capture_output=True, text=True, timeout=600)
+    assert json.loads(again.stdout)["verdicts"] == document["verdicts"]
+
+
+def test_arm_folders_do_not_collide():
+    assert Arm("se:stages=4,5", SEOptions(stages=(4, 5))).folder == "se_stages=4-5"
