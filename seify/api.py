@@ -9,9 +9,9 @@ from torch import nn
 
 from . import checkpoint
 from .errors import SeifyError
-from .models import LoadedModel, data_config, resolve
+from .models import LoadedModel, data_config, has_frozen_batchnorm, resolve
 from .options import SEOptions
-from .surgery import Conversion, convert as convert_model, find_sites, split_sites
+from .surgery import Conversion, convert as convert_model
 
 PRESERVATION_TOLERANCE = 1e-5  # max abs diff relative to the output's magnitude, fp32
 
@@ -22,11 +22,12 @@ class Converted:
     source: LoadedModel
     options: SEOptions
     input_size: tuple[int, int, int]
-    conversion: Conversion | None
+    conversion: Conversion
     sites: list
     skipped: list
     placement: str
     input_size_given: bool = False
+    dry_run: bool = False
     max_abs_diff: float | None = None
     output_scale: float | None = None
     output: str | None = None
@@ -38,8 +39,6 @@ class Converted:
 
     @property
     def model(self) -> nn.Module:
-        if self.conversion is None:
-            raise SeifyError("a dry run has no model")
         return self.conversion.model
 
     @property
@@ -55,6 +54,7 @@ class Converted:
         return checkpoint.make_recipe(
             parent["model"] if parent else src.spec, src.num_classes, self.options.to_dict(), self.input_size,
             config, [s.to_dict() for s in self.sites], parent=parent, weights=src.weights,
+            frozen_batchnorm=has_frozen_batchnorm(src.model),
             **{k: parent[k] for k in ("classes", "finetune") if parent and k in parent})
 
     def report(self) -> dict:
@@ -77,7 +77,8 @@ def convert(model: str, options: SEOptions = SEOptions(), *, weights: str | None
     """Load ``model`` (any spec seify takes) and insert SE blocks; with ``dry_run``, only find the sites.
 
     Raises SeifyError on bad input, and if, with the default identity initialisation, the result's outputs
-    differ from the original's by more than ``PRESERVATION_TOLERANCE`` of their magnitude.
+    differ from the original's by more than ``PRESERVATION_TOLERANCE`` of their magnitude (a dry run builds and
+    checks the model too, but ``save`` refuses it).
     """
     source = resolve(model, pretrained=pretrained, weights=weights, num_classes=num_classes)
     return convert_loaded(source, options, input_size=input_size, dry_run=dry_run)
@@ -87,14 +88,15 @@ def convert_loaded(source: LoadedModel, options: SEOptions = SEOptions(), *,
                    input_size: tuple[int, int, int] | None = None, dry_run: bool = False) -> Converted:
     """``convert`` for a model already resolved (``seify.resolve``)."""
     size = tuple(input_size or source.data_config["input_size"])
-    if dry_run:
-        _, placement, sites = find_sites(source.model, options, size)
-        chosen, skipped = split_sites(source.model, placement, sites, options)
-        return Converted(source, options, size, None, chosen, skipped, placement, input_size is not None)
-    conversion = convert_model(source.model, options, size)
+    conversion = convert_model(source.model, options, size)  # a dry run builds and checks it too
     result = Converted(source, options, size, conversion, conversion.sites, conversion.skipped,
-                       conversion.placement, input_size is not None)
+                       conversion.placement, input_size is not None, dry_run)
     result.max_abs_diff, result.output_scale = output_difference(source.model, conversion.model, size)
+    if conversion.scope:  # a detector's boxes depend on thresholds: compare the converted backbone's maps too
+        part = output_difference(source.model.get_submodule(conversion.scope),
+                                 conversion.model.get_submodule(conversion.scope), size)
+        result.max_abs_diff, result.output_scale = max(result.max_abs_diff, part[0]), max(result.output_scale,
+                                                                                          part[1])
     if options.init == "identity" and result.max_abs_diff > PRESERVATION_TOLERANCE * result.output_scale:
         raise SeifyError(f"converting {source.spec} did not keep its function: outputs differ by "
                          f"{result.max_abs_diff:.3g} (up to {result.output_scale:.3g}); seify cannot convert this "
@@ -103,11 +105,26 @@ def convert_loaded(source: LoadedModel, options: SEOptions = SEOptions(), *,
 
 
 def output_difference(a: nn.Module, b: nn.Module, input_size, batch: int = 2, seed: int = 0):
-    """(max |a(x) - b(x)|, max |a(x)|) in eval mode on a fixed random probe x."""
+    """(max |a(x) - b(x)|, max |a(x)|) in eval mode on a fixed random probe x, over every tensor the models
+    return (a detector's boxes, scores and labels; a backbone's feature maps); inf where their shapes differ."""
     x = torch.randn((batch, *input_size), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        ya, yb = a.eval()(x), b.eval()(x)
-    return (ya - yb).abs().max().item(), ya.abs().max().item()
+        ya, yb = _tensors(a.eval()(x)), _tensors(b.eval()(x))
+    if [t.shape for t in ya] != [t.shape for t in yb]:
+        return float("inf"), max((t.abs().max().item() for t in ya if t.numel()), default=0.0)
+    pairs = [(p.float(), q.float()) for p, q in zip(ya, yb) if p.numel()]
+    return (max(((p - q).abs().max().item() for p, q in pairs), default=0.0),
+            max((p.abs().max().item() for p, _ in pairs), default=0.0))
+
+
+def _tensors(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for key in sorted(out, key=str) for t in _tensors(out[key])]
+    if isinstance(out, (list, tuple)):
+        return [t for item in out for t in _tensors(item)]
+    return []
 
 
 def save(result: Converted | Conversion, path: str | Path, *, model: str | None = None, force: bool = False,
@@ -120,7 +137,7 @@ def save(result: Converted | Conversion, path: str | Path, *, model: str | None 
     """
     if isinstance(result, Conversion):
         return _save_conversion(result, path, model, force=force, inputs=inputs)
-    if result.conversion is None:
+    if result.dry_run:
         raise SeifyError("a dry run has nothing to save")
     out = checkpoint.save(result.model, path, result.recipe(), force=force, inputs=inputs)
     result.output, result.output_bytes = str(out), out.stat().st_size
@@ -137,7 +154,8 @@ def _save_conversion(conversion: Conversion, path, spec: str | None, **kwargs) -
     options = conversion.options
     recipe = checkpoint.make_recipe(spec, num_classes_of(conversion.model), options.to_dict(),
                                     conversion.input_size, data_config(conversion.model, spec),
-                                    [s.to_dict() for s in conversion.sites], weights="held in memory")
+                                    [s.to_dict() for s in conversion.sites], weights="held in memory",
+                                    frozen_batchnorm=has_frozen_batchnorm(conversion.model))
     return checkpoint.save(conversion.model, path, recipe, **kwargs)
 
 

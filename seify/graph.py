@@ -57,13 +57,14 @@ class SeifyTracer(fx.Tracer):
                              ) from e
 
 
-def trace(module: nn.Module) -> fx.GraphModule:
-    """Trace ``module`` (in eval mode, restoring its mode after) into a GraphModule over the same submodules."""
+def trace(module: nn.Module, concrete_args: dict | None = None) -> fx.GraphModule:
+    """Trace ``module`` (in eval mode, restoring its mode after) into a GraphModule over the same submodules;
+    ``concrete_args`` fixes optional arguments to the values the model calls it with."""
     was_training = module.training
     module.eval()
     try:
         tracer = SeifyTracer()
-        graph = tracer.trace(module)
+        graph = tracer.trace(module, concrete_args or None)
     finally:
         module.train(was_training)
     return fx.GraphModule(tracer.root, graph, type(module).__name__)

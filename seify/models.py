@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import inspect
 import socket
 import urllib.parse
 from dataclasses import dataclass, field
@@ -112,6 +113,8 @@ def from_recipe(recipe: dict) -> tuple[nn.Module, Conversion | None]:
     else:
         check_known(recipe["model"])
         base = build(recipe["model"], False, recipe["num_classes"], offline=True)
+        if recipe.get("frozen_batchnorm"):
+            freeze_batchnorm(base)
     if recipe.get("options") is None:
         return base, None
     conversion = convert(base, SEOptions.from_dict(recipe["options"]), tuple(recipe["input_size"]))
@@ -203,7 +206,10 @@ def _build_torchvision(name: str, pretrained: bool, num_classes: int | None) -> 
     import torchvision
     if not pretrained:
         kwargs = {} if num_classes is None else {"num_classes": num_classes}
-        return torchvision.models.get_model(name, weights=None, **kwargs)
+        builder = torchvision.models.get_model_builder(name)
+        if "weights_backbone" in inspect.signature(builder).parameters:
+            kwargs["weights_backbone"] = None  # detectors fetch ImageNet backbone weights unless told not to
+        return builder(weights=None, **kwargs)
     model = torchvision.models.get_model(name, weights="DEFAULT")
     if num_classes is not None and num_classes != num_classes_of(model):
         reset_classifier(model, num_classes)
@@ -244,12 +250,29 @@ def _load_strict(model: nn.Module, state_dict: dict, spec: str, path: str, fresh
     model.load_state_dict(state_dict, strict=not fresh)
 
 
+def has_frozen_batchnorm(model: nn.Module) -> bool:
+    """torchvision builds pretrained detectors with FrozenBatchNorm2d, and untrained ones with BatchNorm2d."""
+    from torchvision.ops import FrozenBatchNorm2d
+    return any(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
+
+
+def freeze_batchnorm(model: nn.Module) -> None:
+    """Replace BatchNorm2d by FrozenBatchNorm2d (what a pretrained torchvision detector has), in place."""
+    from torchvision.ops import FrozenBatchNorm2d
+    for m in list(model.modules()):
+        for child_name, child in list(m.named_children()):
+            if type(child) is nn.BatchNorm2d:
+                setattr(m, child_name, FrozenBatchNorm2d(child.num_features, child.eps))
+
+
 # ---------------------------------------------------------------- the classifier
 
 
 def classifier_name(model: nn.Module) -> str | None:
-    """Path of the final classifier layer: timm's ``get_classifier()``, else the last Linear."""
-    target = model.get_classifier() if hasattr(model, "get_classifier") else None
+    """Path of the final classifier layer: timm's ``get_classifier()``, a detector's box classifier, else the last
+    Linear."""
+    target = model.get_classifier() if hasattr(model, "get_classifier") else \
+        getattr(getattr(getattr(model, "roi_heads", None), "box_predictor", None), "cls_score", None)
     last_linear = None
     for name, m in model.named_modules():
         if target is not None and m is target:
@@ -262,8 +285,22 @@ def classifier_name(model: nn.Module) -> str | None:
 def num_classes_of(model: nn.Module) -> int:
     if isinstance(getattr(model, "num_classes", None), int):
         return model.num_classes
+    head = _dense_head(model)
+    if head is not None:
+        return head
     name = classifier_name(model)
     return getattr(model.get_submodule(name), "out_features", 0) if name else 0
+
+
+def _dense_head(model: nn.Module) -> int | None:
+    """Classes of a torchvision detector (box classifier) or segmenter (last conv of its head), else None."""
+    box = getattr(getattr(getattr(model, "roi_heads", None), "box_predictor", None), "cls_score", None)
+    if isinstance(box, nn.Linear):
+        return box.out_features
+    head = getattr(model, "classifier", None)
+    if type(model).__module__.startswith("torchvision.models.segmentation") and isinstance(head, nn.Sequential):
+        return head[-1].out_channels
+    return None
 
 
 def reset_classifier(model: nn.Module, num_classes: int) -> None:

@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 from .errors import SeifyError
 
-PLACEMENTS = ("auto", "residual", "activation")
-VARIANTS = ("standard", "pre", "post", "identity")
+PLACEMENTS = ("auto", "residual", "module", "activation")
+VARIANTS = ("standard", "pre", "post", "identity", "3x3")
 SQUEEZES = ("avg", "max")
 GATES = ("sigmoid", "hard-sigmoid")
 INITS = ("identity", "paper")
@@ -25,9 +25,12 @@ def option(default, help: str, *flags: str):
 @dataclass(frozen=True)
 class SEOptions:
     """Where SE blocks go and what they are."""
-    at: str = option("auto", "Where SE goes: residual (on each residual branch, before the sum), activation "
-                              "(after each conv nonlinearity), auto (residual if the model has residual sums).")
-    variant: str = option("standard", "Residual integration (paper Table 14): standard, pre, post, identity.")
+    at: str = option("auto", "Where SE goes: residual (on each residual branch, before the sum), module (on the "
+                              "output of each multi-branch module or conv block: Inception, MobileNet), activation "
+                              "(after each conv nonlinearity: VGG), auto (residual where the model has residual "
+                              "sums, module for Inception-style models, else activation).")
+    variant: str = option("standard", "Residual integration: standard, pre, post, identity (paper Table 14), 3x3 "
+                                      "(after the bottleneck's 3x3 conv, Table 15).")
     reduction: float = option(16, "Reduction ratio r: the SE block's hidden width is C/r.")
     divisor: int = option(8, "Round the hidden width to a multiple of this (timm: 8).")
     min_channels: int = option(8, "Smallest hidden width.")
@@ -56,7 +59,7 @@ class SEOptions:
         if self.stages is not None and (not isinstance(self.stages, tuple) or not self.stages or not all(
                 isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= 12 for s in self.stages)):
             raise SeifyError(f"{{stages}} must be stage numbers from 0 to 12, not {self.stages!r}", "stages")
-        if self.variant != "standard" and self.at == "activation":
+        if self.variant != "standard" and self.at not in ("auto", "residual"):
             raise SeifyError(f"{{variant}} {self.variant} places SE around residual sums; it needs {{at}} residual",
                              "variant", "at")
         for name in ("include", "exclude"):

@@ -103,3 +103,26 @@ def test_help_does_not_import_torch():
     import sys
     code = "import sys; from seify.cli import app; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_size_a_model_works_at_is_recorded_and_used(cli, weights, tmp_path, tiny):
+    out = tmp_path / "r18.safetensors"
+    code, _, err = cli("convert", "resnet18", "--weights", weights, "-o", out, "--input-size", "3,48,48")
+    assert code == 0, err
+    from seify.checkpoint import read_recipe
+    assert read_recipe(out)["data_config"]["input_size"] == [3, 48, 48]
+    code, stdout, _ = cli("profile", out, "--no-latency", "--json")
+    assert code == 0 and json.loads(stdout)["input_size"] == [3, 48, 48]
+    four = tmp_path / "r18-4.safetensors"
+    code, _, err = cli("convert", "resnet18", "--weights", weights, "--num-classes", "4", "-o", four,
+                       "--input-size", "3,48,48")
+    code, stdout, err = cli("evaluate", four, tiny, "--json", "--workers", "0")
+    assert code == 0, err
+    assert json.loads(stdout)["img_size"] == 48
+
+
+def test_debug_after_the_command_and_errors_without_colour(cli):
+    code, _, stderr = cli("convert", "resnet5O", "--debug")
+    assert code == 2 and "Traceback" in stderr
+    from seify.cli import _one_line
+    assert _one_line("\x1b[31mred\x1b[0m text\nsecond line") == "red text"

@@ -16,7 +16,7 @@ TORCHVISION = ["resnet18", "resnet50", "vgg11", "mobilenet_v2", "densenet121", "
 CASES = [(f"{name}", lambda n=name: timm.create_model(n)) for name in TIMM] + \
         [(f"torchvision:{name}", lambda n=name: torchvision.models.get_model(n)) for name in TORCHVISION]
 PLACEMENT = {"densenet121": "activation", "vgg11_bn": "activation", "torchvision:vgg11": "activation",
-             "torchvision:densenet121": "activation", "torchvision:shufflenet_v2_x0_5": "activation"}
+             "torchvision:densenet121": "activation", "torchvision:shufflenet_v2_x0_5": "module"}
 
 
 @pytest.mark.parametrize("spec,build", CASES, ids=[c[0] for c in CASES])

@@ -168,9 +168,9 @@ def test_bad_options_speak_the_api_and_render_as_flags():
         SEOptions.parse("ratio=8")
 
 
-def test_api_convert_dry_run_lists_without_building():
+def test_api_dry_run_builds_and_checks_but_saves_nothing():
     result = seify.convert("torchvision:mobilenet_v2", input_size=SIZE, dry_run=True)
-    assert result.conversion is None and len(result.sites) == 10
+    assert result.dry_run and len(result.sites) == 10 and result.max_abs_diff == 0.0
     with pytest.raises(SeifyError, match="dry run has nothing to save"):
         seify.save(result, "x.safetensors")
 

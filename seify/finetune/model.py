@@ -16,6 +16,7 @@ from ..errors import SeifyError
 from ..models import (LoadedModel, classifier_name, num_classes_of, reorder_classifier, reset_classifier,
                       resolve)
 from ..se import SqueezeExcite
+from ..surgery import convertible_scope
 from ..options import SEOptions
 
 
@@ -32,6 +33,9 @@ def prepare(spec: str, classes: list[str], options: SEOptions | None, *, weights
             pretrained: bool = False, new_head: bool = False) -> Prepared:
     """The model to fine-tune on ``classes``; ``options`` None gives the plain model (``--no-se``)."""
     loaded = resolve(spec, weights=weights, pretrained=pretrained)
+    if convertible_scope(loaded.model):
+        raise SeifyError(f"{spec} is a detection or segmentation model; seify finetune trains image classifiers "
+                         "(convert it with seify convert and train it in your detection pipeline)")
     if options is None:
         prepared = _plain(loaded)
     else:
