@@ -26,8 +26,10 @@ def _timm_notrace():
 
 
 def _torchvision_leaves():
-    from torchvision.ops import StochasticDepth
-    return (StochasticDepth,)
+    """Stochastic depth acts in training only; FrozenBatchNorm2d computes from its buffers, which a trace would
+    freeze into constants (and the surgery scales them)."""
+    from torchvision.ops import FrozenBatchNorm2d, StochasticDepth
+    return (StochasticDepth, FrozenBatchNorm2d)
 
 
 class SeifyTracer(fx.Tracer):

@@ -119,9 +119,11 @@ def _variant_edge(variant, add, branch, shortcut, anc_branch, anc_short, order, 
         spatial = [n for n in anc_branch - anc_short if L.kernel_area(n, gm) > 1]
         if not spatial:
             return None
-        producer = max(spatial, key=order.__getitem__)
-        while len(producer.users) == 1 and _normalises(next(iter(producer.users)), gm):
-            producer = next(iter(producer.users))
+        producer = node = max(spatial, key=order.__getitem__)
+        while len(node.users) == 1 and (_normalises(next(iter(node.users)), gm) or
+                                        L.is_transparent(next(iter(node.users)), gm)):
+            node = next(iter(node.users))
+            producer = node if _normalises(node, gm) else producer  # after its norm and activation
         return producer, list(producer.users)
     users = list(add.users)  # post: after the sum and the activation that follows it
     producer = users[0] if len(users) == 1 and L.is_activation(users[0], gm) else add
@@ -184,12 +186,11 @@ def _concat_before(node: fx.Node, inside: set[fx.Node], root: nn.Module) -> fx.N
 
 
 def _is_multi_branch(cat: fx.Node, inside: set[fx.Node], root: nn.Module) -> bool:
-    """At least two inputs, none computed from another, and at least one with a convolution of its own."""
+    """Two inputs computed apart (neither from the other), and a convolution in at least one: Inception's and
+    NASNet's modules; DenseNet's concat of a chain of features is not one."""
     parts = [p for p in (cat.args[0] if cat.args else []) if isinstance(p, fx.Node)]
-    if len(parts) < 2:
-        return False
     ancestry = {p: g.ancestors(p) | {p} for p in parts}
-    if any(a in ancestry[b] or b in ancestry[a] for a, b in combinations(parts, 2)):
+    if not any(a not in ancestry[b] and b not in ancestry[a] for a, b in combinations(parts, 2)):
         return False
     return any(any(L.is_conv(n, root) for n in ancestry[p] & inside) for p in parts)
 
@@ -281,17 +282,15 @@ def _se_name(model: nn.Module, owner: str, kind: str, producer: fx.Node, taken: 
 
 
 def _placement(options: SEOptions, gm: fx.GraphModule) -> tuple[str, list]:
-    """The placement and its edges; ``auto`` is residual where the model has residual sums, module where it has
-    multi-branch modules (Inception), activation otherwise (VGG)."""
-    if options.at in ("auto", "residual"):
-        residual = list(_residual_edges(gm, options.variant))
-        if residual or options.at == "residual":
-            return "residual", residual
-    if options.at in ("auto", "module"):
-        multi, blocks = _module_edges(gm)
-        if options.at == "module" or len(multi) >= 2:
-            order = {n: i for i, n in enumerate(gm.graph.nodes)}
-            return "module", sorted(multi + blocks, key=lambda edge: order[edge[1]])
+    """The placement and its edges. ``auto``: module where multi-branch modules (Inception's, NASNet's cells)
+    outnumber residual sums, residual where the model has residual sums, activation otherwise (VGG)."""
+    residual = list(_residual_edges(gm, options.variant)) if options.at in ("auto", "residual") else []
+    multi, blocks = _module_edges(gm) if options.at in ("auto", "module") else ([], [])
+    if options.at == "residual" or (options.at == "auto" and residual and 2 * len(residual) >= len(multi)):
+        return "residual", residual
+    if options.at == "module" or (options.at == "auto" and len(multi) >= 2):
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        return "module", sorted(multi + blocks, key=lambda edge: order[edge[1]])
     return "activation", list(_activation_edges(gm))
 
 

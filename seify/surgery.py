@@ -68,7 +68,16 @@ def convert(model: nn.Module, options: SEOptions, input_size: tuple[int, int, in
         by_owner[site.owner].append(site)
     fixed = _fixed_arguments(part, set(by_owner), input_size)
     for owner in sorted(by_owner, key=lambda p: (p.count(".") + bool(p)), reverse=True):
-        part = _rebuild_owner(part, gm, owner, by_owner[owner], options, fixed.get(owner, {}))
+        try:
+            part = _rebuild_owner(part, gm, owner, by_owner[owner], options, fixed.get(owner, {}))
+        except _CannotRebuild as e:  # the rest of the model still gets its blocks
+            for site in by_owner[owner]:
+                site.skipped = str(e)
+            chosen = [s for s in chosen if s.owner != owner]
+            skipped += by_owner[owner]
+    if not chosen:
+        raise SeifyError(f"nothing to convert in {type(part).__name__}: no block that owns a site could be rebuilt "
+                         f"({skipped[0].skipped})")
     if options.init == "identity":
         _compensate(part, gm, chosen, scope)
     _check_same_computation(gm, part)
@@ -168,6 +177,10 @@ def _keep_members(original: nn.Module, rebuilt: fx.GraphModule, path: str) -> No
         raise SeifyError(f"cannot rebuild '{path or 'model'}' with SE: it would lose {sorted(lost)[:3]}")
 
 
+class _CannotRebuild(SeifyError):
+    """A block whose sites are skipped: its own graph cannot be edited the way the model's trace says."""
+
+
 def _trace_block(module: nn.Module, path: str, fixed: dict) -> fx.GraphModule:
     """The block's graph, traced in eval mode as the model calls it; refused if its code depends on the mode."""
     module.train()
@@ -177,8 +190,7 @@ def _trace_block(module: nn.Module, path: str, fixed: dict) -> fx.GraphModule:
         module.eval()
     local = g.trace(module, fixed)
     if train_code != local.code:
-        raise SeifyError(f"cannot insert SE into '{path or 'model'}': its forward branches on training mode; "
-                         "exclude it with {exclude}", "exclude")
+        raise _CannotRebuild("its forward branches on training mode")
     return local
 
 
@@ -191,7 +203,11 @@ def _rebuild_owner(model: nn.Module, gm_whole: fx.GraphModule, owner: str, sites
     output = next(n for n in local.graph.nodes if n.op == "output")
 
     def local_node(node: fx.Node) -> fx.Node:
-        return local_by_key[key_of[node]] if node in key_of else output
+        if node not in key_of:
+            return output
+        if key_of[node] not in local_by_key:  # a block inside it that got SE first changed its graph
+            raise _CannotRebuild("it holds another block that got SE, which changed its graph")
+        return local_by_key[key_of[node]]
     prefix = f"{owner}." if owner else ""
     for site in sites:
         if site.slot is not None:  # the empty attention slot the block replaces leaves the graph
@@ -258,21 +274,24 @@ def _fuse_with_sum(local: fx.GraphModule, name: str, producer: fx.Node, consumer
 
 
 def _computation(gm: fx.GraphModule) -> Counter:
-    """What a graph computes, counted by operation: SE blocks and no-ops left out, a fused SE block counted as the
-    sum (and drop-path) it took over."""
+    """What a graph computes, counted by (operation, number of graph values it takes): SE blocks and no-ops left
+    out, a fused SE block counted as the sum (and drop-path) it took over. A sum of a feature map and a missing
+    shortcut (None) counts differently from a sum of two feature maps."""
     ops: Counter = Counter()
     for node in gm.graph.nodes:
+        inputs = len(node.all_input_nodes)
         if node.op == "call_module":
             m = gm.get_submodule(node.target)
             if isinstance(m, SqueezeExcite):
-                ops.update(["add"] * (len(node.args) >= 2))
-                ops.update([type(gm.get_submodule(a.target)).__name__ for a in node.args[2:]])
+                ops.update([("add", 2)] * (len(node.args) >= 2 and isinstance(node.args[1], fx.Node)))
+                ops.update([(type(gm.get_submodule(a.target)).__name__, 1) for a in node.args[2:]])
             elif not isinstance(m, nn.Identity):
-                ops[type(m).__name__] += 1
+                ops[(type(m).__name__, inputs)] += 1
         elif node.op in ("call_function", "call_method"):
             if node.target is torch.fx._symbolic_trace._assert_is_none:
                 continue
-            ops["add" if node.target in g.ADD_TARGETS else getattr(node.target, "__name__", str(node.target))] += 1
+            name = "add" if node.target in g.ADD_TARGETS else getattr(node.target, "__name__", str(node.target))
+            ops[(name, inputs)] += 1
     return ops
 
 
@@ -283,7 +302,8 @@ def _check_same_computation(original: fx.GraphModule, converted: nn.Module) -> N
     if before != after:
         lost = before - after
         gained = after - before
-        what = ", ".join([f"lost {n} x{k}" for n, k in lost.items()] + [f"gained {n} x{k}" for n, k in gained.items()])
+        what = ", ".join([f"lost {n}({i}) x{k}" for (n, i), k in lost.items()] +
+                         [f"gained {n}({i}) x{k}" for (n, i), k in gained.items()])
         raise SeifyError(f"converting {type(converted).__name__} changed what it computes beyond the SE blocks "
                          f"({what}); seify cannot convert this model exactly yet, please report it (leave the "
                          "blocks concerned out with {exclude})", "exclude")
@@ -341,7 +361,8 @@ def _fold_forward(site: Site, root: nn.Module, calls: Counter) -> list[str] | No
     params = []
     for c in site.consumers:
         m = g.called_module(root, c)
-        if type(m) not in L.LINEAR_LAYERS or calls[c.target] != 1 or L.feature_input(c) is not site.producer:
+        if type(m) not in L.LINEAR_LAYERS or calls[c.target] != 1 or \
+                L.feature_input(c) not in (site.producer, site.slot):
             return None
         params.append(f"{c.target}.weight")
     return params

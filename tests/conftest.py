@@ -6,6 +6,31 @@ import torch
 from torch import nn
 
 
+# The models the coverage and profile tests share: timm and torchvision families with residual, activation and
+# module placements.
+TIMM = ["resnet18", "resnet50", "resnext26ts", "resnetv2_50", "regnetx_002", "densenet121", "vgg11_bn",
+        "mobilenetv2_100", "convnext_atto"]
+TORCHVISION = ["resnet18", "resnet50", "vgg11", "mobilenet_v2", "densenet121", "shufflenet_v2_x0_5",
+               "regnet_x_400mf"]
+CASES = [name for name in TIMM] + [f"torchvision:{name}" for name in TORCHVISION]
+
+# Eqn. 5 with timm's biases: each block of a stage with C output channels adds 2*C*(C/16) + C/16 + C.
+STAGES = [(3, 256), (4, 512), (6, 1024), (3, 2048)]
+
+
+def analytic_added(stages=STAGES, r=16):
+    return sum(n * (2 * c * (c // r) + c // r + c) for n, c in stages)
+
+
+def build(spec: str):
+    """A fresh model for a spec, built the way its library builds it (not through seify)."""
+    import timm
+    import torchvision
+    if spec.startswith("torchvision:"):
+        return torchvision.models.get_model(spec.split(":", 1)[1], weights=None)
+    return timm.create_model(spec)
+
+
 @pytest.fixture(autouse=True)
 def _seeded():
     torch.manual_seed(0)
@@ -56,6 +81,7 @@ def realistic(model, seed=0):
             if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)):
                 if getattr(m, "weight", None) is not None:
                     m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                if getattr(m, "bias", None) is not None:
                     m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
                 if getattr(m, "running_var", None) is not None:
                     m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)

@@ -59,7 +59,7 @@ def test_existing_output_kept_unless_force(cli, weights, tmp_path):
     code, _, stderr = cli("convert", "resnet18", "--weights", weights, "-o", out)
     assert code == 2 and "already exists; pass --force" in stderr and out.read_bytes() == b"precious"
     code, _, _ = cli("convert", "resnet18", "--weights", weights, "-o", out, "--force", "--input-size", "3,64,64")
-    assert code == 0 and seify.load(out) is not None
+    assert code == 0 and isinstance(seify.load(out).layer1[0].se, seify.SqueezeExcite)
 
 
 def test_input_is_never_written_over(cli, tmp_path):

@@ -13,8 +13,7 @@ import seify
 from seify.profile import profile
 from seify.surgery import SEOptions
 
-from test_coverage import CASES
-from test_resnet50 import STAGES, analytic_added
+from conftest import CASES, STAGES, analytic_added
 
 SIZE = (3, 64, 64)
 
@@ -47,7 +46,7 @@ def test_resnet50_numbers():
     assert report["sites"][0]["height"] == 56 and report["sites"][-1]["height"] == 7
 
 
-@pytest.mark.parametrize("spec", [c[0] for c in CASES])
+@pytest.mark.parametrize("spec", CASES)
 def test_counts_match_the_real_converted_model(spec):
     result = seify.convert(spec, input_size=SIZE)
     report = profile(spec, latency=False, input_size=SIZE).to_dict()
@@ -80,9 +79,10 @@ def test_comparison_table_json_and_csv(cli):
     code, out, _ = cli("profile", "resnet18", "torchvision:mobilenet_v2", "--no-latency", "--input-size", "3,64,64")
     assert code == 0 and "Base vs SE" in out and "torchvision:mobilenet_v2" in out
     code, out, _ = cli("profile", "resnet18", "resnet34", "--no-latency", "--input-size", "3,64,64", "--json")
-    assert [m["model"] for m in json.loads(out)["models"]] == ["resnet18", "resnet34"]
+    assert code == 0 and [m["model"] for m in json.loads(out)["models"]] == ["resnet18", "resnet34"]
     code, out, _ = cli("profile", "resnet18", "--input-size", "3,64,64", "--csv", "--repeats", "1", "--warmup", "0",
                        "--device", "cpu", "--batch-size", "1,2")
+    assert code == 0
     rows = list(csv.DictReader(io.StringIO(out)))
     assert [r["batch_size"] for r in rows] == ["1", "2"] and rows[0]["params_se"] == "11779624"
 

@@ -7,15 +7,7 @@ import seify
 import seify.surgery
 from seify.surgery import SEOptions
 
-from conftest import outputs, realistic, save_weights
-
-# Eqn. 5 with timm's biases: each block of a stage with C output channels adds 2*C*(C/16) + C/16 + C.
-STAGES = [(3, 256), (4, 512), (6, 1024), (3, 2048)]
-
-
-def analytic_added(stages=STAGES, r=16):
-    return sum(n * (2 * c * (c // r) + c // r + c) for n, c in stages)
-
+from conftest import STAGES, analytic_added, outputs, realistic, save_weights
 
 @pytest.fixture(scope="module")
 def resnet50_se(tmp_path_factory):
