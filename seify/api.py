@@ -9,9 +9,10 @@ from torch import nn
 
 from . import checkpoint
 from .errors import SeifyError
-from .models import LoadedModel, data_config, has_frozen_batchnorm, resolve
+from .models import LoadedModel, check_known, data_config, has_frozen_batchnorm, num_classes_of, resolve
 from .options import SEOptions
-from .surgery import Conversion, convert as convert_model
+from .surgery import Conversion
+from .surgery import convert as convert_model
 
 PRESERVATION_TOLERANCE = 1e-5  # max abs diff relative to the output's magnitude, fp32
 
@@ -66,7 +67,8 @@ class Converted:
             "added_params_percent": round(100 * self.added_params / max(self.base_params, 1), 3),
             "sites": [s.to_dict() for s in self.sites], "skipped": [s.to_dict() for s in self.skipped],
             "max_abs_diff": self.max_abs_diff, "output_scale": self.output_scale,
-            "relative_diff": (self.max_abs_diff / self.output_scale) if self.output_scale else None,
+            "relative_diff": (self.max_abs_diff / self.output_scale)
+            if self.output_scale and self.max_abs_diff is not None else None,
             "output": self.output, "output_bytes": self.output_bytes, "notes": self.source.notes,
         }
 
@@ -112,7 +114,7 @@ def output_difference(a: nn.Module, b: nn.Module, input_size, batch: int = 2, se
         ya, yb = _tensors(a.eval()(x)), _tensors(b.eval()(x))
     if [t.shape for t in ya] != [t.shape for t in yb]:
         return float("inf"), max((t.abs().max().item() for t in ya if t.numel()), default=0.0)
-    pairs = [(p.float(), q.float()) for p, q in zip(ya, yb) if p.numel()]
+    pairs = [(p.float(), q.float()) for p, q in zip(ya, yb, strict=True) if p.numel()]
     return (max(((p - q).abs().max().item() for p, q in pairs), default=0.0),
             max((p.abs().max().item() for p, _ in pairs), default=0.0))
 
@@ -149,7 +151,6 @@ def _save_conversion(conversion: Conversion, path, spec: str | None, **kwargs) -
     if not spec:
         raise SeifyError("name the architecture of this model so the file can be rebuilt: "
                          "seify.save(conversion, path, model='torchvision:resnet50')")
-    from .models import check_known, num_classes_of
     check_known(spec)
     options = conversion.options
     recipe = checkpoint.make_recipe(spec, num_classes_of(conversion.model), options.to_dict(),

@@ -28,7 +28,7 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: str | Path, write: Callable[[str], None], *, force: bool = False,
+def atomic_write(path: str | Path, write: Callable[[str], object], *, force: bool = False,
                  inputs: tuple = ()) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path`` and rename it into place.
 

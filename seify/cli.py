@@ -48,10 +48,10 @@ def _flag(name: str) -> str:
 
 
 def _parameter(f: dataclasses.Field, default_owner) -> inspect.Parameter:
-    kind = _CLI_TYPES[f.type]
-    flags = f.metadata.get("flags") or ((_flag(f.name),) if f.type == "bool" else ())
+    kind = _CLI_TYPES[str(f.type)]
+    flags = f.metadata.get("flags") or ((_flag(f.name),) if str(f.type) == "bool" else ())
     default = getattr(default_owner, f.name)
-    if f.type.startswith("tuple") and default is not None:
+    if str(f.type).startswith("tuple") and default is not None:
         default = ",".join(map(str, default))
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
                              annotation=Annotated[kind, typer.Option(*flags, help=f.metadata["help"])])
@@ -149,11 +149,11 @@ def _console():
     return Console()
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
+def _size(n: float) -> str:
+    units = 0
+    while n >= 1024 and units < 3:
+        n, units = n / 1024, units + 1
+    return f"{int(n)} B" if units == 0 else f"{n:.1f} {('KB', 'MB', 'GB')[units - 1]}"
 
 
 def _print_conversion(report: dict, dry_run: bool) -> None:
@@ -222,8 +222,7 @@ def _print_profile(report: dict) -> None:
                   f"x{t['infer_ratio']:.3f}", ""],
                  [f"throughput, batch {b}", f"{t['throughput_base']:.1f} img/s", f"{t['throughput_se']:.1f} img/s",
                   "", ""],
-                 [f"train step, batch {b}", _ms(t["train_base_ms"]), _ms(t["train_se_ms"]),
-                  f"x{t['train_ratio']:.3f}", ""]]
+                 [f"train step, batch {b}", *_train_cells(t)]]
         if t["peak_memory_base"] is not None:
             rows.append([f"peak memory, batch {b}", _size(t["peak_memory_base"]), _size(t["peak_memory_se"]),
                          f"x{t['peak_memory_se'] / t['peak_memory_base']:.3f}", ""])
@@ -231,6 +230,12 @@ def _print_profile(report: dict) -> None:
     print("MACs are multiply-adds (the paper's FLOPs); 'all counted' adds SE's squeeze and scale, one MAC per "
           "element each." + (f" Timed on {report['device']}, medians of interleaved runs." if report["timings"]
                              else ""))
+
+
+def _train_cells(t: dict) -> list[str]:
+    if t["train_ratio"] is None:
+        return ["n/a", "n/a", "BatchNorm needs a batch of 2 here", ""]
+    return [_ms(t["train_base_ms"]), _ms(t["train_se_ms"]), f"x{t['train_ratio']:.3f}", ""]
 
 
 def _print_comparison(reports: list[dict]) -> None:
@@ -342,16 +347,17 @@ def profile(models: Annotated[list[str], typer.Argument(help="One or more MODELs
 @app.command()
 @with_options(SEOptions, "se")
 @with_options(FinetuneConfig, "recipe")
-def finetune(model: Model, data: Data, weights: Weights = None, pretrained: Pretrained = False,
+def finetune(ctx: typer.Context, model: Model, data: Data, weights: Weights = None, pretrained: Pretrained = False,
              with_se: Annotated[bool, typer.Option("--se/--no-se", help="--no-se fine-tunes the plain model with "
                                                                         "the same recipe: the baseline.")] = True,
-             ctx: typer.Context = None, recipe=None, se=None):
+             recipe=None, se=None):
     """Fine-tune MODEL on an image folder, adding SE blocks first where it has none (--no-se: the baseline).
 
     Example: seify finetune resnet50 --weights resnet50.safetensors data/flowers --epochs 10 --out runs/flowers
     Many GPUs: torchrun --nproc_per_node 4 -m seify finetune resnet50-se.safetensors data/flowers
     """
-    from .finetune.loop import exit_code, finetune as run
+    from .finetune.loop import exit_code
+    from .finetune.loop import finetune as run
     config, given = recipe
     options, se_given = se
     given |= se_given | passed(ctx, ("weights", "pretrained"))
@@ -384,7 +390,8 @@ def compare(model: Model, data: Data,
     Example: seify compare resnet18 data/flowers --weights r18.safetensors --epochs 5 --seeds 3 --out cmp
     Rerunning the same command skips finished runs and resumes a killed one.
     """
-    from .compare import compare as run, parse_arms
+    from .compare import compare as run
+    from .compare import parse_arms
     config, _ = recipe
     from .finetune.progress import SilentLog
     document = run(model, data, parse_arms(arms), dataclasses.replace(config, out=out), seeds=seeds,
@@ -436,7 +443,7 @@ def evaluate(model: Model, data: Annotated[str, typer.Argument(help="DATA/<class
         print(note)
     _table(f"{model} on {report['data']} at {report['img_size']} px", ["class", "accuracy", *[c[:12] for c in classes]],
            [[name, f"{acc:.1f}%", *map(str, row)] for name, acc, row in
-            zip(classes, report["per_class"], report["confusion"])])
+            zip(classes, report["per_class"], report["confusion"], strict=True)])
     print(f"top-1 {report['top1']:.2f}%  top-5 {report['top5']:.2f}%  loss {report['loss']:.4f}  "
           f"({report['images']} images" + (f", {len(report['skipped'])} unreadable files skipped)"
                                           if report["skipped"] else ")"))

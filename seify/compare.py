@@ -20,7 +20,10 @@ from .finetune import data
 from .finetune.config import FinetuneConfig
 from .finetune.loop import RunResult, Trainer
 from .finetune.state import RunFolder
+from .models import resolve
 from .options import SEOptions
+from .plots import comparison, save_png
+from .profile import cost
 
 REPORT, TABLE, FIGURE = "compare.json", "compare.csv", "compare.png"
 
@@ -127,8 +130,6 @@ def _stats(values: list[float]) -> dict:
 
 def _arm_cost(runs: list[dict]) -> dict:
     """Parameters and MACs of the arm's model and of the model without SE, at the size it was trained at."""
-    from .models import resolve
-    from .profile import cost
     loaded = resolve(str(Path(runs[0]["folder"]) / "last.safetensors"), device="meta")
     size = tuple(loaded.data_config["input_size"])
     own, _ = cost(loaded.model, size)
@@ -192,7 +193,6 @@ def _write(root: Path, document: dict) -> None:
         Path(tmp).write_text(buf.getvalue())
 
     def figure(tmp):
-        from .plots import comparison, save_png
         save_png(comparison(document["arms"]), tmp)
     atomic_write(root / REPORT, lambda tmp: Path(tmp).write_text(json.dumps(document, indent=2) + "\n"), force=True)
     atomic_write(root / TABLE, table, force=True)

@@ -13,6 +13,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .api import convert, save
+from .errors import SeifyError
+from .finetune.config import FinetuneConfig
+from .finetune.evaluate import evaluate_folder
+from .finetune.loop import finetune
+from .profile import profile
+
 CLASSES = ("gradient", "stripes_diagonal", "stripes_horizontal", "stripes_vertical")
 
 
@@ -54,29 +61,25 @@ def make_dataset(root: str | Path, train_per_class: int = 160, val_per_class: in
     return root
 
 
-def run(out: str | Path | None = None, epochs: int = 5, force: bool = False, log=None) -> dict:
+def run(out: str | Path | None = None, epochs: int = 5, force: bool = False, log=None, size: int = 64,
+        train_per_class: int = 160) -> dict:
     """Draw data, convert, profile, fine-tune and evaluate; returns the figures and where everything is."""
-    from .api import convert, save
-    from .errors import SeifyError
-    from .finetune.evaluate import evaluate_folder
-    from .finetune.loop import FinetuneConfig, finetune
-    from .profile import profile
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="seify-demo-"))
     if out.exists() and any(out.iterdir()) and not force:
         raise SeifyError(f"{out} is not empty; pass {{force}} to replace the demo there or choose {{out}}", "force",
                          "out")
     start = time.perf_counter()
-    data = make_dataset(out / "data")
-    print(f"drew {len(CLASSES)} classes of textures in {data} (train and val, 64 px JPEGs)")
-    result = convert("resnet18", input_size=(3, 64, 64))
+    data = make_dataset(out / "data", train_per_class=train_per_class, val_per_class=train_per_class // 4, size=size)
+    print(f"drew {len(CLASSES)} classes of textures in {data} (train and val, {size} px JPEGs)")
+    result = convert("resnet18", input_size=(3, size, size))
     converted = save(result, out / "resnet18-se.safetensors", force=True)
     print(f"converted resnet18 (random weights): {len(result.sites)} SE blocks, +{result.added_params:,} parameters, "
         f"max output change {result.max_abs_diff:.3g} -> {converted}")
     cost = profile(str(converted), batch_sizes=(1,), device="cpu", repeats=5, warmup=2).to_dict()
     timing = cost["timings"][0]
     print(f"profiled: +{cost['added_macs_percent']:.2f}% MACs, CPU inference x{timing['infer_ratio']:.2f} "
-        f"and training step x{timing['train_ratio']:.2f} of the base model")
-    config = FinetuneConfig(out=str(out / "run"), epochs=epochs, batch_size=32, lr=2e-3, img_size=64,
+        f"and training step x{timing['train_ratio'] or float('nan'):.2f} of the base model")
+    config = FinetuneConfig(out=str(out / "run"), epochs=epochs, batch_size=32, lr=2e-3, img_size=size,
                             device="cpu", log_every=0, force=True)
     run_result = finetune(str(converted), str(data), config, log=log)
     metrics = evaluate_folder(str(out / "run" / "best.safetensors"), str(data / "val"), device="cpu", workers=2)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import operator
 from collections import Counter
-from typing import Iterator
+from typing import Iterable
 
 import torch
 import torch.fx as fx
@@ -20,8 +20,7 @@ from .se import SqueezeExcite
 
 def _timm_notrace():
     import timm.models  # noqa: F401  (importing the models registers their notrace modules)
-    from timm.layers import get_notrace_functions, get_notrace_modules
-    from timm.layers import DropBlock2d, DropPath
+    from timm.layers import DropBlock2d, DropPath, get_notrace_functions, get_notrace_modules
     return tuple(get_notrace_modules()) + (DropPath, DropBlock2d), tuple(get_notrace_functions())
 
 
@@ -128,7 +127,7 @@ def in_scope(node: fx.Node, scope: str) -> bool:
     return scope == "" or scope in module_stack(node)
 
 
-def scoped_keys(nodes: Iterator[fx.Node], scope: str) -> dict[tuple, fx.Node]:
+def scoped_keys(nodes: Iterable[fx.Node], scope: str) -> dict[tuple, fx.Node]:
     """Key each call made inside ``scope`` by (op, target relative to scope, occurrence).
 
     The same keys computed on a trace of the scope's module alone find the same calls there, so a site found
@@ -156,8 +155,14 @@ def is_call(node: fx.Node, targets) -> bool:
     return node.op in ("call_function", "call_method") and node.target in targets
 
 
+def target(node: fx.Node) -> str:
+    """The module or attribute path a ``call_module`` or ``get_attr`` node names."""
+    assert isinstance(node.target, str), node
+    return node.target
+
+
 def called_module(root: nn.Module, node: fx.Node) -> nn.Module | None:
-    return root.get_submodule(node.target) if node.op == "call_module" else None
+    return root.get_submodule(target(node)) if node.op == "call_module" else None
 
 
 def tensor_inputs(node: fx.Node) -> list[fx.Node]:

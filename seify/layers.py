@@ -106,6 +106,8 @@ def is_channel_gate(node: fx.Node) -> bool:
         return False
     for x, s in (ins, ins[::-1]):
         xs, ss = g.shape(x), g.shape(s)
+        if xs is None or ss is None:
+            continue
         if len(xs) == 4 and len(ss) == 4 and ss[1] == xs[1] and ss[2:] == (1, 1) and xs[2] * xs[3] > 1 \
                 and x in g.ancestors(s):
             return True

@@ -12,14 +12,15 @@ import socket
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from .checkpoint import read_recipe, read_state_dict
 from .errors import SeifyError, first_line
-from .se import SqueezeExcite
 from .options import SEOptions
+from .se import SqueezeExcite
 from .surgery import Conversion, convert
 
 TORCHVISION = "torchvision:"
@@ -93,6 +94,9 @@ def resolve(spec: str, *, weights: str | None = None, pretrained: bool = False, 
 
 def _from_file(path: str, meta: bool) -> LoadedModel:
     recipe = read_recipe(path)
+    if recipe is None:
+        raise SeifyError(f"{path} was not written by seify (no recipe in its metadata); load it with "
+                         "{weights} and a model name instead", "weights")
     base, conversion = from_recipe(recipe)
     model = conversion.model if conversion else base
     if not meta:
@@ -134,9 +138,6 @@ def model_of(recipe: dict) -> nn.Module:
 
 def load(path: str | Path) -> nn.Module:
     """The model a seify file holds, ready in eval mode."""
-    if read_recipe(path) is None:
-        raise SeifyError(f"{path} was not written by seify (no recipe in its metadata); load it with "
-                         "{weights} and a model name instead", "weights")
     return _from_file(str(path), meta=False).model
 
 
@@ -166,7 +167,7 @@ def build(spec: str, pretrained: bool, num_classes: int | None, offline: bool = 
         if spec.startswith(TORCHVISION):
             return _build_torchvision(spec[len(TORCHVISION):], pretrained, num_classes)
         import timm
-        kwargs = {} if num_classes is None else {"num_classes": num_classes}
+        kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
         with _hub_offline_unless_reachable(pretrained, offline):
             return timm.create_model(spec, pretrained=pretrained, **kwargs)
     except SeifyError:
@@ -205,7 +206,7 @@ def _hub_offline_unless_reachable(pretrained: bool, force_offline: bool = False)
 def _build_torchvision(name: str, pretrained: bool, num_classes: int | None) -> nn.Module:
     import torchvision
     if not pretrained:
-        kwargs = {} if num_classes is None else {"num_classes": num_classes}
+        kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
         builder = torchvision.models.get_model_builder(name)
         if "weights_backbone" in inspect.signature(builder).parameters:
             kwargs["weights_backbone"] = None  # detectors fetch ImageNet backbone weights unless told not to
@@ -221,7 +222,8 @@ def _load_weights(loaded: LoadedModel, path: str, num_classes: int | None) -> nn
     state_dict, note = read_state_dict(path)
     loaded.notes.append(note)
     model, spec = loaded.model, loaded.spec
-    head, fresh = classifier_keys(model), ()
+    head = classifier_keys(model)
+    fresh: tuple[str, ...] = ()
     file_classes = int(state_dict[head[0]].shape[0]) if head and head[0] in state_dict else None
     if file_classes is not None and file_classes != num_classes_of(model):
         if num_classes is None:
@@ -271,7 +273,8 @@ def freeze_batchnorm(model: nn.Module) -> None:
 def classifier_name(model: nn.Module) -> str | None:
     """Path of the final classifier layer: timm's ``get_classifier()``, a detector's box classifier, else the last
     Linear."""
-    target = model.get_classifier() if hasattr(model, "get_classifier") else \
+    get_classifier = getattr(model, "get_classifier", None)
+    target = get_classifier() if callable(get_classifier) else \
         getattr(getattr(getattr(model, "roi_heads", None), "box_predictor", None), "cls_score", None)
     last_linear = None
     for name, m in model.named_modules():
@@ -283,8 +286,9 @@ def classifier_name(model: nn.Module) -> str | None:
 
 
 def num_classes_of(model: nn.Module) -> int:
-    if isinstance(getattr(model, "num_classes", None), int):
-        return model.num_classes
+    declared = getattr(model, "num_classes", None)
+    if isinstance(declared, int):
+        return declared
     head = _dense_head(model)
     if head is not None:
         return head
@@ -298,20 +302,22 @@ def _dense_head(model: nn.Module) -> int | None:
     if isinstance(box, nn.Linear):
         return box.out_features
     head = getattr(model, "classifier", None)
-    if type(model).__module__.startswith("torchvision.models.segmentation") and isinstance(head, nn.Sequential):
-        return head[-1].out_channels
+    last = head[-1] if isinstance(head, nn.Sequential) else None
+    if type(model).__module__.startswith("torchvision.models.segmentation") and isinstance(last, nn.Conv2d):
+        return last.out_channels
     return None
 
 
 def reset_classifier(model: nn.Module, num_classes: int) -> None:
     """A fresh classifier for ``num_classes`` (timm's ``reset_classifier``; the last Linear for torchvision)."""
-    if hasattr(model, "reset_classifier"):
-        model.reset_classifier(num_classes)
+    timm_reset = getattr(model, "reset_classifier", None)
+    if callable(timm_reset):
+        timm_reset(num_classes)
         return
     name = classifier_name(model)
-    if name is None:
+    old = model.get_submodule(name) if name else None
+    if name is None or not isinstance(old, nn.Linear):
         raise SeifyError(f"cannot find the classifier of {type(model).__name__} to resize it")
-    old = model.get_submodule(name)
     parent, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, attr,
             nn.Linear(old.in_features, num_classes, bias=old.bias is not None))
@@ -319,7 +325,10 @@ def reset_classifier(model: nn.Module, num_classes: int) -> None:
 
 def reorder_classifier(model: nn.Module, order: list[int]) -> None:
     """Permute the classifier's output rows: new class i is old class ``order[i]``."""
-    head = model.get_submodule(classifier_name(model))
+    name = classifier_name(model)
+    if name is None:
+        raise SeifyError(f"cannot find the classifier of {type(model).__name__}")
+    head = model.get_submodule(name)
     index = torch.tensor(order)
     with torch.no_grad():
         for p in head.parameters():

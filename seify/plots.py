@@ -5,8 +5,16 @@ Drawn with matplotlib's object API on an Agg canvas (no global backend, no displ
 from __future__ import annotations
 
 import statistics
+from typing import TYPE_CHECKING
 
-from matplotlib.figure import Figure
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+def _figure(**kwargs) -> Figure:
+    """matplotlib is imported when the first figure is drawn, not when seify is."""
+    from matplotlib.figure import Figure
+    return Figure(**kwargs)
 
 _PHASE_COLOUR, _RESUME_COLOUR = "0.35", "tab:purple"
 
@@ -31,12 +39,12 @@ def _mark_events(ax, rows: list[dict], resumes: list[float]) -> None:
 def _series(ax, rows: list[dict], key: str, label: str, **style) -> None:
     points = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None]
     if points:
-        ax.plot(*zip(*points), marker="o", markersize=3, label=label, **style)
+        ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=label, **style)
 
 
 def training_curves(rows: list[dict], resumes: list[float], title: str) -> Figure:
     """Loss, accuracy and learning rate per epoch; epoch 0 is the model before fine-tuning."""
-    fig = Figure(figsize=(15, 4.2), layout="constrained")
+    fig = _figure(figsize=(15, 4.2), layout="constrained")
     loss, accuracy, lr = _axes(fig, 3)
     _series(loss, rows, "train_loss", "train")
     _series(loss, rows, "val_loss", "val")
@@ -62,7 +70,7 @@ def training_curves(rows: list[dict], resumes: list[float], title: str) -> Figur
 def comparison(arms: list[dict]) -> Figure:
     """Left: val top-1 per epoch (0: before fine-tuning), mean over seeds with a min-max band, per arm.
     Right: final top-1 against multiply-adds per image."""
-    fig = Figure(figsize=(13, 4.6), layout="constrained")
+    fig = _figure(figsize=(13, 4.6), layout="constrained")
     curves, cost = _axes(fig, 2)
     giga = max(arm["macs"] for arm in arms) >= 1e9
     cost_key, cost_scale = "macs", 1e-9 if giga else 1e-6
@@ -71,7 +79,7 @@ def comparison(arms: list[dict]) -> Figure:
         colour = f"C{i}"
         per_epoch: dict[int, list[float]] = {}
         for run in arm["runs"]:
-            for epoch, top1 in zip(run["epochs"], run["val_top1"]):
+            for epoch, top1 in zip(run["epochs"], run["val_top1"], strict=True):
                 per_epoch.setdefault(epoch, []).append(top1)
         epochs = sorted(per_epoch)
         mean = [statistics.fmean(per_epoch[e]) for e in epochs]

@@ -17,9 +17,9 @@ from torch import nn
 
 from .device import check_device, describe_device
 from .errors import SeifyError, first_line
-from .se import SqueezeExcite
 from .models import resolve
 from .options import SEOptions
+from .se import SqueezeExcite
 from .surgery import convert
 
 
@@ -33,12 +33,13 @@ class Cost:
 
 @dataclass
 class Timing:
-    """Medians over interleaved runs, in milliseconds; ratio is SE / base."""
+    """Medians over interleaved runs, in milliseconds; ratio is SE / base. The training step is None where the
+    model cannot train at that batch (BatchNorm over a single value per channel: batch 1 at a 1x1 feature map)."""
     batch_size: int
     infer_base_ms: float
     infer_se_ms: float
-    train_base_ms: float
-    train_se_ms: float
+    train_base_ms: float | None
+    train_se_ms: float | None
     peak_memory_base: int | None = None
     peak_memory_se: int | None = None
 
@@ -47,11 +48,15 @@ class Timing:
         return self.infer_se_ms / self.infer_base_ms
 
     @property
-    def train_ratio(self) -> float:
+    def train_ratio(self) -> float | None:
+        if self.train_se_ms is None or self.train_base_ms is None:
+            return None
         return self.train_se_ms / self.train_base_ms
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "infer_ratio": round(self.infer_ratio, 4), "train_ratio": round(self.train_ratio, 4),
+        train_ratio = self.train_ratio
+        return {**asdict(self), "infer_ratio": round(self.infer_ratio, 4),
+                "train_ratio": round(train_ratio, 4) if train_ratio is not None else None,
                 "throughput_base": round(1000 * self.batch_size / self.infer_base_ms, 2),
                 "throughput_se": round(1000 * self.batch_size / self.infer_se_ms, 2)}
 
@@ -89,7 +94,8 @@ def count_macs(model: nn.Module, input_size) -> tuple[int, int, dict[str, int]]:
     Forward hooks see every call, also inside modules that tracing treats as leaves (timm's ConvMlp).
     """
     names = {m: name for name, m in model.named_modules()}
-    conv_linear, squeeze_scale, per_block = [0], [0], {}
+    conv_linear, squeeze_scale = [0], [0]
+    per_block: dict[str, int] = {}
 
     def on_layer(m, inputs, out):
         if isinstance(m, nn.Linear):
@@ -137,7 +143,7 @@ def _build_pair(spec: str, options: SEOptions, input_size, num_classes, device: 
     """
     loaded = resolve(spec, num_classes=num_classes, device=device)
     size = tuple(input_size or loaded.data_config["input_size"])
-    if loaded.base is not None:
+    if loaded.base is not None and loaded.recipe is not None:
         return loaded.base, loaded.model, loaded.recipe["sites"], size
     with torch.device(device):
         conversion = convert(loaded.model, options, size)
@@ -180,7 +186,7 @@ def interleaved_medians(fns, repeats: int, warmup: int, sync) -> list[float]:
         for fn in fns:
             fn()
     sync()
-    times = [[] for _ in fns]
+    times: list[list[float]] = [[] for _ in fns]
     for r in range(repeats):
         order = list(range(len(fns))) if r % 2 == 0 else list(reversed(range(len(fns))))
         for i in order:
@@ -224,7 +230,15 @@ def measure(base: nn.Module, se: nn.Module, input_size, batch_size: int, device:
     infer = interleaved_medians([_infer(base.eval(), x), _infer(se.eval(), x)], repeats, warmup, sync)
     base.train(), se.train()
     steps = [_train_step(base, x), _train_step(se, x)]
-    train = interleaved_medians(steps, repeats, warmup, sync)
-    memory = [_peak_memory(step, device) for step in steps]
-    base.eval(), se.eval()
-    return Timing(batch_size, 1000 * infer[0], 1000 * infer[1], 1000 * train[0], 1000 * train[1], *memory)
+    train: list[float | None]
+    memory: list[int | None]
+    try:
+        train = [1000 * t for t in interleaved_medians(steps, repeats, warmup, sync)]
+        memory = [_peak_memory(step, device) for step in steps]
+    except ValueError as e:
+        if "more than 1 value per channel" not in str(e):
+            raise
+        train, memory = [None, None], [None, None]
+    finally:
+        base.eval(), se.eval()
+    return Timing(batch_size, 1000 * infer[0], 1000 * infer[1], train[0], train[1], *memory)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .options import SQUEEZES
 
 GATES = {"sigmoid": nn.Sigmoid, "hard-sigmoid": nn.Hardsigmoid}
@@ -60,6 +61,8 @@ class SqueezeExcite(nn.Module):
         Drop-path multiplies each sample by one random factor, so applying it to the (N, C, 1, 1) gate instead of
         the (N, C, H, W) product draws the same numbers and gives the same result for far less memory traffic.
         """
+        if kernels.usable_for(x) and isinstance(self.bn, nn.Identity) and isinstance(self.act, nn.ReLU):
+            return self._fused(x, shortcut, drop_path)
         s = self.excite(x)
         if shortcut is None:
             return x * s
@@ -67,13 +70,26 @@ class SqueezeExcite(nn.Module):
             s = drop_path(s)
         return torch.addcmul(shortcut, x, s)
 
+    def _fused(self, x: torch.Tensor, shortcut: torch.Tensor | None, drop_path: nn.Module | None) -> torch.Tensor:
+        """The same computation on seify's Triton kernels (``SEIFY_KERNELS=triton``)."""
+        factor = None
+        if shortcut is not None and drop_path is not None:
+            # the (N, 1, 1, 1) draw drop_path would make for the gate: same shape, so the same random numbers
+            factor = drop_path(x.new_ones((x.shape[0], 1, 1, 1), dtype=torch.float32)).flatten()
+        bias1, bias2 = self.fc1.bias, self.fc2.bias
+        assert bias1 is not None and bias2 is not None  # built with bias=True
+        return kernels.squeeze_excite(x, self.fc1.weight.flatten(1), bias1, self.fc2.weight.flatten(1), bias2,
+                                      shortcut, factor, self.scale, self.squeeze,
+                                      "hard-sigmoid" if isinstance(self.gate, nn.Hardsigmoid) else "sigmoid")
+
     def init_identity(self) -> None:
         """Zero the last layer so the gate is a constant 0.5 (exactly) whatever the input.
 
         fc1 keeps its random initialisation: fc2's gradient is non-zero from the first step, and fc1's follows.
         """
         nn.init.zeros_(self.fc2.weight)
-        nn.init.zeros_(self.fc2.bias)
+        if self.fc2.bias is not None:
+            nn.init.zeros_(self.fc2.bias)
 
     def extra_repr(self) -> str:
         return f"squeeze={self.squeeze}, scale={self.scale}" if self.scale != 1.0 else f"squeeze={self.squeeze}"

@@ -96,7 +96,7 @@ def _adds_block_input(add: fx.Node, common: set[fx.Node], order: dict, root: nn.
     scope = g.owner(add)
     if not scope or not common:
         return True
-    node = max(common, key=order.__getitem__)
+    node: fx.Node | None = max(common, key=order.__getitem__)
     while node is not None and g.in_scope(node, scope) and \
             (L.is_norm(node, root) or L.is_activation(node, root) or L.is_transparent(node, root)):
         node = L.feature_input(node)
@@ -136,7 +136,10 @@ def _normalises(node: fx.Node, root: nn.Module) -> bool:
 
 def _skip_transparent(node: fx.Node, consumer: fx.Node, root: nn.Module):
     while L.is_transparent(node, root) and len(node.users) == 1:
-        node, consumer = L.feature_input(node), node
+        before = L.feature_input(node)
+        if before is None:
+            break
+        node, consumer = before, node
     return node, consumer
 
 
@@ -173,9 +176,9 @@ def _module_output(nodes: list[fx.Node]) -> fx.Node | None:
     return leaving[0] if s is not None and len(s) == 4 and s[2] * s[3] > 1 else None
 
 
-def _concat_before(node: fx.Node, inside: set[fx.Node], root: nn.Module) -> fx.Node | None:
+def _concat_before(node: fx.Node | None, inside: set[fx.Node], root: nn.Module) -> fx.Node | None:
     """The channel concat a module's output comes from, through norms, activations and channel shuffles."""
-    while node in inside:
+    while node is not None and node in inside:
         if g.is_call(node, {torch.cat, torch.concat, "cat"}):
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
             return node if dim in (1, -3) else None
@@ -188,7 +191,8 @@ def _concat_before(node: fx.Node, inside: set[fx.Node], root: nn.Module) -> fx.N
 def _is_multi_branch(cat: fx.Node, inside: set[fx.Node], root: nn.Module) -> bool:
     """Two inputs computed apart (neither from the other), and a convolution in at least one: Inception's and
     NASNet's modules; DenseNet's concat of a chain of features is not one."""
-    parts = [p for p in (cat.args[0] if cat.args else []) if isinstance(p, fx.Node)]
+    listed = cat.args[0] if cat.args else []
+    parts = [p for p in listed if isinstance(p, fx.Node)] if isinstance(listed, (list, tuple)) else []
     ancestry = {p: g.ancestors(p) | {p} for p in parts}
     if not any(a not in ancestry[b] and b not in ancestry[a] for a, b in combinations(parts, 2)):
         return False
@@ -198,7 +202,8 @@ def _is_multi_branch(cat: fx.Node, inside: set[fx.Node], root: nn.Module) -> boo
 def _module_edges(gm: fx.GraphModule) -> tuple[list, list]:
     """(multi-branch module edges, convolution-block edges), each (module, its output, the output's users)."""
     scopes = _scope_nodes(gm)
-    multi, blocks = {}, {}
+    multi: dict[str, fx.Node] = {}
+    blocks: dict[str, fx.Node] = {}
     for path, nodes in sorted(scopes.items(), key=lambda item: -item[0].count(".")):  # innermost first
         output = _module_output(nodes)
         if output is None:
@@ -222,7 +227,7 @@ def _module_edges(gm: fx.GraphModule) -> tuple[list, list]:
 
 
 def _label(node: fx.Node) -> str:
-    return node.target if node.op == "call_module" else node.name
+    return g.target(node) if node.op == "call_module" else node.name
 
 
 def _stage_of(path: str, height: int, input_height: int, feature_info) -> int:
@@ -240,11 +245,11 @@ def _feature_info(model: nn.Module) -> list[dict]:
 
 def _gated_scopes(gm: fx.GraphModule) -> dict[str, str]:
     """Module path -> path of the gate inside it, for every module that already holds a channel gate."""
-    gated = {}
+    gated: dict[str, str] = {}
     for node in gm.graph.nodes:
         is_ours = isinstance(g.called_module(gm, node), SqueezeExcite)
         if is_ours or L.is_channel_gate(node):
-            where = node.target if is_ours else g.owner(node)
+            where = g.target(node) if is_ours else g.owner(node)
             for scope in g.module_stack(node):
                 gated.setdefault(scope, where)
             if not g.module_stack(node):
@@ -257,7 +262,7 @@ def _slot(consumers: list[fx.Node], root: nn.Module) -> fx.Node | None:
     the SE block takes its place, so the converted state_dict matches timm's native SE twin."""
     node = consumers[0] if len(consumers) == 1 else None
     while node is not None and isinstance(g.called_module(root, node), nn.Identity):
-        if node.target.rsplit(".", 1)[-1] in _SLOTS:
+        if g.target(node).rsplit(".", 1)[-1] in _SLOTS:
             return node
         node = next(iter(node.users)) if len(node.users) == 1 else None
     return None
@@ -308,13 +313,14 @@ def find_sites(model: nn.Module, options: SEOptions, input_size: tuple[int, int,
             continue
         seen.add((producer, tuple(consumers)))
         slot = _slot(consumers, gm)
-        if slot is not None:
-            producer, consumers = L.feature_input(slot), list(slot.users)
-            path = slot.target
+        slot_input = L.feature_input(slot) if slot is not None else None
+        if slot is not None and slot_input is not None:
+            producer, consumers = slot_input, list(slot.users)
+            path = g.target(slot)
             taken.add(path)
         else:
             path = _se_name(model, owner, placement, producer, taken)
-        _, channels, height, width = g.shape(producer)
+        _, channels, height, width = g.shape(producer) or (0, 0, 0, 0)
         stage = _stage_of(path, height, input_size[1], info)
         if (options.stages is not None and stage not in options.stages) \
                 or (include and not include.search(path)) or (exclude and exclude.search(path)):

@@ -84,7 +84,7 @@ def convert(model: nn.Module, options: SEOptions, input_size: tuple[int, int, in
     for site in chosen + skipped:
         site.path, site.owner, site.after = (_join(scope, p) for p in (site.path, site.owner, site.after))
     return Conversion(_set_submodule(model, scope, part).eval(), chosen, skipped, placement, options,
-                      tuple(input_size), scope)
+                      input_size, scope)
 
 
 def _join(scope: str, path: str) -> str:
@@ -105,7 +105,7 @@ def _nothing_to_convert(model: nn.Module, placement: str, skipped: list[Site], o
     name = type(model).__name__
     if skipped:
         return (f"nothing to convert in {name}: all {len(skipped)} {placement} sites already have an SE-style "
-                f"gate (e.g. {skipped[0].skipped.split(' ', 3)[-1]})")
+                f"gate (e.g. {(skipped[0].skipped or '').split(' ', 3)[-1]})")
     if options.stages is not None or options.include or options.exclude:
         return f"nothing to convert in {name}: no {placement} site matches {{stages}}/{{include}}/{{exclude}}"
     if not any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules()) or placement == "activation":
@@ -212,7 +212,7 @@ def _rebuild_owner(model: nn.Module, gm_whole: fx.GraphModule, owner: str, sites
     for site in sites:
         if site.slot is not None:  # the empty attention slot the block replaces leaves the graph
             slot = local_node(site.slot)
-            slot.replace_all_uses_with(slot.args[0])
+            slot.replace_all_uses_with(L.feature_input(slot) or output)
             local.graph.erase_node(slot)
         consumers = [local_node(c) for c in site.consumers]
         if site.producer in key_of:
@@ -249,7 +249,7 @@ def _fuse_with_sum(local: fx.GraphModule, name: str, producer: fx.Node, consumer
         return False
     chain, node = [], consumers[0]
     while node.op == "call_module" and len(node.users) == 1 and \
-            isinstance(local.get_submodule(node.target), (nn.Identity, *L.per_sample_drops())):
+            isinstance(local.get_submodule(g.target(node)), (nn.Identity, *L.per_sample_drops())):
         chain.append(node)
         node = next(iter(node.users))
     add, branch_end = node, (chain[-1] if chain else producer)
@@ -257,11 +257,11 @@ def _fuse_with_sum(local: fx.GraphModule, name: str, producer: fx.Node, consumer
             sum(a is branch_end for a in add.args) != 1:
         return False
     shortcut = add.args[1] if add.args[0] is branch_end else add.args[0]
-    drops = [n for n in chain if not isinstance(local.get_submodule(n.target), nn.Identity)]
+    drops = [n for n in chain if not isinstance(local.get_submodule(g.target(n)), nn.Identity)]
     if len(drops) > 1 or not isinstance(shortcut, fx.Node):
         return False
     with local.graph.inserting_before(add):
-        drop = (local.graph.get_attr(drops[0].target),) if drops else ()
+        drop = (local.graph.get_attr(g.target(drops[0])),) if drops else ()
         fused = local.graph.call_module(name, (producer, shortcut, *drop))
     add.replace_all_uses_with(fused)
     local.graph.erase_node(add)
@@ -315,7 +315,7 @@ def _check_same_computation(original: fx.GraphModule, converted: nn.Module) -> N
 def _scalable_params(node: fx.Node, root: nn.Module, calls: Counter) -> list[str] | None:
     """Parameters (or a frozen norm's buffers) that scale this call's output exactly when multiplied by 2."""
     if node.op == "call_module":
-        m = root.get_submodule(node.target)
+        m = root.get_submodule(g.target(node))
         if calls[node.target] != 1:
             return None
         names = []
@@ -333,17 +333,20 @@ def _scalable_params(node: fx.Node, root: nn.Module, calls: Counter) -> list[str
     if g.is_call(node, g.MUL_TARGETS):
         for arg in node.all_input_nodes:
             while arg.op == "call_method" and arg.target in L.SHAPE_METHODS:
-                arg = arg.args[0]
-            if arg.op == "get_attr" and isinstance(root.get_parameter(arg.target), nn.Parameter) \
+                inner = L.feature_input(arg)
+                if inner is None:
+                    break
+                arg = inner
+            if arg.op == "get_attr" and isinstance(root.get_parameter(g.target(arg)), nn.Parameter) \
                     and calls[arg.target] == 1:
-                return [arg.target]
+                return [g.target(arg)]
     return None
 
 
 def _fold_backward(site: Site, root: nn.Module, calls: Counter) -> list[str] | None:
-    if not set(site.producer.users) <= set(site.consumers) | {site.slot}:
+    if site.producer is None or not set(site.producer.users) <= set(site.consumers) | {site.slot}:
         return None
-    node = site.producer
+    node: fx.Node | None = site.producer
     while node is not None:
         params = _scalable_params(node, root, calls)
         if params:
@@ -391,5 +394,7 @@ def _compensate(model: nn.Module, gm_whole: fx.GraphModule, sites: list[Site], s
                 site.compensation = "x2 folded into " + ", ".join(sorted(_join(scope, o) for o in owners))
                 break
         else:
-            model.get_submodule(site.path).scale = 2.0
+            block = model.get_submodule(site.path)
+            assert isinstance(block, SqueezeExcite)
+            block.scale = 2.0
             site.compensation = "gate scaled x2"

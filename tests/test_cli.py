@@ -6,7 +6,6 @@ import timm
 import torch
 
 import seify
-
 from conftest import outputs, realistic, save_weights
 
 

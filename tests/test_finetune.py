@@ -13,17 +13,15 @@ import torch
 from PIL import Image
 
 import seify
+from conftest import ARCH, KillAt, config, rows_of, save_weights, weights
 from seify.checkpoint import read_recipe
-from seify.demo import CLASSES
+from seify.demo import CLASSES, run
 from seify.errors import SeifyError
 from seify.finetune import data as fdata
 from seify.finetune.evaluate import evaluate_folder
 from seify.finetune.loop import Trainer, finetune
 from seify.finetune.progress import PlainLog
 from seify.se import SqueezeExcite
-
-from conftest import config, rows_of, save_weights, weights
-
 
 # ------------------------------------------------------------------ data
 
@@ -87,9 +85,9 @@ def test_augmentation_presets_fit_the_image_size(preset, size, scale, flip):
 # ------------------------------------------------------------------ a run
 
 
-def test_run_writes_everything(tmp_path, tiny, r18):
+def test_run_writes_everything(tmp_path, tiny, se_file):
     out = tmp_path / "run"
-    result = finetune(r18, str(tiny), config(out))
+    result = finetune(se_file, str(tiny), config(out))
     for name in ("last.safetensors", "best.safetensors", "checkpoint.json", "metrics.jsonl", "metrics.csv",
                  "curves.png", "run.json"):
         assert (out / name).is_file(), name
@@ -100,7 +98,7 @@ def test_run_writes_everything(tmp_path, tiny, r18):
     info = json.loads((out / "run.json").read_text())
     assert info["classes"] == sorted(CLASSES) and info["img_size"] == 32 and info["config"]["batch_size"] == 8
     assert info["versions"]["torch"] == torch.__version__ and info["versions"]["timm"] == timm.__version__
-    assert info["augmentation"]["preset"] == "light" and info["source"]["model"] == r18
+    assert info["augmentation"]["preset"] == "light" and info["source"]["model"] == se_file
     recipe = read_recipe(out / "best.safetensors")
     assert recipe["classes"] == sorted(CLASSES) and recipe["num_classes"] == 4
     assert recipe["data_config"]["input_size"] == [3, 32, 32]  # the size it was trained at
@@ -119,21 +117,21 @@ def _umask():
     return mask
 
 
-def test_warmup_trains_only_the_new_parts(tmp_path, tiny, r18):
+def test_warmup_trains_only_the_new_parts(tmp_path, tiny, se_file):
     """A converted trained model with a new head: epoch 1 trains SE blocks and the head, nothing else."""
     out = tmp_path / "run"
-    finetune(r18, str(tiny), config(out, epochs=1))
-    before, after = weights(r18), weights(out / "last.safetensors")
+    finetune(se_file, str(tiny), config(out, epochs=1))
+    before, after = weights(se_file), weights(out / "last.safetensors")
     assert torch.equal(before["layer1.0.conv1.weight"], after["layer1.0.conv1.weight"])
     assert torch.equal(before["layer1.0.bn1.running_mean"], after["layer1.0.bn1.running_mean"])
     assert not torch.equal(before["layer1.0.se.fc2.weight"], after["layer1.0.se.fc2.weight"])
-    assert after["fc.weight"].shape == (4, 512)
+    assert after["fc.weight"].shape == (4, 96)
 
 
-def test_seed_makes_runs_identical(tmp_path, tiny, r18):
-    a = finetune(r18, str(tiny), config(tmp_path / "a", seed=5)).out
-    b = finetune(r18, str(tiny), config(tmp_path / "b", seed=5)).out
-    c = finetune(r18, str(tiny), config(tmp_path / "c", seed=6)).out
+def test_seed_makes_runs_identical(tmp_path, tiny, se_file):
+    a = finetune(se_file, str(tiny), config(tmp_path / "a", seed=5)).out
+    b = finetune(se_file, str(tiny), config(tmp_path / "b", seed=5)).out
+    c = finetune(se_file, str(tiny), config(tmp_path / "c", seed=6)).out
     wa, wb, wc = (weights(p / "last.safetensors") for p in (a, b, c))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert not all(torch.equal(wa[k], wc[k]) for k in wa)
@@ -142,18 +140,18 @@ def test_seed_makes_runs_identical(tmp_path, tiny, r18):
 # ------------------------------------------------------------------ the trained head
 
 
-def test_head_with_matching_size_is_kept_and_warmup_trains_se_only(tmp_path, tiny, trained4):
+def test_head_with_matching_size_is_kept_and_warmup_trains_se_only(tmp_path, tiny, plain4):
     out = tmp_path / "run"
     log = []
-    result = finetune("resnet18", str(tiny), config(out, epochs=1), weights=trained4, log=_collect(log))
-    before, after = weights(trained4), weights(out / "last.safetensors")
+    result = finetune(ARCH, str(tiny), config(out, epochs=1), weights=plain4, log=_collect(log))
+    before, after = weights(plain4), weights(out / "last.safetensors")
     assert torch.equal(before["fc.weight"], after["fc.weight"])  # kept, and frozen during the warm-up
-    assert not torch.equal(after["layer4.1.se.fc2.weight"], torch.zeros_like(after["layer4.1.se.fc2.weight"]))
+    assert not torch.equal(after["layer4.0.se.fc2.weight"], torch.zeros_like(after["layer4.0.se.fc2.weight"]))
     assert any("keeping the trained 4-way head" in line and "sorted order" in line for line in log)
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert first["epoch"] == 0 and first["phase"] == "start"  # the accuracy it started from
-    original = timm.create_model("resnet18", num_classes=4)
-    original.load_state_dict(weights(trained4))
+    original = timm.create_model(ARCH, num_classes=4)
+    original.load_state_dict(weights(plain4))
     assert result.start_top1 == pytest.approx(_accuracy(original, tiny))
 
 
@@ -175,11 +173,11 @@ def _collect(lines):
     return Log
 
 
-def test_recorded_class_names_reorder_the_head_or_are_refused(tmp_path, tiny, trained4):
+def test_recorded_class_names_reorder_the_head_or_are_refused(tmp_path, tiny, plain4):
     import shutil
 
     from seify.checkpoint import save
-    best = finetune("resnet18", str(tiny), config(tmp_path / "first", epochs=1), weights=trained4).out / \
+    best = finetune(ARCH, str(tiny), config(tmp_path / "first", epochs=1), weights=plain4).out / \
         "best.safetensors"
     recipe = read_recipe(best)
     assert recipe["classes"] == sorted(CLASSES)
@@ -211,10 +209,10 @@ def test_recorded_class_names_reorder_the_head_or_are_refused(tmp_path, tiny, tr
 def test_random_weights_train_everything_from_the_start(tmp_path, tiny):
     out = tmp_path / "run"
     log = []
-    finetune("resnet18", str(tiny), config(out, epochs=1), log=_collect(log))
+    finetune(ARCH, str(tiny), config(out, epochs=1), log=_collect(log))
     assert any("random weights, so everything trains from the start" in line for line in log)
     assert [r["phase"] for r in rows_of(out)] == ["full"]
-    first = timm.create_model("resnet18")
+    first = timm.create_model(ARCH)
     after = weights(out / "last.safetensors")
     assert not torch.equal(after["layer1.0.conv1.weight"], first.state_dict()["layer1.0.conv1.weight"])
     recipe = read_recipe(out / "last.safetensors")
@@ -224,7 +222,7 @@ def test_random_weights_train_everything_from_the_start(tmp_path, tiny):
 # ------------------------------------------------------------------ the plain baseline
 
 
-def test_no_se_is_the_same_recipe_on_the_plain_model(tmp_path, tiny, trained4, monkeypatch):
+def test_no_se_is_the_same_recipe_on_the_plain_model(tmp_path, tiny, plain4, monkeypatch):
     seen = {}
     real = fdata.ImageDataset.__getitem__
 
@@ -233,9 +231,9 @@ def test_no_se_is_the_same_recipe_on_the_plain_model(tmp_path, tiny, trained4, m
         return real(self, i)
     monkeypatch.setattr(fdata.ImageDataset, "__getitem__", record)
     current = ["se"]
-    finetune("resnet18", str(tiny), config(tmp_path / "se", seed=3), weights=trained4)
+    finetune(ARCH, str(tiny), config(tmp_path / "se", seed=3), weights=plain4)
     current[0] = "plain"
-    plain = finetune("resnet18", str(tiny), config(tmp_path / "plain", seed=3), weights=trained4, options=None)
+    plain = finetune(ARCH, str(tiny), config(tmp_path / "plain", seed=3), weights=plain4, options=None)
     assert seen["se"] == seen["plain"] and len(seen["se"]) > 32  # same images, same order, start eval included
     model = seify.load(plain.out / "best.safetensors")
     assert not any(isinstance(m, SqueezeExcite) for m in model.modules())
@@ -245,21 +243,22 @@ def test_no_se_is_the_same_recipe_on_the_plain_model(tmp_path, tiny, trained4, m
     assert again["top1"] == pytest.approx(plain.best_top1)
     from seify.profile import profile
     report = profile(str(plain.out / "best.safetensors"), latency=False).to_dict()
-    assert report["input_size"] == [3, 32, 32] and report["base"]["params"] == 11_178_564
+    assert report["input_size"] == [3, 32, 32]
+    assert report["base"]["params"] == sum(p.numel() for p in timm.create_model(ARCH, num_classes=4).parameters())
     with pytest.raises(SeifyError, match="already has SE blocks"):
         finetune(str(tmp_path / "se" / "best.safetensors"), str(tiny), config(tmp_path / "z"), options=None)
 
 
-def test_evaluate_scores_a_plain_checkpoint(cli, tmp_path, tiny, trained4):
-    code, stdout, err = cli("evaluate", "resnet18", tiny, "--weights", trained4, "--img-size", "32", "--json",
+def test_evaluate_scores_a_plain_checkpoint(cli, tmp_path, tiny, plain4):
+    code, stdout, err = cli("evaluate", ARCH, tiny, "--weights", plain4, "--img-size", "32", "--json",
                             "--workers", "0")
     assert code == 0, err
     report = json.loads(stdout)
-    model = timm.create_model("resnet18", num_classes=4)
-    model.load_state_dict(weights(trained4))
+    model = timm.create_model(ARCH, num_classes=4)
+    model.load_state_dict(weights(plain4))
     assert report["top1"] == pytest.approx(_accuracy(model, tiny))
     assert "sorted order" in report["notes"][0]
-    code, _, err = cli("evaluate", "resnet18", tiny, "--weights", save_weights(timm.create_model("resnet18"),
+    code, _, err = cli("evaluate", ARCH, tiny, "--weights", save_weights(timm.create_model(ARCH),
                                                                                 tmp_path / "r1000.safetensors"))
     assert code == 2 and "1000 outputs but" in err
 
@@ -267,26 +266,16 @@ def test_evaluate_scores_a_plain_checkpoint(cli, tmp_path, tiny, trained4):
 # ------------------------------------------------------------------ resuming
 
 
-class _KillAt(PlainLog):
-    """Sends this process SIGTERM after a given step, as a scheduler or a user would."""
-    at = 6
-
-    def step(self, batch, loss, top1, lr, rate):
-        self.count = getattr(self, "count", 0) + 1
-        if self.count == self.at:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-
-def test_sigterm_saves_and_resume_continues_exactly(tmp_path, tiny, r18):
-    straight = finetune(r18, str(tiny), config(tmp_path / "straight", epochs=3))
+def test_sigterm_saves_and_resume_continues_exactly(tmp_path, tiny, se_file):
+    straight = finetune(se_file, str(tiny), config(tmp_path / "straight", epochs=3))
     out = tmp_path / "cut"
-    cut = finetune(r18, str(tiny), config(out, epochs=3), log=_KillAt)
+    cut = finetune(se_file, str(tiny), config(out, epochs=3), log=KillAt)
     assert cut.stopped_by == "SIGTERM"
     from seify.finetune.state import RunFolder
     folder = RunFolder(out)
     state, _ = folder.read(folder.committed())
     assert (state["progress"]["epoch"], state["progress"]["batch_in_epoch"]) == (1, 3)  # mid-epoch 2
-    resumed = finetune(r18, str(tiny), config(out, epochs=3, resume=True))
+    resumed = finetune(se_file, str(tiny), config(out, epochs=3, resume=True))
     assert resumed.stopped_by is None
     w1, w2 = weights(straight.out / "last.safetensors"), weights(out / "last.safetensors")
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
@@ -294,49 +283,49 @@ def test_sigterm_saves_and_resume_continues_exactly(tmp_path, tiny, r18):
     assert [[r[k] for k in keys] for r in rows_of(straight.out)] == [[r[k] for k in keys] for r in rows_of(out)]
 
 
-def test_resume_says_what_it_does(tmp_path, tiny, r18):
+def test_resume_says_what_it_does(tmp_path, tiny, se_file):
     out = tmp_path / "run"
-    finetune(r18, str(tiny), config(out, epochs=2))
+    finetune(se_file, str(tiny), config(out, epochs=2))
     log = []
     before = (out / "checkpoint.json").read_text()
-    done = finetune(r18, str(tiny), config(out, resume=True), log=_collect(log))
+    done = finetune(se_file, str(tiny), config(out, resume=True), log=_collect(log))
     assert any("is complete (2 epochs" in line and "nothing to do" in line for line in log)
     assert (out / "checkpoint.json").read_text() == before and done.epochs_run == 2
     with pytest.raises(SeifyError, match=r"planned for 2 epochs; epochs 4 stretches its cosine schedule .* extend"):
-        Trainer(r18, str(tiny), config(out, epochs=4, resume=True))
+        Trainer(se_file, str(tiny), config(out, epochs=4, resume=True))
     log.clear()
-    longer = finetune(r18, str(tiny), config(out, epochs=4, resume=True, extend=True), log=_collect(log))
+    longer = finetune(se_file, str(tiny), config(out, epochs=4, resume=True, extend=True), log=_collect(log))
     assert longer.epochs_run == 4 and [r["epoch"] for r in rows_of(out)] == [1, 2, 3, 4]
     assert any("stretches its cosine schedule" in line for line in log)
     with pytest.raises(SeifyError, match="batch_size 4 differs from the run's 8"):
-        Trainer(r18, str(tiny), config(out, batch_size=4, resume=True))
+        Trainer(se_file, str(tiny), config(out, batch_size=4, resume=True))
     with pytest.raises(SeifyError, match="this run fine-tunes"):
         Trainer("resnet34", str(tiny), config(out, resume=True))
 
 
-def test_existing_run_is_protected(tmp_path, tiny, r18):
+def test_existing_run_is_protected(tmp_path, tiny, se_file):
     out = tmp_path / "run"
-    finetune(r18, str(tiny), config(out, epochs=1))
+    finetune(se_file, str(tiny), config(out, epochs=1))
     with pytest.raises(SeifyError, match="already holds a run; pass resume .* or force"):
-        Trainer(r18, str(tiny), config(out, epochs=1))
+        Trainer(se_file, str(tiny), config(out, epochs=1))
     with pytest.raises(SeifyError, match="nothing to resume"):
-        Trainer(r18, str(tiny), config(tmp_path / "fresh", resume=True))
+        Trainer(se_file, str(tiny), config(tmp_path / "fresh", resume=True))
 
 
-def test_non_finite_loss_stops_and_keeps_last_good(tmp_path, tiny, r18, monkeypatch):
+def test_non_finite_loss_stops_and_keeps_last_good(tmp_path, tiny, se_file, monkeypatch):
     import seify.finetune.loop as loop
     out = tmp_path / "run"
-    finetune(r18, str(tiny), config(out, epochs=1))
+    finetune(se_file, str(tiny), config(out, epochs=1))
     good = weights(out / "last.safetensors")
     real = loop.F.cross_entropy
     monkeypatch.setattr(loop.F, "cross_entropy", lambda *a, **k: real(*a, **k) * float("nan"))
     with pytest.raises(SeifyError, match="loss became nan .* last good checkpoint is"):
-        finetune(r18, str(tiny), config(out, epochs=2, resume=True, extend=True))
+        finetune(se_file, str(tiny), config(out, epochs=2, resume=True, extend=True))
     assert all(torch.equal(good[k], v) for k, v in weights(out / "last.safetensors").items())
 
 
 def test_plain_model_is_converted_first(tmp_path, tiny):
-    result = finetune("resnet18", str(tiny), config(tmp_path / "run", epochs=1))
+    result = finetune(ARCH, str(tiny), config(tmp_path / "run", epochs=1))
     model = seify.load(result.out / "last.safetensors")
     assert type(model.layer1[0].se).__name__ == "SqueezeExcite"
 
@@ -357,9 +346,9 @@ def test_threads_leave_busy_cores_alone(monkeypatch):
 # ------------------------------------------------------------------ CLI, distributed
 
 
-def test_cli_finetune_evaluate_profile(cli, tmp_path, tiny, r18):
+def test_cli_finetune_evaluate_profile(cli, tmp_path, tiny, se_file):
     out = tmp_path / "run"
-    code, stdout, err = cli("finetune", r18, tiny, "--out", out, "--epochs", "1", "--batch-size", "8",
+    code, stdout, err = cli("finetune", se_file, tiny, "--out", out, "--epochs", "1", "--batch-size", "8",
                             "--img-size", "32", "--workers", "0", "--device", "cpu", "--log-every", "2",
                             "--aug", "none", "--threads", "1")
     assert code == 0, err
@@ -371,16 +360,16 @@ def test_cli_finetune_evaluate_profile(cli, tmp_path, tiny, r18):
     assert sum(map(sum, report["confusion"])) == 16
     code, stdout, _ = cli("profile", out / "best.safetensors", "--no-latency", "--json")
     assert code == 0 and json.loads(stdout)["added_params"] > 0 and json.loads(stdout)["input_size"] == [3, 32, 32]
-    code, _, err = cli("finetune", r18, tmp_path / "nowhere", "--out", tmp_path / "x")
+    code, _, err = cli("finetune", se_file, tmp_path / "nowhere", "--out", tmp_path / "x")
     assert code == 2 and "does not exist" in err
-    code, _, err = cli("finetune", r18, tiny, "--out", out, "--resume", "--batch-size", "4")
+    code, _, err = cli("finetune", se_file, tiny, "--out", out, "--resume", "--batch-size", "4")
     assert code == 2 and "--batch-size 4 differs from the run's 8" in err
 
 
 @pytest.mark.slow
-def test_sigint_from_outside_exits_130(tmp_path, tiny, r18):
+def test_sigint_from_outside_exits_130(tmp_path, tiny, se_file):
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "seify", "finetune", r18, str(tiny), "--out", str(out),
+    proc = subprocess.Popen([sys.executable, "-m", "seify", "finetune", se_file, str(tiny), "--out", str(out),
                              "--epochs", "200", "--batch-size", "8", "--img-size", "32", "--workers", "0",
                              "--device", "cpu", "--log-every", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -395,19 +384,19 @@ def test_sigint_from_outside_exits_130(tmp_path, tiny, r18):
 
 
 @pytest.mark.slow
-def test_two_process_gloo_job(tmp_path, tiny, r18):
+def test_two_process_gloo_job(tmp_path, tiny, se_file):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", str(_free_port()), "-m", "seify", "finetune", r18, str(tiny), "--out",
-                          str(out), "--epochs", "2", "--batch-size", "4", "--img-size", "32", "--workers", "0",
+                          "--master_port", str(_free_port()), "-m", "seify", "finetune", se_file, str(tiny), "--out",
+                          str(out), "--epochs", "1", "--batch-size", "4", "--img-size", "32", "--workers", "0",
                           "--device", "cpu", "--log-every", "0"], capture_output=True, text=True, env=env,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.count("epoch 2/2: train loss") == 1  # only rank 0 speaks
+    assert run.stdout.count("epoch 1/1: train loss") == 1  # only rank 0 speaks
     assert "device cpu x2" in run.stdout
-    assert len(rows_of(out)) == 2
-    assert json.loads((out / "checkpoint.json").read_text())["step"] == 8  # 32 images / (2 ranks x 4) per epoch
+    assert len(rows_of(out)) == 1
+    assert json.loads((out / "checkpoint.json").read_text())["step"] == 4  # 32 images / (2 ranks x 4) per epoch
     assert seify.load(out / "best.safetensors").get_classifier().out_features == 4
 
 
@@ -418,9 +407,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ema_weights_are_judged_and_kept(tmp_path, tiny, r18):
+def test_ema_weights_are_judged_and_kept(tmp_path, tiny, se_file):
     out = tmp_path / "run"
-    finetune(r18, str(tiny), config(out, ema_decay=0.9))
+    finetune(se_file, str(tiny), config(out, ema_decay=0.9))
     from seify.finetune.state import RunFolder
     folder = RunFolder(out)
     assert "ema" in folder.read(folder.committed())[0]
@@ -428,25 +417,6 @@ def test_ema_weights_are_judged_and_kept(tmp_path, tiny, r18):
     assert not all(torch.equal(best[k], last[k]) for k in last)  # best holds the average, last the raw weights
     again = evaluate_folder(str(out / "best.safetensors"), str(tiny / "val"), device="cpu", workers=0)
     assert again["top1"] == pytest.approx(max(r["val_top1"] for r in rows_of(out)))
-
-
-@pytest.mark.slow
-def test_sigkill_then_resume_loses_at_most_the_epoch(tmp_path, tiny, r18):
-    out = tmp_path / "run"
-    args = [sys.executable, "-m", "seify", "finetune", r18, str(tiny), "--out", str(out), "--epochs", "4",
-            "--batch-size", "8", "--img-size", "32", "--workers", "0", "--device", "cpu", "--log-every", "0"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (out / "metrics.jsonl").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    proc.kill()
-    proc.wait()
-    done = len(rows_of(out))
-    assert 1 <= done < 4
-    run = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-1000:]
-    assert f"resuming {out} at epoch " in run.stdout
-    assert [r["epoch"] for r in rows_of(out)] == [1, 2, 3, 4]
 
 
 def test_torchvision_model_gets_a_new_head(tmp_path, tiny):
@@ -459,8 +429,8 @@ def test_torchvision_model_gets_a_new_head(tmp_path, tiny):
 
 @pytest.mark.slow
 def test_demo_reaches_90_percent(tmp_path):
-    from seify.demo import run
-    result = run(tmp_path / "demo", epochs=3)
+    # the demo at 48 px and 4 epochs (it runs 64 px and 5): 98-100% here, about half the demo's time
+    result = run(tmp_path / "demo", epochs=4, size=48)
     assert result["top1"] >= 90.0
     for key in ("best", "curves", "metrics", "converted"):
         assert Path(result[key]).is_file()

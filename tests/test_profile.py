@@ -10,10 +10,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import seify
+from conftest import CASES, STAGES, analytic_added
 from seify.profile import profile
 from seify.surgery import SEOptions
-
-from conftest import CASES, STAGES, analytic_added
 
 SIZE = (3, 64, 64)
 
@@ -30,7 +29,8 @@ def test_resnet50_numbers():
     report = profile("resnet50", latency=False).to_dict()
     assert report["input_size"] == [3, 224, 224]
     assert (report["base"]["params"], report["se"]["params"]) == (25_557_032, 28_088_024)
-    assert report["added_params"] == analytic_added() and report["added_params_percent"] == pytest.approx(9.90, abs=5e-3)
+    assert report["added_params"] == analytic_added()
+    assert report["added_params_percent"] == pytest.approx(9.90, abs=5e-3)
     import timm
     with torch.device("meta"):
         base = timm.create_model("resnet50")
@@ -120,3 +120,14 @@ def test_huge_model_is_counted_without_allocating_weights():
     assert json.loads(run.stdout)["base"]["params"] == 350_196_968  # 1.4 GB of fp32 weights
     peak_kb = int(run.stderr.split("VmHWM:")[1].split()[0])
     assert peak_kb < 1.5 * 1024 * 1024
+
+
+def test_a_model_that_cannot_train_at_batch_1_is_timed_for_inference(cli):
+    code, out, err = cli("profile", "resnet18", "--input-size", "3,32,32", "--device", "cpu", "--repeats", "1",
+                         "--warmup", "0", "--json")
+    assert code == 0, err
+    timing = json.loads(out)["timings"][0]
+    assert timing["infer_ratio"] > 0 and timing["train_ratio"] is None and timing["train_base_ms"] is None
+    code, out, err = cli("profile", "resnet18", "--input-size", "3,32,32", "--device", "cpu", "--repeats", "1",
+                         "--warmup", "0")
+    assert code == 0 and "BatchNorm needs a batch of 2 here" in out

@@ -12,11 +12,10 @@ import torch
 from PIL import Image
 
 import seify
+from conftest import ARCH, config, rows_of, save_weights, weights
 from seify.errors import SeifyError
 from seify.finetune.loop import Trainer, finetune
 from seify.finetune.state import RunFolder
-
-from conftest import config, rows_of, save_weights, weights
 
 # A driver that imports torch once and forks a child per run, so a SIGKILL before the Nth rename costs a fork,
 # not an interpreter start. The parent runs no torch op before forking (no thread pool to inherit).
@@ -82,45 +81,45 @@ def test_sigkill_before_every_rename_then_resume_is_exact(tmp_path, tiny):
     assert any(o["resumed"] for o in report["outcomes"]) and any(not o["resumed"] for o in report["outcomes"])
 
 
-def test_leftovers_of_a_killed_write_are_removed(tmp_path, tiny, r18):
+def test_leftovers_of_a_killed_write_are_removed(tmp_path, tiny, se_file):
     out = tmp_path / "run"
-    finetune(r18, str(tiny), config(out, epochs=1))
+    finetune(se_file, str(tiny), config(out, epochs=1))
     (out / ".last.safetensors.abc.tmp").write_bytes(b"x" * 1000)
     (out / "checkpoints" / ".ckpt-000009.tmp").mkdir()
     (out / "checkpoints" / "ckpt-000009").mkdir()  # renamed, but its pointer never written
-    finetune(r18, str(tiny), config(out, epochs=2, resume=True, extend=True))
+    finetune(se_file, str(tiny), config(out, epochs=2, resume=True, extend=True))
     assert not list(out.glob(".*.tmp"))
     assert [p.name for p in (out / "checkpoints").iterdir()] == [RunFolder(out).committed().name]
 
 
-def test_a_second_run_on_the_same_folder_is_refused(tmp_path, tiny, r18):
+def test_a_second_run_on_the_same_folder_is_refused(tmp_path, tiny, se_file):
     out = tmp_path / "run"
-    first = Trainer(r18, str(tiny), config(out, epochs=1))
+    first = Trainer(se_file, str(tiny), config(out, epochs=1))
     try:
         with pytest.raises(SeifyError, match=f"{out} is in use by a running fine-tune \\(pid {os.getpid()}\\)"):
-            Trainer(r18, str(tiny), config(out, epochs=1, force=True))
+            Trainer(se_file, str(tiny), config(out, epochs=1, force=True))
     finally:
         first.close()
     (out / ".lock").write_text("999999")  # a lock file left by a dead process is not a lock
-    Trainer(r18, str(tiny), config(out, epochs=1, force=True)).close()
+    Trainer(se_file, str(tiny), config(out, epochs=1, force=True)).close()
 
 
-def test_a_second_process_gets_one_line_and_exit_2(tmp_path, tiny, r18):
+def test_a_second_process_gets_one_line_and_exit_2(tmp_path, tiny, se_file):
     out = tmp_path / "run"
-    holder = Trainer(r18, str(tiny), config(out, epochs=1))
+    holder = Trainer(se_file, str(tiny), config(out, epochs=1))
     try:
-        run = subprocess.run([sys.executable, "-m", "seify", "finetune", r18, str(tiny), "--out", str(out),
+        run = subprocess.run([sys.executable, "-m", "seify", "finetune", se_file, str(tiny), "--out", str(out),
                               "--force", "--workers", "0"], capture_output=True, text=True, timeout=300)
     finally:
         holder.close()
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and "in use by a running fine-tune" in run.stderr
 
 
-def test_non_finite_weights_are_never_saved(tmp_path, tiny, r18):
+def test_non_finite_weights_are_never_saved(tmp_path, tiny, se_file):
     out = tmp_path / "run"
-    finetune(r18, str(tiny), config(out, epochs=1))
+    finetune(se_file, str(tiny), config(out, epochs=1))
     good = weights(out / "last.safetensors")
-    trainer = Trainer(r18, str(tiny), config(out, epochs=2, resume=True, extend=True))
+    trainer = Trainer(se_file, str(tiny), config(out, epochs=2, resume=True, extend=True))
     with torch.no_grad():
         next(trainer.model.parameters()).fill_(float("nan"))
     with pytest.raises(SeifyError, match="non-finite values .* nothing was saved"):
@@ -131,12 +130,12 @@ def test_non_finite_weights_are_never_saved(tmp_path, tiny, r18):
     assert not list(out.glob(".*.tmp"))
 
 
-def test_a_run_that_saved_nothing_says_so(tmp_path, tiny, r18, monkeypatch):
+def test_a_run_that_saved_nothing_says_so(tmp_path, tiny, se_file, monkeypatch):
     import seify.finetune.loop as loop
     real = loop.F.cross_entropy
     monkeypatch.setattr(loop.F, "cross_entropy", lambda *a, **k: real(*a, **k) * float("inf"))
     with pytest.raises(SeifyError, match="loss became .* Nothing was saved"):
-        finetune(r18, str(tiny), config(tmp_path / "run"))
+        finetune(se_file, str(tiny), config(tmp_path / "run"))
     assert not (tmp_path / "run" / "last.safetensors").exists()
 
 
@@ -165,7 +164,7 @@ def damaged(tmp_path, tiny):
     return root
 
 
-def test_undecodable_images_are_skipped_counted_and_reported(tmp_path, damaged, r18):
+def test_undecodable_images_are_skipped_counted_and_reported(tmp_path, damaged, se_file):
     from seify.finetune import data as fdata
     _, train, _ = fdata.discover(damaged)
     assert any(p.endswith("bomb.png") for p in train.skipped)  # refused by its size before training
@@ -175,21 +174,21 @@ def test_undecodable_images_are_skipped_counted_and_reported(tmp_path, damaged, 
     class Log(seify.finetune.progress.PlainLog):
         def line(self, text):
             lines.append(text)
-    result = finetune(r18, str(damaged), config(tmp_path / "run", epochs=1, batch_size=17), log=Log)  # all 34
+    result = finetune(se_file, str(damaged), config(tmp_path / "run", epochs=1, batch_size=17), log=Log)  # all 34
     assert result.epochs_run == 1
     assert any("could not be decoded this epoch" in line for line in lines)
     assert rows_of(tmp_path / "run")[0]["undecodable"] == 2
     (damaged / "train" / "stripes_diagonal" / "bomb.png").unlink()  # else --strict-data stops at the start
     with pytest.raises(SeifyError, match="cannot be decoded .* strict_data"):
-        finetune(r18, str(damaged), config(tmp_path / "strict", epochs=1, batch_size=17, strict_data=True))
+        finetune(se_file, str(damaged), config(tmp_path / "strict", epochs=1, batch_size=17, strict_data=True))
 
 
-def test_disk_full_is_an_input_problem_and_keeps_the_last_checkpoint(tmp_path, tiny, r18, monkeypatch):
+def test_disk_full_is_an_input_problem_and_keeps_the_last_checkpoint(tmp_path, tiny, se_file, monkeypatch):
     import errno
 
     import safetensors.torch
     out = tmp_path / "run"
-    finetune(r18, str(tiny), config(out, epochs=1))
+    finetune(se_file, str(tiny), config(out, epochs=1))
     before = (out / "checkpoint.json").read_text()
     real = safetensors.torch.save_model
 
@@ -197,27 +196,27 @@ def test_disk_full_is_an_input_problem_and_keeps_the_last_checkpoint(tmp_path, t
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(args[1]))
     monkeypatch.setattr(safetensors.torch, "save_model", full)
     with pytest.raises(SeifyError, match="No space left on device.*previous checkpoint .* is kept"):
-        finetune(r18, str(tiny), config(out, epochs=2, resume=True, extend=True))
+        finetune(se_file, str(tiny), config(out, epochs=2, resume=True, extend=True))
     monkeypatch.setattr(safetensors.torch, "save_model", real)
     assert (out / "checkpoint.json").read_text() == before and not list((out / "checkpoints").glob(".*"))
-    assert finetune(r18, str(tiny), config(out, epochs=2, resume=True, extend=True)).epochs_run == 2
+    assert finetune(se_file, str(tiny), config(out, epochs=2, resume=True, extend=True)).epochs_run == 2
 
 
-def test_output_folders_and_files_are_checked_first(cli, tmp_path, tiny, r18):
+def test_output_folders_and_files_are_checked_first(cli, tmp_path, tiny, se_file):
     own = tmp_path / "own"
     own.mkdir()
     (own / "metrics.csv").write_text("my numbers")
-    code, _, err = cli("finetune", r18, tiny, "--out", own, "--workers", "0")
+    code, _, err = cli("finetune", se_file, tiny, "--out", own, "--workers", "0")
     assert code == 2 and "holds files a run writes (metrics.csv)" in err
     assert (own / "metrics.csv").read_text() == "my numbers"
     run = tmp_path / "run"
-    finetune(r18, str(tiny), config(run, epochs=1))
+    finetune(se_file, str(tiny), config(run, epochs=1))
     code, _, err = cli("finetune", run / "best.safetensors", tiny, "--out", run, "--force", "--workers", "0")
     assert code == 2 and "is inside" in err and (run / "best.safetensors").is_file()
     assert seify.load(run / "best.safetensors").get_classifier().out_features == 4
     afile = tmp_path / "a-file"
     afile.write_text("x")
-    code, _, err = cli("finetune", r18, tiny, "--out", afile)
+    code, _, err = cli("finetune", se_file, tiny, "--out", afile)
     assert code == 2 and "is a file" in err
     for target, message in ((tmp_path, "it is a folder"), (afile / "x.safetensors", "is not an existing folder"),
                             ("/proc/x.safetensors", "cannot write in /proc")):
@@ -309,9 +308,9 @@ def test_cuda_on_a_machine_without_it(cli, tmp_path, tiny):
     assert code == 2 and "no CUDA device" in err
 
 
-def test_a_pickled_state_is_refused(tmp_path, tiny, r18):
+def test_a_pickled_state_is_refused(tmp_path, tiny, se_file):
     out = tmp_path / "run"
-    finetune(r18, str(tiny), config(out, epochs=1))
+    finetune(se_file, str(tiny), config(out, epochs=1))
     state = RunFolder(out).committed() / "state.pt"
 
     class Payload:
@@ -319,12 +318,12 @@ def test_a_pickled_state_is_refused(tmp_path, tiny, r18):
             return (os.system, (f"touch {tmp_path / 'pwned'}",))
     torch.save({"progress": Payload()}, state)
     with pytest.raises(SeifyError, match="not a checkpoint seify can read safely"):
-        finetune(r18, str(tiny), config(out, epochs=2, resume=True, extend=True))
+        finetune(se_file, str(tiny), config(out, epochs=2, resume=True, extend=True))
     assert not (tmp_path / "pwned").exists()
 
 
 def test_evaluate_refuses_a_head_of_another_size(cli, tmp_path, tiny):
     import timm
-    path = save_weights(timm.create_model("resnet18", num_classes=7), tmp_path / "r7.safetensors")
-    code, _, err = cli("evaluate", "resnet18", tiny, "--weights", path, "--workers", "0")
+    path = save_weights(timm.create_model(ARCH, num_classes=7), tmp_path / "r7.safetensors")
+    code, _, err = cli("evaluate", ARCH, tiny, "--weights", path, "--workers", "0")
     assert code == 2 and "has 7 outputs but" in err and "4 classes" in err

@@ -5,9 +5,9 @@ import torch
 
 import seify
 import seify.surgery
+from conftest import STAGES, analytic_added, outputs, realistic, save_weights
 from seify.surgery import SEOptions
 
-from conftest import STAGES, analytic_added, outputs, realistic, save_weights
 
 @pytest.fixture(scope="module")
 def resnet50_se(tmp_path_factory):

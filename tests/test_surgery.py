@@ -6,11 +6,10 @@ import torchvision
 from torch import nn
 
 import seify
+from conftest import outputs, realistic
 from seify.errors import SeifyError
 from seify.se import SqueezeExcite
 from seify.surgery import SEOptions, convert
-
-from conftest import outputs, realistic
 
 SIZE = (3, 64, 64)
 

@@ -6,10 +6,9 @@ import timm
 import torch
 
 import seify
+from conftest import outputs, save_weights
 from seify.errors import SeifyError
 from seify.models import resolve as create
-
-from conftest import outputs, save_weights
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import io
 from pathlib import Path
 
 from ..checkpoint import atomic_write
+from ..plots import save_png, training_curves
 
 METRICS = ("epoch", "phase", "step", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr",
            "lr_backbone", "images_per_sec", "seconds")
@@ -20,7 +21,6 @@ def write_views(out: Path, rows: list[dict], resumes: list[float], title: str) -
         Path(tmp).write_text(buf.getvalue())
 
     def curves(tmp):
-        from ..plots import save_png, training_curves
         save_png(training_curves(rows, resumes, f"seify fine-tune: {title}"), tmp)
     atomic_write(out / "metrics.csv", table, force=True)
     atomic_write(out / "curves.png", curves, force=True)

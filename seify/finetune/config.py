@@ -13,6 +13,7 @@ CHANGEABLE_ON_RESUME = frozenset({"workers", "threads", "device", "compile", "lo
 MAX_IMAGE_SIZE = 4096
 MAX_BATCH_SIZE = 65536
 AUGMENTATIONS = ("auto", "none", "light", "imagenet")
+DECODES = ("auto", "cpu", "gpu")
 
 
 @dataclass
@@ -45,6 +46,8 @@ class FinetuneConfig:
     strict_data: bool = option(False, "Fail on unreadable files instead of skipping them.")
     seed: int = option(0, "Fixes data order, augmentation and initialisation.")
     workers: int | None = option(None, "Data-loading processes (default: 1 on a CPU, up to 8 on a GPU).")
+    decode: str = option("auto", "Where JPEGs are decoded and augmented: gpu (nvJPEG, transforms on the GPU), cpu "
+                                 "(in the loading processes), auto (gpu when training on CUDA).")
     threads: int | None = option(None, "CPU threads (default: the cores other processes leave free).")
     device: str | None = option(None, "cpu or cuda (default: cuda if present).")
     precision: str = option("auto", "auto (bf16 on CUDA, fp16 without bf16, fp32 on CPU), fp32, bf16, fp16.")
@@ -89,6 +92,7 @@ class FinetuneConfig:
         _choice(self.optimizer, "optimizer", ("adamw", "sgd"))
         _choice(self.precision, "precision", ("auto", "fp32", "bf16", "fp16"))
         _choice(self.aug, "aug", AUGMENTATIONS)
+        _choice(self.decode, "decode", DECODES)
         if self.resume and self.force:
             raise SeifyError("pass {resume} to continue the run or {force} to start over, not both",
                              "resume", "force")
@@ -105,7 +109,8 @@ class FinetuneConfig:
         known = {f.name for f in fields(cls)}
         config = cls(**{k: v for k, v in values.items() if k in known})
         if config.crop_scale is not None:
-            config.crop_scale = tuple(config.crop_scale)
+            low, high = config.crop_scale
+            config.crop_scale = (low, high)
         return config
 
 

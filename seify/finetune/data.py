@@ -7,6 +7,7 @@ import random
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -209,10 +210,9 @@ def transforms(data_config: dict, img_size: int | None, augmentation: Augmentati
             return evaluation
         from torchvision.transforms import Compose, RandomHorizontalFlip
         return Compose([RandomHorizontalFlip(augmentation.hflip), evaluation])
-    jitter = 0.4 if augmentation.preset == "imagenet" else None
+    jitter: dict[str, Any] = {"color_jitter": 0.4 if augmentation.preset == "imagenet" else None}
     return create_transform(size, is_training=True, scale=augmentation.crop_scale, hflip=augmentation.hflip,
-                            color_jitter=jitter, interpolation=common["interpolation"], mean=common["mean"],
-                            std=common["std"])
+                            interpolation=common["interpolation"], mean=common["mean"], std=common["std"], **jitter)
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -245,14 +245,15 @@ class EpochSampler(torch.utils.data.Sampler):
         return len(self._indices()) - self.start
 
 
-def loader(dataset, batch_size: int, sampler: EpochSampler, workers: int, pin: bool, training: bool):
+def loader(dataset, batch_size: int, sampler: EpochSampler, workers: int, pin: bool, training: bool,
+           collate_fn=None):
     """Batches of (images, labels, failures) for the sampler's current epoch; the augmentation's random draws
     depend on (seed, epoch) only. Training drops the last incomplete batch."""
     seed = sampler.seed * 100_003 + sampler.epoch
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin, drop_last=training,
-        collate_fn=functools.partial(collate, fill=training), generator=torch.Generator().manual_seed(seed),
-        worker_init_fn=seed_worker if workers else None)
+        collate_fn=collate_fn or functools.partial(collate, fill=training),
+        generator=torch.Generator().manual_seed(seed), worker_init_fn=seed_worker if workers else None)
 
 
 def usable_cores() -> int:

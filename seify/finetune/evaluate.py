@@ -8,14 +8,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..device import check_device
 from ..errors import SeifyError
+from ..models import resolve
 from .data import EpochSampler, ImageDataset, default_workers, loader, scan, transforms
 from .dist import Dist
 
 
 def evaluate(model: nn.Module, batches, device: torch.device, num_classes: int, autocast=contextlib.nullcontext,
-             dist: Dist = Dist(), channels_last: bool = False) -> dict:
+             dist: Dist | None = None, channels_last: bool = False) -> dict:
     """Metrics over every batch (summed over ranks when distributed)."""
+    dist = dist or Dist()
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     loss_sum = top5 = 0.0
@@ -52,8 +55,6 @@ def evaluate_folder(model_spec: str, data: str, batch_size: int = 64, img_size: 
                     device: str | None = None, workers: int | None = None, weights: str | None = None) -> dict:
     """``seify evaluate``: any MODEL (a seify file, or a name with ``weights``) on DATA/<class>/* or
     DATA/val/<class>/*, at the size the model was trained at unless ``img_size`` says otherwise."""
-    from ..device import check_device
-    from ..models import resolve
     if batch_size < 1:
         raise SeifyError(f"{{batch_size}} must be at least 1, not {batch_size}", "batch_size")
     if img_size is not None and not 8 <= img_size <= 4096:

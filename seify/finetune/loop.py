@@ -9,6 +9,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,13 +19,13 @@ from .. import __version__
 from ..errors import SeifyError
 from ..models import resolve
 from ..options import SEOptions
-from . import artifacts, data, rng
+from . import artifacts, data, device_data, rng
 from .config import CHANGEABLE_ON_RESUME, FinetuneConfig
 from .dist import choose_threads, setup, teardown
 from .evaluate import evaluate
 from .model import Prepared, prepare
 from .progress import PlainLog
-from .state import BEST, LAST, Progress, RunFolder
+from .state import LAST, Progress, RunFolder
 
 
 @dataclass
@@ -119,6 +120,14 @@ def _versions() -> dict:
 # ---------------------------------------------------------------- resuming
 
 
+def decodes_on_device(decode: str, device: torch.device) -> bool:
+    """``auto`` decodes on the GPU when the run is on one; ``gpu`` needs one."""
+    if decode == "gpu" and device.type != "cuda":
+        raise SeifyError(f"{{decode}} gpu needs a CUDA device, and this run is on {device.type}; use {{decode}} cpu",
+                         "decode")
+    return decode == "gpu" or (decode == "auto" and device.type == "cuda")
+
+
 def _resumed_config(saved: FinetuneConfig, given: FinetuneConfig, explicit: set[str] | None) -> FinetuneConfig:
     """The run's own options, with the ones a resume may change taken from ``given``.
 
@@ -187,6 +196,7 @@ class Trainer:
         self.threads, self.threads_why = choose_threads(config.threads, self.device, self.dist.world)
         torch.set_num_threads(self.threads)
         rng.seed_everything(config.seed + self.dist.rank)  # DDP then broadcasts rank 0's initial weights
+        self.classes: list[str]
         self.classes, train, val = split or data.discover(data_dir, config.val_split, config.seed, config.strict_data)
         self.skipped = train.skipped + val.skipped
         self.prepared = self._build_model(saved)
@@ -237,6 +247,7 @@ class Trainer:
     def _build_model(self, saved: dict | None) -> Prepared:
         if saved:
             loaded = resolve(str(saved["folder"] / LAST))
+            assert loaded.recipe is not None
             prepared = Prepared(loaded.model, loaded.recipe, set(saved["state"]["fresh"]))
         else:
             src = self.source
@@ -257,8 +268,17 @@ class Trainer:
         self.augmentation = data.Augmentation.choose(config.aug, self.img_size, config.crop_scale, config.hflip)
         self.prepared.recipe["data_config"] = {**cfg, "input_size": [3, self.img_size, self.img_size]}
         self.prepared.recipe["finetune"] = {"img_size": self.img_size, "augmentation": self.augmentation.preset}
-        self.train_set = data.ImageDataset(train.items, data.transforms(cfg, self.img_size, self.augmentation))
-        self.val_set = data.ImageDataset(val.items, data.transforms(cfg, self.img_size))
+        self.device_transform = None
+        self.train_set: data.ImageDataset | device_data.EncodedDataset
+        self.val_set: data.ImageDataset | device_data.EncodedDataset
+        if decodes_on_device(config.decode, self.device):
+            self.device_transform = device_data.DeviceTransform.from_config(cfg, self.img_size, self.augmentation,
+                                                                            config.seed)
+            self.train_set, self.val_set = device_data.EncodedDataset(train.items), device_data.EncodedDataset(
+                val.items)
+        else:
+            self.train_set = data.ImageDataset(train.items, data.transforms(cfg, self.img_size, self.augmentation))
+            self.val_set = data.ImageDataset(val.items, data.transforms(cfg, self.img_size))
         self.train_sampler = data.EpochSampler(len(self.train_set), True, config.seed, self.dist.rank,
                                                self.dist.world)
         self.val_sampler = data.EpochSampler(len(self.val_set), False, config.seed, self.dist.rank, self.dist.world)
@@ -298,6 +318,7 @@ class Trainer:
                    "name": "trained"},
                   {"params": [p for n, p in named if n in fresh], "lr": config.lr, "name": "new"}]
         groups = [g for g in groups if g["params"]]
+        self.optimizer: torch.optim.Optimizer
         if config.optimizer == "adamw":
             self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
         else:
@@ -315,7 +336,7 @@ class Trainer:
         return torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(epochs * self.steps_per_epoch, warmup))
 
     def _lrs(self) -> dict[str, float]:
-        return {g["name"]: lr for g, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr())}
+        return {g["name"]: lr for g, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True)}
 
     # ------------------------------------------------------------ state
 
@@ -373,7 +394,7 @@ class Trainer:
         if not self.config.extend:
             raise SeifyError(f"{{resume}}: {change}; pass {{extend}} to continue that way", "resume", "epochs",
                              "extend")
-        for group, base in zip(self.optimizer.param_groups, replanned.base_lrs):
+        for group, base in zip(self.optimizer.param_groups, replanned.base_lrs, strict=True):
             group["initial_lr"], group["lr"] = base, base * factor
         self.scheduler = replanned
         self.log.line(SeifyError(change, "epochs").render(lambda n: "--" + n.replace("_", "-")))
@@ -408,7 +429,7 @@ class Trainer:
 
     # ------------------------------------------------------------ training
 
-    def _wrapped(self) -> nn.Module:
+    def _wrapped(self) -> Callable:
         model = self.model
         if self.dist.enabled:
             model = nn.parallel.DistributedDataParallel(
@@ -493,8 +514,7 @@ class Trainer:
                 net = self._wrapped()
             _set_train_mode(self.model)
             self.train_sampler.set_epoch(epoch, p.batch_in_epoch * config.batch_size)
-            batches = data.loader(self.train_set, config.batch_size, self.train_sampler, self.workers, self.pin,
-                                  training=True)
+            batches = self._batches(self.train_set, self.train_sampler, training=True)
             failures = []
             start, seen = time.perf_counter(), 0
             self.log.epoch_start(epoch, config.epochs, self.steps_per_epoch, p.batch_in_epoch,
@@ -527,11 +547,19 @@ class Trainer:
 
     def _validate(self) -> dict:
         self.val_sampler.set_epoch(0)
-        batches = data.loader(self.val_set, self.config.batch_size, self.val_sampler, self.workers, self.pin,
-                              training=False)
+        batches = self._batches(self.val_set, self.val_sampler, training=False)
         judged = self.ema.module if self.ema is not None else self.model
         return evaluate(judged, batches, self.device, len(self.classes), self.autocast, self.dist,
                         self.channels_last)
+
+    def _batches(self, dataset, sampler: data.EpochSampler, training: bool):
+        """(images, labels, failures) per step, decoded by the loading processes or on the device."""
+        if self.device_transform is None:
+            return data.loader(dataset, self.config.batch_size, sampler, self.workers, self.pin, training)
+        encoded = data.loader(dataset, self.config.batch_size, sampler, self.workers, self.pin, training,
+                              collate_fn=device_data.collate_encoded)
+        return device_data.DeviceBatches(encoded, self.device_transform, self.device, sampler.epoch, training,
+                                         dataset.items)
 
     def _undecodable(self, failed: list) -> list:
         if failed and self.config.strict_data:
@@ -612,4 +640,4 @@ def finetune(spec: str, data_dir: str, config: FinetuneConfig, options: SEOption
 
 
 def exit_code(result: RunResult) -> int:
-    return {"SIGINT": 130, "SIGTERM": 143}.get(result.stopped_by, 0)
+    return {"SIGINT": 130, "SIGTERM": 143}.get(result.stopped_by or "", 0)

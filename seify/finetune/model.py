@@ -13,11 +13,10 @@ from torch import nn
 from .. import checkpoint
 from ..api import convert_loaded
 from ..errors import SeifyError
-from ..models import (LoadedModel, classifier_name, num_classes_of, reorder_classifier, reset_classifier,
-                      resolve)
+from ..models import LoadedModel, classifier_keys, num_classes_of, reorder_classifier, reset_classifier, resolve
+from ..options import SEOptions
 from ..se import SqueezeExcite
 from ..surgery import convertible_scope
-from ..options import SEOptions
 
 
 @dataclass
@@ -57,6 +56,7 @@ def _plain(loaded: LoadedModel) -> Prepared:
 
 def _with_se(loaded: LoadedModel, options: SEOptions) -> Prepared:
     if loaded.has_se:
+        assert loaded.recipe is not None  # SE blocks come from a seify file, which has one
         model, recipe = loaded.model, copy.deepcopy(loaded.recipe)
         se_fresh = not recipe.get("finetune")  # converted but never trained
     else:
@@ -78,8 +78,7 @@ def _fit_head(prepared: Prepared, loaded: LoadedModel, classes: list[str], new_h
         prepared.notes.append(_keep_head(model, loaded.classes, classes))
     else:
         reset_classifier(model, len(classes))
-        head = classifier_name(model)
-        prepared.fresh |= {f"{head}.{n}" for n, _ in model.get_submodule(head).named_parameters()}
+        prepared.fresh |= set(classifier_keys(model))
         if loaded.trained:
             why = "as asked" if new_head else f"the model has {outputs} outputs, the data {len(classes)} classes"
             prepared.notes.append(f"classifier: a new {len(classes)}-way head ({why})")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import json
 import os
 import shutil
@@ -163,10 +164,9 @@ class RunFolder:
     def publish(self, folder: Path) -> None:
         """Refresh the files users open (last, best, metrics) from a committed checkpoint."""
         for name in (LAST, BEST, METRICS):
-            if (folder / name).exists():
-                target = self.out / name
-                atomic_write(target, lambda t, src=folder / name: _link_or_copy(src, Path(t), replace=True),
-                             force=True)
+            source = folder / name
+            if source.exists():
+                atomic_write(self.out / name, functools.partial(_link_to, source), force=True)
 
     def read(self, folder: Path) -> tuple[dict, list[dict]]:
         """(state, metrics rows) of a committed checkpoint; the state loads without running pickled code."""
@@ -196,6 +196,10 @@ def _check_finite(model: nn.Module, what: str) -> None:
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise SeifyError(f"{what} hold non-finite values ({name}); nothing was saved over the last good "
                              "checkpoint. Lower {lr} or use {precision} fp32", "lr", "precision")
+
+
+def _link_to(source: Path, tmp: str) -> None:
+    _link_or_copy(source, Path(tmp), replace=True)
 
 
 def _link_or_copy(src: Path, dst: Path, replace: bool = False) -> None:

@@ -56,9 +56,9 @@ def train_fn(model, x, dtype=None):
 
 
 def report(title, names, seconds):
-    base = dict(zip(names, seconds))
+    base = dict(zip(names, seconds, strict=False))
     print(f"{title}")
-    for name, s in zip(names, seconds):
+    for name, s in zip(names, seconds, strict=False):
         print(f"  {name:16s} {1000 * s:8.2f} ms")
     print(f"  ratios: seify/seresnet50 {base['seify SE'] / base['timm seresnet50']:.3f}, "
           f"seify/resnet50 {base['seify SE'] / base['resnet50']:.3f}, "
@@ -92,7 +92,7 @@ def bench_gpu(repeats, batch):
         seconds = interleaved_medians(fns, repeats, 5 if compiled else 3, torch.cuda.synchronize)
         report(f"GPU training step, bf16, channels_last, 224 px, batch {batch}, "
                f"{'torch.compile' if compiled else 'eager'}", names, seconds)
-        print(f"  throughput: " + ", ".join(f"{n} {batch / s:.0f} img/s" for n, s in zip(names, seconds)))
+        print("  throughput: " + ", ".join(f"{n} {batch / s:.0f} img/s" for n, s in zip(names, seconds, strict=False)))
 
 
 def wall(cmd, n=3):

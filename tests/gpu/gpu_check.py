@@ -68,7 +68,7 @@ def synthetic(compiled: bool, repeats: int) -> None:
     seconds = interleaved_medians(steps, repeats, 3, sync)
     report(f"training step (fwd+bwd+SGD), bf16, channels_last, {SIZE} px, batch {BATCH}, "
            f"{'torch.compile' if compiled else 'eager'}", names, seconds)
-    print("  images/s: " + ", ".join(f"{n} {BATCH / s:.0f}" for n, s in zip(names, seconds)), flush=True)
+    print("  images/s: " + ", ".join(f"{n} {BATCH / s:.0f}" for n, s in zip(names, seconds, strict=False)), flush=True)
 
 
 def jpeg_folder(root: Path) -> bool:

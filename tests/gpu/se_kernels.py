@@ -2,9 +2,9 @@
 
     PYTHONPATH=. python tests/gpu/se_kernels.py
 """
+import timm
 import torch
 import torch.nn.functional as F
-import timm
 from torch.profiler import ProfilerActivity, profile
 
 from seify.profile import interleaved_medians
@@ -40,7 +40,7 @@ def main():
             w2, b2 = torch.randn(c, rd, device="cuda", requires_grad=True), torch.zeros(c, device="cuda")
             g = torch.randn_like(x)
 
-            def run(v):
+            def run(v, x=x, sc=sc, w1=w1, b1=b1, w2=w2, b2=b2, g=g):
                 def f():
                     with torch.autocast("cuda", dtype=torch.bfloat16):
                         out = site(v, x, sc, w1, b1, w2, b2)
@@ -48,8 +48,8 @@ def main():
                 return f
             ms = interleaved_medians([run(v) for v in variants], 30, 5, torch.cuda.synchronize)
             name = "channels_last" if fmt is torch.channels_last else "NCHW"
-            print(f"{n}x{c}x{h}x{h} {name}: " + "; ".join(f"{v} {1000 * t:.3f} ms" for v, t in zip(variants, ms)),
-                  flush=True)
+            timings = "; ".join(f"{v} {1000 * t:.3f} ms" for v, t in zip(variants, ms, strict=True))
+            print(f"{n}x{c}x{h}x{h} {name}: {timings}", flush=True)
     model = convert(timm.create_model("resnet50"), SEOptions(), (3, 224, 224)).model.cuda().train()
     model.to(memory_format=torch.channels_last)
     x = torch.randn(128, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)

@@ -1,0 +1,215 @@
+"""Decoding and augmenting on the training device (``--decode gpu``), for GPUs that CPU workers cannot keep fed.
+
+Loading processes only read file bytes (PNG and other formats they decode themselves); the JPEGs of a batch are
+decoded together on the device (``torchvision.io.decode_jpeg(device="cuda")``, nvJPEG), and the transforms of the
+CPU path run on the decoded tensors: random-resized-crop, flip and colour jitter in training, resize and centre
+crop for validation, then normalisation. Each image's random draws come from (seed, epoch, index) alone, so a
+resumed run sees the same images, and so does a run with a different number of loading processes.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torchvision import io
+from torchvision.transforms.v2 import functional as TF
+
+from ..errors import SeifyError, first_line
+from .data import Augmentation
+
+JPEG_START = (0xFF, 0xD8)
+RGB = io.ImageReadMode.RGB
+
+
+def _torchvision_io(name: str):
+    """A torchvision.io function that does not warn on every call that TorchCodec will replace it (0.29 on).
+
+    TorchCodec's decoders are the successor; until their CUDA JPEG path is checked here, torchvision's stays.
+    """
+    function = getattr(io, name)
+
+    def quiet(*args, **kwargs):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "The image decoding and encoding", DeprecationWarning)
+            return function(*args, **kwargs)
+    return quiet
+
+
+read_file, decode_image, decode_jpeg = (_torchvision_io(n) for n in ("read_file", "decode_image", "decode_jpeg"))
+
+
+class EncodedDataset(torch.utils.data.Dataset):
+    """(file bytes or a decoded uint8 CHW tensor, label, index), or (None, (path, reason), index)."""
+
+    def __init__(self, items: list[tuple[str, int]]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        path, label = self.items[i]
+        try:
+            raw = read_file(path)
+            if tuple(raw[:2].tolist()) == JPEG_START:
+                return raw, label, i
+            return decode_image(raw, mode=RGB), label, i
+        except RuntimeError as e:
+            return None, (path, first_line(e)), i
+
+
+def collate_encoded(batch: list) -> tuple[list, torch.Tensor, list[int], list]:
+    """(images, labels, indices, failures): images stay a list (their sizes differ)."""
+    good = [item for item in batch if item[0] is not None]
+    failures = [item[1] for item in batch if item[0] is None]
+    labels = torch.tensor([item[1] for item in good], dtype=torch.long)
+    return [item[0] for item in good], labels, [item[2] for item in good], failures
+
+
+@dataclass(frozen=True)
+class DeviceTransform:
+    """timm's transforms for one model, on uint8 CHW tensors already on the device."""
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str
+    crop_pct: float
+    augmentation: Augmentation | None
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, data_config: dict, img_size: int | None, augmentation: Augmentation | None, seed: int):
+        size = int((data_config["input_size"] if img_size is None else (3, img_size, img_size))[-1])
+        return cls(size, tuple(data_config["mean"]), tuple(data_config["std"]), data_config["interpolation"],
+                   float(data_config.get("crop_pct") or 0.875), augmentation, seed)
+
+    def _resize(self, image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        mode = "bicubic" if self.interpolation == "bicubic" else "bilinear"
+        return F.interpolate(image[None].float(), size=size, mode=mode, antialias=True, align_corners=False)[0]
+
+    def _evaluation(self, image: torch.Tensor) -> torch.Tensor:
+        """Resize the short side to size / crop_pct, then a centre crop (timm's eval transform)."""
+        h, w = image.shape[-2:]
+        short = math.floor(self.size / self.crop_pct)
+        scaled = (short, max(short, round(w * short / h))) if h <= w else (max(short, round(h * short / w)), short)
+        resized = self._resize(image, scaled)
+        return TF.center_crop(resized, [self.size, self.size])
+
+    def _training(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        augmentation = self.augmentation
+        assert augmentation is not None
+        if augmentation.preset == "none":
+            out = self._evaluation(image)
+        else:
+            top, left, h, w = crop_box(image.shape[-2:], augmentation.crop_scale, generator)
+            out = self._resize(image[:, top:top + h, left:left + w], (self.size, self.size))
+        if augmentation.hflip and float(torch.rand((), generator=generator)) < augmentation.hflip:
+            out = out.flip(-1)
+        if augmentation.preset == "imagenet":
+            out = colour_jitter(out / 255, 0.4, generator) * 255
+        return out
+
+    def __call__(self, images: list[torch.Tensor], indices: list[int], epoch: int, training: bool) -> torch.Tensor:
+        outs = []
+        for image, index in zip(images, indices, strict=True):
+            if training and self.augmentation is not None:
+                generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+                outs.append(self._training(image, generator))
+            else:
+                outs.append(self._evaluation(image))
+        batch = torch.stack(outs).clamp_(0, 255).div_(255)
+        mean = torch.tensor(self.mean, device=batch.device)[:, None, None]
+        std = torch.tensor(self.std, device=batch.device)[:, None, None]
+        return (batch - mean) / std
+
+
+def crop_box(shape, scale: tuple[float, float], generator: torch.Generator,
+             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's box (torchvision's algorithm: ten tries, then the centre), drawn from ``generator``."""
+    height, width = int(shape[0]), int(shape[1])
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        draws = torch.rand(4, generator=generator, dtype=torch.float64).tolist()
+        target = area * (scale[0] + (scale[1] - scale[0]) * draws[0])
+        aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * draws[1])
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return int(draws[2] * (height - h + 1)), int(draws[3] * (width - w + 1)), h, w
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        w, h = round(height * ratio[1]), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def colour_jitter(image: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """torchvision's ColorJitter(strength, strength, strength) on a [0, 1] image, drawn from ``generator``."""
+    adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
+    factors = (1 - strength + 2 * strength * torch.rand(3, generator=generator, dtype=torch.float64)).tolist()
+    for k in torch.randperm(3, generator=generator).tolist():
+        image = adjust[k](image, factors[k])
+    return image
+
+
+class DeviceBatches:
+    """Batches of (images on the device, labels, failures) from a loader of encoded files, like data.loader's.
+
+    A JPEG the device cannot decode is retried on the CPU (nvJPEG lacks some formats, such as CMYK) and counted
+    as undecodable only if that fails too. In training it is replaced by a good image of the same batch, as the
+    CPU path does, so that every process of a distributed run takes a step of the same size.
+    """
+
+    def __init__(self, batches, transform: DeviceTransform, device: torch.device, epoch: int, training: bool,
+                 items: list[tuple[str, int]]):
+        self.batches, self.transform, self.device = batches, transform, device
+        self.epoch, self.training, self.items = epoch, training, items
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def _decode(self, images: list[torch.Tensor], indices: list[int]) -> tuple[list, list]:
+        encoded = [k for k, image in enumerate(images) if image.dim() == 1]
+        decoded: list = [image.to(self.device, non_blocking=True) if image.dim() == 3 else None for image in images]
+        failures = []
+        if encoded:
+            try:
+                for k, image in zip(encoded, decode_jpeg([images[k] for k in encoded], mode=RGB, device=self.device),
+                                    strict=True):
+                    decoded[k] = image
+            except RuntimeError:  # one bad file fails the whole batch call: find it one by one
+                for k in encoded:
+                    decoded[k], failure = self._decode_one(images[k], indices[k])
+                    if failure:
+                        failures.append(failure)
+        return decoded, failures
+
+    def _decode_one(self, raw: torch.Tensor, index: int):
+        for device in (self.device, torch.device("cpu")):
+            try:
+                return decode_jpeg(raw, mode=RGB, device=device).to(self.device), None
+            except RuntimeError as e:
+                reason = first_line(e)
+        return None, (self.items[index][0], reason)
+
+    def __iter__(self):
+        for images, labels, indices, failures in self.batches:
+            decoded, more = self._decode(images, indices)
+            keep = [k for k, image in enumerate(decoded) if image is not None]
+            if not keep:
+                if self.training:
+                    raise SeifyError(f"no image of a batch of {len(images) + len(failures)} could be decoded; check "
+                                     "the data folder")
+                yield None, None, failures + more
+                continue
+            if self.training:  # fill the places of failed images, as data.collate does
+                keep += [keep[k % len(keep)] for k in range(len(failures) + len(more))]
+            tensors = self.transform([decoded[k] for k in keep], [indices[k] for k in keep], self.epoch,
+                                     self.training)
+            yield tensors, labels[keep], failures + more

@@ -1,0 +1,161 @@
+"""Issue 11's measurement: seify's Triton SE path against its PyTorch path, timm's seresnet50 and resnet50.
+
+    PYTHONPATH=. python tests/gpu/se_triton.py | tee benchmarks/se_triton_<gpu>.log
+    PYTHONPATH=. python tests/gpu/se_triton.py --smoke     (the same code, tiny, on the CPU under TRITON_INTERPRET)
+
+Everything is measured interleaved in one process and printed as ratios (bf16 autocast, channels_last):
+1. correctness on the device: a converted resnet50's outputs and gradients, Triton path against PyTorch path;
+2. one SE site (forward + backward) against the plain residual sum, both memory formats;
+3. training step, eager and torch.compile; 4. inference at batch 1 and 256.
+Targets (issue 11): seify Triton / resnet50 train step <= 1.10 eager and <= 1.06 compiled; seify Triton /
+timm seresnet50 <= 0.80 eager.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import sys
+
+SMOKE = "--smoke" in sys.argv
+if SMOKE:
+    os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported
+
+import timm  # noqa: E402
+import torch  # noqa: E402
+
+from seify import kernels  # noqa: E402
+from seify.profile import interleaved_medians  # noqa: E402
+from seify.se import SqueezeExcite  # noqa: E402
+from seify.surgery import SEOptions, convert  # noqa: E402
+
+DEVICE = "cpu" if SMOKE else "cuda"
+ARCH, SIZE, BATCH, REPEATS = ("test_resnet", 32, 2, 2) if SMOKE else ("resnet50", 224, 128, 20)
+SITES = [(2, 32, 8)] if SMOKE else [(128, 256, 56), (128, 2048, 7)]
+TWIN = "test_resnet" if SMOKE else "seresnet50"
+
+
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def with_kernels(active: bool, fn):
+    """fn run with seify's Triton path on or off (the switch is process-wide, so each call sets it)."""
+    def run():
+        kernels.use(active)
+        fn()
+    return run
+
+
+def report(title: str, names: list[str], seconds: list[float], pairs: list[tuple[str, str]]) -> None:
+    by_name = dict(zip(names, seconds, strict=True))
+    print(title)
+    for name, s in by_name.items():
+        print(f"  {name:22s} {1000 * s:9.3f} ms")
+    print("  ratios: " + ", ".join(f"{a} / {b} {by_name[a] / by_name[b]:.3f}" for a, b in pairs), flush=True)
+
+
+def check_correctness(model: torch.nn.Module) -> None:
+    model = copy.deepcopy(model).float().train()
+    x = torch.randn(4, 3, SIZE, SIZE, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    results = []
+    for active in (True, False):
+        kernels.use(active)
+        torch.manual_seed(0)
+        model.zero_grad()
+        out = model(x)
+        out.logsumexp(1).mean().backward()
+        results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    (out, grads), (ref, ref_grads) = results
+    grad_diff = max(float((a - b).abs().max() / (b.abs().max() + 1e-12)) for a, b in zip(grads, ref_grads,
+                                                                                        strict=True))
+    print(f"correctness (fp32, training mode): max |logit diff| {float((out - ref).abs().max()):.2e}, "
+          f"max relative gradient diff {grad_diff:.2e}", flush=True)
+
+
+def site_steps(n: int, c: int, h: int, fmt: torch.memory_format) -> list:
+    """Forward + backward of the plain residual sum, and of an SE site on the PyTorch and the Triton path."""
+    x = torch.randn(n, c, h, h, device=DEVICE, dtype=torch.bfloat16).contiguous(memory_format=fmt)
+    shortcut, grad = torch.randn_like(x), torch.randn_like(x)
+    x.requires_grad_(True)
+    shortcut.requires_grad_(True)
+    se = SqueezeExcite(c, max(8, c // 16)).to(DEVICE)
+
+    def plain():
+        (x + shortcut).backward(grad)
+
+    def site():
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            out = se(x, shortcut)
+        out.backward(grad)
+    return [plain, with_kernels(False, site), with_kernels(True, site)]
+
+
+def site_timings() -> None:
+    for n, c, h in SITES:
+        for fmt_name, fmt in (("channels_last", torch.channels_last), ("NCHW", torch.contiguous_format)):
+            report(f"one site {n}x{c}x{h}x{h} bf16 {fmt_name}, forward + backward",
+                   ["plain sum", "SE PyTorch", "SE Triton"],
+                   interleaved_medians(site_steps(n, c, h, fmt), REPEATS, 3, sync),
+                   [("SE Triton", "plain sum"), ("SE PyTorch", "plain sum"), ("SE Triton", "SE PyTorch")])
+
+
+def train_step(model: torch.nn.Module, x: torch.Tensor):
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def step():
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            loss = model(x).float().logsumexp(1).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def whole_models(base, twin, ours) -> None:
+    pairs = [("seify Triton", "resnet50"), ("seify Triton", "seresnet50"), ("seify PyTorch", "resnet50"),
+             ("seresnet50", "resnet50")]
+    x = torch.randn(BATCH, 3, SIZE, SIZE, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    names = ["resnet50", "seresnet50", "seify PyTorch", "seify Triton"]
+    for compiled in (False, True):
+        if compiled and SMOKE:
+            continue
+        built = [base, twin, ours, copy.deepcopy(ours)]
+        built = [torch.compile(m) if compiled else m for m in built]
+        steps = [with_kernels(i == 3, train_step(m, x)) for i, m in enumerate(built)]
+        for step in steps:  # compile, and cuDNN's algorithm search, before timing
+            step()
+        sync()
+        report(f"training step {ARCH}, batch {BATCH}, {SIZE} px, {'torch.compile' if compiled else 'eager'}", names,
+               interleaved_medians(steps, REPEATS, 3, sync), pairs)
+    for batch in (1, 2 if SMOKE else 256):
+        x = torch.randn(batch, 3, SIZE, SIZE, device=DEVICE).contiguous(memory_format=torch.channels_last)
+
+        def infer(model, x=x):
+            def run():
+                with torch.inference_mode(), torch.autocast(DEVICE, dtype=torch.bfloat16):
+                    model(x)
+            return run
+        fns = [with_kernels(i == 3, infer(m.eval())) for i, m in enumerate((base, twin, ours, ours))]
+        report(f"inference batch {batch}, eager", names, interleaved_medians(fns, REPEATS, 3, sync), pairs)
+
+
+def main() -> None:
+    assert SMOKE or torch.cuda.is_available(), "this check needs a CUDA GPU (or --smoke for a CPU dry run)"
+    if not kernels.use(True):
+        sys.exit("Triton is not installed")
+    torch.backends.cudnn.benchmark = True
+    print(f"device: {'CPU smoke run (Triton interpreter)' if SMOKE else torch.cuda.get_device_name()}; torch "
+          f"{torch.__version__}, timm {timm.__version__}", flush=True)
+    base = timm.create_model(ARCH).to(DEVICE)
+    ours = convert(copy.deepcopy(base), SEOptions(init="paper"), (3, SIZE, SIZE)).model.to(DEVICE)
+    twin = timm.create_model(TWIN).to(DEVICE)
+    for m in (base, twin, ours):
+        m.to(memory_format=torch.channels_last)
+    check_correctness(ours)
+    site_timings()
+    whole_models(base.train(), twin.train(), ours.train())
+
+
+if __name__ == "__main__":
+    main()
