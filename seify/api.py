@@ -46,6 +46,14 @@ class Converted:
     def added_params(self) -> int:
         return sum(s.params for s in self.sites)
 
+    @property
+    def params(self) -> int:
+        return self.base_params + self.added_params
+
+    @property
+    def added_params_percent(self) -> float:
+        return 100 * self.added_params / max(self.base_params, 1)
+
     def recipe(self) -> dict:
         src = self.source
         parent = src.recipe
@@ -55,7 +63,7 @@ class Converted:
         return checkpoint.make_recipe(
             parent["model"] if parent else src.spec, src.num_classes, self.options.to_dict(), self.input_size,
             config, [s.to_dict() for s in self.sites], parent=parent, weights=src.weights,
-            frozen_batchnorm=has_frozen_batchnorm(src.model),
+            frozen_batchnorm=has_frozen_batchnorm(src.model), placement=self.placement,
             **{k: parent[k] for k in ("classes", "finetune") if parent and k in parent})
 
     def report(self) -> dict:
@@ -63,8 +71,8 @@ class Converted:
         return {
             "model": self.source.spec, "placement": self.placement, "options": self.options.to_dict(),
             "input_size": list(self.input_size), "base_params": self.base_params,
-            "params": self.base_params + self.added_params, "added_params": self.added_params,
-            "added_params_percent": round(100 * self.added_params / max(self.base_params, 1), 3),
+            "params": self.params, "added_params": self.added_params,
+            "added_params_percent": round(self.added_params_percent, 3),
             "sites": [s.to_dict() for s in self.sites], "skipped": [s.to_dict() for s in self.skipped],
             "max_abs_diff": self.max_abs_diff, "output_scale": self.output_scale,
             "relative_diff": (self.max_abs_diff / self.output_scale)

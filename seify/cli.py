@@ -6,7 +6,7 @@ import functools
 import inspect
 import json
 import sys
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -14,6 +14,10 @@ from . import __version__
 from .errors import SeifyError, first_line
 from .finetune.config import FinetuneConfig
 from .options import SEOptions, parse_value
+
+if TYPE_CHECKING:  # the commands import these when they run: --help stays free of torch
+    from .api import Converted
+    from .profile import Profile, Timing
 
 app = typer.Typer(
     help="Add Squeeze-and-Excitation blocks to trained PyTorch CNNs without losing their accuracy.\n\n"
@@ -156,25 +160,23 @@ def _size(n: float) -> str:
     return f"{int(n)} B" if units == 0 else f"{n:.1f} {('KB', 'MB', 'GB')[units - 1]}"
 
 
-def _print_conversion(report: dict, dry_run: bool) -> None:
+def _print_conversion(result: Converted) -> None:
     columns = ["path", "after", "stage", "channels", "reduced_channels", "params", "compensation"]
-    _table(f"SE sites in {report['model']} ({report['placement']})", columns,
-           [[str(site[c]) for c in columns] for site in report["sites"]])
-    for site in report["skipped"]:
-        print(f"skipped {site['path']}: {site['skipped']}")
-    added = report["added_params"]
-    print(f"parameters: {report['base_params']:,} base + {added:,} SE = {report['params']:,} "
-          f"(+{report['added_params_percent']:.2f}%) in {len(report['sites'])} blocks")
-    for note in report["notes"]:
+    _table(f"SE sites in {result.source.spec} ({result.placement})", columns,
+           [[str(getattr(site, c)) for c in columns] for site in result.sites])
+    for site in result.skipped:
+        print(f"skipped {site.path}: {site.skipped}")
+    print(f"parameters: {result.base_params:,} base + {result.added_params:,} SE = {result.params:,} "
+          f"(+{result.added_params_percent:.2f}%) in {len(result.sites)} blocks")
+    for note in result.source.notes:
         print(note)
-    if dry_run:
+    if result.dry_run:
         print("dry run: nothing written")
         return
-    size = "x".join(map(str, report["input_size"]))
-    print(f"function preserved: max |original - converted| = {report['max_abs_diff']:.3g} on a {size} probe "
-          f"(outputs up to {report['output_scale']:.3g})")
-    print(f"wrote {report['output']} ({_size(report['output_bytes'])})")
-
+    size = "x".join(map(str, result.input_size))
+    print(f"function preserved: max |original - converted| = {result.max_abs_diff:.3g} on a {size} probe "
+          f"(outputs up to {result.output_scale:.3g})")
+    print(f"wrote {result.output} ({_size(result.output_bytes or 0)})")
 
 
 def _g(macs: int) -> str:
@@ -203,71 +205,64 @@ def _table(title: str, columns: list[str], rows: list[list[str]]) -> None:
             print("\t".join(row))
 
 
-def _print_profile(report: dict) -> None:
+def _print_profile(p: Profile) -> None:
     sites = [[s["path"], str(s["stage"]), f"{s['height']}x{s['width']}", str(s["channels"]),
-              str(s["reduced_channels"]), f"{s['params']:,}", f"{s['macs']:,}"] for s in report["sites"]]
-    _table(f"SE sites in {report['model']} at {'x'.join(map(str, report['input_size']))}",
+              str(s["reduced_channels"]), f"{s['params']:,}", f"{s['macs']:,}"] for s in p.sites]
+    _table(f"SE sites in {p.model} at {'x'.join(map(str, p.input_size))}",
            ["path", "stage", "spatial", "channels", "reduced", "params", "MACs"], sites)
-    base, se = report["base"], report["se"]
-    rows = [["parameters", f"{base['params']:,}", f"{se['params']:,}", f"+{report['added_params']:,}",
-             f"+{report['added_params_percent']:.2f}%"],
-            ["trainable", f"{base['trainable']:,}", f"{se['trainable']:,}", "", ""],
-            ["MACs (all counted)", _g(base["macs"]), _g(se["macs"]), f"+{report['added_macs']:,}",
-             f"+{report['added_macs_percent']:.2f}%"],
-            ["MACs (conv/linear only)", _g(base["conv_linear_macs"]), _g(se["conv_linear_macs"]),
-             f"+{se['conv_linear_macs'] - base['conv_linear_macs']:,}", ""]]
-    for t in report["timings"]:
-        b = t["batch_size"]
-        rows += [[f"inference, batch {b}", _ms(t["infer_base_ms"]), _ms(t["infer_se_ms"]),
-                  f"x{t['infer_ratio']:.3f}", ""],
-                 [f"throughput, batch {b}", f"{t['throughput_base']:.1f} img/s", f"{t['throughput_se']:.1f} img/s",
-                  "", ""],
+    base, se = p.base, p.se
+    rows = [["parameters", f"{base.params:,}", f"{se.params:,}", f"+{p.added_params:,}",
+             f"+{p.added_params_percent:.2f}%"],
+            ["trainable", f"{base.trainable:,}", f"{se.trainable:,}", "", ""],
+            ["MACs (all counted)", _g(base.macs), _g(se.macs), f"+{p.added_macs:,}", f"+{p.added_macs_percent:.2f}%"],
+            ["MACs (conv/linear only)", _g(base.conv_linear_macs), _g(se.conv_linear_macs),
+             f"+{se.conv_linear_macs - base.conv_linear_macs:,}", ""]]
+    for t in p.timings:
+        b = t.batch_size
+        rows += [[f"inference, batch {b}", _ms(t.infer_base_ms), _ms(t.infer_se_ms), f"x{t.infer_ratio:.3f}", ""],
+                 [f"throughput, batch {b}", f"{t.throughput_base:.1f} img/s", f"{t.throughput_se:.1f} img/s", "",
+                  ""],
                  [f"train step, batch {b}", *_train_cells(t)]]
-        if t["peak_memory_base"] is not None:
-            rows.append([f"peak memory, batch {b}", _size(t["peak_memory_base"]), _size(t["peak_memory_se"]),
-                         f"x{t['peak_memory_se'] / t['peak_memory_base']:.3f}", ""])
-    _table(f"{report['model']}: base vs SE", ["", "base", "SE", "added / ratio", "%"], rows)
+        if t.peak_memory_base is not None and t.peak_memory_se is not None:
+            rows.append([f"peak memory, batch {b}", _size(t.peak_memory_base), _size(t.peak_memory_se),
+                         f"x{t.peak_memory_se / t.peak_memory_base:.3f}", ""])
+    _table(f"{p.model}: base vs SE", ["", "base", "SE", "added / ratio", "%"], rows)
     print("MACs are multiply-adds (the paper's FLOPs); 'all counted' adds SE's squeeze and scale, one MAC per "
-          "element each." + (f" Timed on {report['device']}, medians of interleaved runs." if report["timings"]
-                             else ""))
+          "element each." + (f" Timed on {p.device}, medians of interleaved runs." if p.timings else ""))
 
 
-def _train_cells(t: dict) -> list[str]:
-    if t["train_ratio"] is None:
+def _train_cells(t: Timing) -> list[str]:
+    if t.train_ratio is None or t.train_base_ms is None or t.train_se_ms is None:
         return ["n/a", "n/a", "BatchNorm needs a batch of 2 here", ""]
-    return [_ms(t["train_base_ms"]), _ms(t["train_se_ms"]), f"x{t['train_ratio']:.3f}", ""]
+    return [_ms(t.train_base_ms), _ms(t.train_se_ms), f"x{t.train_ratio:.3f}", ""]
 
 
-def _print_comparison(reports: list[dict]) -> None:
-    timed = bool(reports[0]["timings"])
+def _print_comparison(profiles: list[Profile]) -> None:
+    timed = bool(profiles[0].timings)
     columns = ["model", "params base", "params SE", "MACs base", "MACs SE"]
     if timed:
         columns += ["latency base", "latency SE", "SE/base"]
     rows = []
-    for r in reports:
-        row = [r["model"], f"{r['base']['params'] / 1e6:.2f}M", f"{r['se']['params'] / 1e6:.2f}M",
-               _g(r["base"]["macs"]), _g(r["se"]["macs"])]
+    for p in profiles:
+        row = [p.model, f"{p.base.params / 1e6:.2f}M", f"{p.se.params / 1e6:.2f}M", _g(p.base.macs), _g(p.se.macs)]
         if timed:
-            t = r["timings"][0]
-            row += [_ms(t["infer_base_ms"]), _ms(t["infer_se_ms"]), f"{t['infer_ratio']:.3f}"]
+            t = p.timings[0]
+            row += [_ms(t.infer_base_ms), _ms(t.infer_se_ms), f"{t.infer_ratio:.3f}"]
         rows.append(row)
     _table("Base vs SE (as in the paper's Table 2)", columns, rows)
 
 
-def _csv_rows(reports: list[dict]):
-    for r in reports:
-        common = {"model": r["model"], "input_size": "x".join(map(str, r["input_size"])),
-                  "params_base": r["base"]["params"], "params_se": r["se"]["params"],
-                  "macs_base": r["base"]["macs"], "macs_se": r["se"]["macs"],
-                  "conv_linear_macs_base": r["base"]["conv_linear_macs"],
-                  "conv_linear_macs_se": r["se"]["conv_linear_macs"]}
-        for t in r["timings"] or [{}]:
+def _csv_rows(profiles: list[Profile]):
+    for p in profiles:
+        common = {"model": p.model, "input_size": "x".join(map(str, p.input_size)),
+                  "params_base": p.base.params, "params_se": p.se.params, "macs_base": p.base.macs,
+                  "macs_se": p.se.macs, "conv_linear_macs_base": p.base.conv_linear_macs,
+                  "conv_linear_macs_se": p.se.conv_linear_macs}
+        for t in [t.to_dict() for t in p.timings] or [{}]:
             yield {**common, **{k: t.get(k, "") for k in ("batch_size", "infer_base_ms", "infer_se_ms",
                                                           "infer_ratio", "train_base_ms", "train_se_ms",
                                                           "train_ratio", "peak_memory_base", "peak_memory_se")},
-                   "device": r["device"] or ""}
-
-
+                   "device": p.device or ""}
 
 
 @app.command()
@@ -294,11 +289,10 @@ def convert(model: Model, weights: Weights = None, pretrained: Pretrained = Fals
                          input_size=_input_size(input_size), dry_run=dry_run)
     if not dry_run:
         api.save(result, out, force=force, inputs=(model, weights))
-    report = result.report()
     if json_out:
-        print(json.dumps(report))
+        print(json.dumps(result.report()))
     else:
-        _print_conversion(report, dry_run)
+        _print_conversion(result)
 
 
 @app.command()
@@ -327,21 +321,22 @@ def profile(models: Annotated[list[str], typer.Argument(help="One or more MODELs
     if repeats < 1 or warmup < 0 or max(batches) > 4096:
         raise SeifyError("{repeats} must be at least 1, {warmup} at least 0 and {batch_size} at most 4096",
                          "repeats", "warmup", "batch_size")
-    reports = [run_profile(m, options, input_size=_input_size(input_size), num_classes=num_classes,
-                           latency=latency, batch_sizes=batches, device=device, repeats=repeats,
-                           warmup=warmup).to_dict() for m in models]
+    profiles = [run_profile(m, options, input_size=_input_size(input_size), num_classes=num_classes,
+                            latency=latency, batch_sizes=batches, device=device, repeats=repeats, warmup=warmup)
+                for m in models]
     if json_out:
+        reports = [p.to_dict() for p in profiles]
         print(json.dumps(reports[0] if len(reports) == 1 else {"models": reports}))
     elif csv_out:
         import csv
-        rows = list(_csv_rows(reports))
+        rows = list(_csv_rows(profiles))
         writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    elif len(reports) == 1:
-        _print_profile(reports[0])
+    elif len(profiles) == 1:
+        _print_profile(profiles[0])
     else:
-        _print_comparison(reports)
+        _print_comparison(profiles)
 
 
 @app.command()

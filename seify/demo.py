@@ -75,10 +75,10 @@ def run(out: str | Path | None = None, epochs: int = 5, force: bool = False, log
     converted = save(result, out / "resnet18-se.safetensors", force=True)
     print(f"converted resnet18 (random weights): {len(result.sites)} SE blocks, +{result.added_params:,} parameters, "
         f"max output change {result.max_abs_diff:.3g} -> {converted}")
-    cost = profile(str(converted), batch_sizes=(1,), device="cpu", repeats=5, warmup=2).to_dict()
-    timing = cost["timings"][0]
-    print(f"profiled: +{cost['added_macs_percent']:.2f}% MACs, CPU inference x{timing['infer_ratio']:.2f} "
-        f"and training step x{timing['train_ratio'] or float('nan'):.2f} of the base model")
+    cost = profile(str(converted), batch_sizes=(1,), device="cpu", repeats=5, warmup=2)
+    timing = cost.timings[0]
+    print(f"profiled: +{cost.added_macs_percent:.2f}% MACs, CPU inference x{timing.infer_ratio:.2f} "
+        f"and training step x{timing.train_ratio or float('nan'):.2f} of the base model")
     config = FinetuneConfig(out=str(out / "run"), epochs=epochs, batch_size=32, lr=2e-3, img_size=size,
                             device="cpu", log_every=0, force=True)
     run_result = finetune(str(converted), str(data), config, log=log)

@@ -1,24 +1,23 @@
-"""Fused Triton kernels for the SE block, opt-in with ``SEIFY_KERNELS=triton``.
+"""Fused Triton kernels for the SE block, opt-in with ``SEIFY_KERNELS=triton`` or ``seify.kernels.use(True)``.
 
 SE adds well under 1% of a ResNet's multiply-adds, yet in eager PyTorch the squeeze, the broadcast scale, the
-residual sum and their backward each take a full pass over the feature map. Here one SE site costs four passes
-forward and backward together beyond the plain sum's:
+residual sum and their backward each take a full pass over the feature map. Here an SE site costs three passes
+more than the plain residual sum:
 
-- forward: squeeze (per-(n, c) mean or max, fp32 accumulation), the excitation's two small matrix products in
-  PyTorch, then one pass for ``relu?(shortcut + x * s * drop_path_factor)``;
+- forward: the squeeze (per-(n, c) mean or max, fp32 accumulation), the excitation's two small matrix products in
+  PyTorch, then one pass for ``relu?(shortcut + x * s * drop_path_factor)`` in place of the sum;
 - backward: one pass reads the incoming gradient and x for the gate's gradient, one writes x's gradient
   including the squeeze's share (dz / HW for avg); the shortcut's gradient is the incoming one, aliased when no
   ReLU is fused.
 
-The kernels are ``torch.library.triton_op`` custom ops, so ``torch.compile`` traces into them without a graph
-break. They run on CUDA, and on CPU tensors under ``TRITON_INTERPRET=1`` (how the test suite checks them). Where
-Triton is missing, or the variable is unset, SE keeps its PyTorch path; state_dicts are the same either way.
+The kernels are ``torch.library`` custom ops with fake implementations, so ``torch.compile`` keeps each as one
+node of one graph. They run on CUDA, and on CPU tensors under ``TRITON_INTERPRET=1`` (how the test suite checks
+them). Elsewhere, or while off, SE keeps its PyTorch path; state_dicts are the same either way.
 """
 from __future__ import annotations
 
 import functools
 import os
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +35,7 @@ def use(active: bool = True) -> bool:
     then (Triton reads it when a kernel is decorated). Importing seify does this when ``SEIFY_KERNELS=triton``.
     """
     global _ACTIVE
-    _ACTIVE = active and _ops() is not None
+    _ACTIVE = active and _define_ops()
     return _ACTIVE
 
 
@@ -63,19 +62,19 @@ def _hw_strides(t: torch.Tensor) -> tuple[int, int, int]:
 
 
 def _dense(t: torch.Tensor) -> torch.Tensor:
-    """t itself when its H and W flatten into one index, else a copy in t's suggested memory format."""
+    """t itself when its H and W flatten into one index (NCHW, channels_last), else an NCHW copy."""
     return t if t.stride(2) == t.shape[3] * t.stride(3) else t.contiguous()
 
 
 @functools.cache
-def _ops() -> SimpleNamespace | None:
-    """Define the kernels and register them as custom ops, once; None where Triton is not installed."""
+def _define_ops() -> bool:
+    """Define the kernels and register them as ``torch.ops.seify.*``, once; False where Triton is missing."""
     global _INTERPRETED
     try:
         import triton
         import triton.language as tl
     except ImportError:
-        return None
+        return False
     _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
     @triton.jit
@@ -238,7 +237,7 @@ def _ops() -> SimpleNamespace | None:
     def _(grad, x, s, dz, z, ties, use_max):
         return torch.empty_like(x)
 
-    return SimpleNamespace(squeeze=se_squeeze, scale=se_scale, gate_grad=se_gate_grad, input_grad=se_input_grad)
+    return True
 
 
 def _gate_and_derivative(pre: torch.Tensor, hard: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -53,12 +53,19 @@ class Timing:
             return None
         return self.train_se_ms / self.train_base_ms
 
+    @property
+    def throughput_base(self) -> float:
+        return 1000 * self.batch_size / self.infer_base_ms
+
+    @property
+    def throughput_se(self) -> float:
+        return 1000 * self.batch_size / self.infer_se_ms
+
     def to_dict(self) -> dict:
         train_ratio = self.train_ratio
         return {**asdict(self), "infer_ratio": round(self.infer_ratio, 4),
                 "train_ratio": round(train_ratio, 4) if train_ratio is not None else None,
-                "throughput_base": round(1000 * self.batch_size / self.infer_base_ms, 2),
-                "throughput_se": round(1000 * self.batch_size / self.infer_se_ms, 2)}
+                "throughput_base": round(self.throughput_base, 2), "throughput_se": round(self.throughput_se, 2)}
 
 
 @dataclass
@@ -68,17 +75,32 @@ class Profile:
     base: Cost
     se: Cost
     sites: list[dict]
+    placement: str | None
     device: str | None = None
     timings: list[Timing] = field(default_factory=list)
 
+    @property
+    def added_params(self) -> int:
+        return self.se.params - self.base.params
+
+    @property
+    def added_params_percent(self) -> float:
+        return 100 * self.added_params / self.base.params
+
+    @property
+    def added_macs(self) -> int:
+        return self.se.macs - self.base.macs
+
+    @property
+    def added_macs_percent(self) -> float:
+        return 100 * self.added_macs / self.base.macs
+
     def to_dict(self) -> dict:
-        added_params = self.se.params - self.base.params
-        added_macs = self.se.macs - self.base.macs
         return {
-            "model": self.model, "input_size": list(self.input_size), "macs_note": "multiply-adds (paper FLOPs)",
-            "base": asdict(self.base), "se": asdict(self.se),
-            "added_params": added_params, "added_params_percent": round(100 * added_params / self.base.params, 3),
-            "added_macs": added_macs, "added_macs_percent": round(100 * added_macs / self.base.macs, 3),
+            "model": self.model, "placement": self.placement, "input_size": list(self.input_size),
+            "macs_note": "multiply-adds (paper FLOPs)", "base": asdict(self.base), "se": asdict(self.se),
+            "added_params": self.added_params, "added_params_percent": round(self.added_params_percent, 3),
+            "added_macs": self.added_macs, "added_macs_percent": round(self.added_macs_percent, 3),
             "sites": self.sites, "device": self.device, "timings": [t.to_dict() for t in self.timings],
         }
 
@@ -137,17 +159,18 @@ def cost(model: nn.Module, input_size) -> tuple[Cost, dict[str, int]]:
 
 
 def _build_pair(spec: str, options: SEOptions, input_size, num_classes, device: str):
-    """(base, SE model, SE sites, input size) for ``spec``: a model, or a seify file against the base it came from.
+    """(base, SE model, SE sites, placement, input size) for ``spec``: a model, or a seify file against the base
+    it came from (placement None for files written before seify recorded it).
 
     The input size defaults to the one the model was trained (or converted) at.
     """
     loaded = resolve(spec, num_classes=num_classes, device=device)
     size = tuple(input_size or loaded.data_config["input_size"])
     if loaded.base is not None and loaded.recipe is not None:
-        return loaded.base, loaded.model, loaded.recipe["sites"], size
+        return loaded.base, loaded.model, loaded.recipe["sites"], loaded.recipe.get("placement"), size
     with torch.device(device):
         conversion = convert(loaded.model, options, size)
-    return loaded.model, conversion.model, [s.to_dict() for s in conversion.sites], size
+    return loaded.model, conversion.model, [s.to_dict() for s in conversion.sites], conversion.placement, size
 
 
 def _count_pair(spec, options, input_size, num_classes):
@@ -164,13 +187,13 @@ def profile(spec: str, options: SEOptions = SEOptions(), *, input_size=None, num
             warmup: int = 3) -> Profile:
     """Count and (unless ``latency=False``) time ``spec`` against its SE conversion."""
     device = check_device(device)
-    base, se, sites, size = _count_pair(spec, options, input_size, num_classes)
+    base, se, sites, placement, size = _count_pair(spec, options, input_size, num_classes)
     base_cost, _ = cost(base, size)
     se_cost, per_block = cost(se, size)
     sites = [{**s, "macs": per_block[s["path"]]} for s in sites]
-    result = Profile(spec, size, base_cost, se_cost, sites)
+    result = Profile(spec, size, base_cost, se_cost, sites, placement)
     if latency:
-        base, se, _, _ = _build_pair(spec, options, size, num_classes, "cpu")
+        base, se, _, _, _ = _build_pair(spec, options, size, num_classes, "cpu")
         result.device = describe_device(device)
         result.timings = [measure(base, se, size, b, device, repeats, warmup) for b in batch_sizes]
     return result

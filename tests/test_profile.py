@@ -63,6 +63,7 @@ def test_seify_file_against_its_base(tmp_path):
     assert report["base"]["params"] == result.base_params
     assert report["added_params"] == result.added_params
     assert [s["path"] for s in report["sites"]] == [s.path for s in result.sites]
+    assert report["placement"] == result.placement == "residual"  # recorded in the file, as convert reports it
 
 
 def test_latency_is_measured_interleaved():
@@ -80,6 +81,7 @@ def test_comparison_table_json_and_csv(cli):
     assert code == 0 and "Base vs SE" in out and "torchvision:mobilenet_v2" in out
     code, out, _ = cli("profile", "resnet18", "resnet34", "--no-latency", "--input-size", "3,64,64", "--json")
     assert code == 0 and [m["model"] for m in json.loads(out)["models"]] == ["resnet18", "resnet34"]
+    assert [m["placement"] for m in json.loads(out)["models"]] == ["residual", "residual"]
     code, out, _ = cli("profile", "resnet18", "--input-size", "3,64,64", "--csv", "--repeats", "1", "--warmup", "0",
                        "--device", "cpu", "--batch-size", "1,2")
     assert code == 0

@@ -28,7 +28,7 @@ KILL_DRIVER = textwrap.dedent("""
     from seify.finetune.progress import SilentLog
     from seify.finetune.state import RunFolder
     data, root = sys.argv[2], sys.argv[3]
-    RUN = dict(epochs=1, batch_size=8, save_every=2, img_size=32, seed=1)  # commits at steps 2, 4, 4 (epoch end)
+    RUN = dict(epochs=1, batch_size=8, save_every=3, img_size=32, seed=1)  # commits at step 3 and at the end (4)
 
     def child(out, kill_at, **extra):
         pid = os.fork()

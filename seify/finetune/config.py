@@ -47,7 +47,7 @@ class FinetuneConfig:
     seed: int = option(0, "Fixes data order, augmentation and initialisation.")
     workers: int | None = option(None, "Data-loading processes (default: 1 on a CPU, up to 8 on a GPU).")
     decode: str = option("auto", "Where JPEGs are decoded and augmented: gpu (nvJPEG, transforms on the GPU), cpu "
-                                 "(in the loading processes), auto (gpu when training on CUDA).")
+                                 "(in the loading processes), auto (cpu until the GPU path is measured).")
     threads: int | None = option(None, "CPU threads (default: the cores other processes leave free).")
     device: str | None = option(None, "cpu or cuda (default: cuda if present).")
     precision: str = option("auto", "auto (bf16 on CUDA, fp16 without bf16, fp32 on CPU), fp32, bf16, fp16.")

@@ -121,11 +121,12 @@ def _versions() -> dict:
 
 
 def decodes_on_device(decode: str, device: torch.device) -> bool:
-    """``auto`` decodes on the GPU when the run is on one; ``gpu`` needs one."""
+    """``gpu`` needs a CUDA device. ``auto`` stays on the CPU path until the GPU path has been measured faster on
+    a GPU (issue 11); it is then to choose the GPU wherever the run is on CUDA."""
     if decode == "gpu" and device.type != "cuda":
         raise SeifyError(f"{{decode}} gpu needs a CUDA device, and this run is on {device.type}; use {{decode}} cpu",
                          "decode")
-    return decode == "gpu" or (decode == "auto" and device.type == "cuda")
+    return decode == "gpu"
 
 
 def _resumed_config(saved: FinetuneConfig, given: FinetuneConfig, explicit: set[str] | None) -> FinetuneConfig:

@@ -6,7 +6,8 @@
 Everything is measured interleaved in one process and printed as ratios (bf16 autocast, channels_last):
 1. correctness on the device: a converted resnet50's outputs and gradients, Triton path against PyTorch path;
 2. one SE site (forward + backward) against the plain residual sum, both memory formats;
-3. training step, eager and torch.compile; 4. inference at batch 1 and 256.
+3. training step, eager and torch.compile; 4. inference at batch 1 and 256;
+5. `seify finetune` images/s on a JPEG folder with --decode cpu and gpu, against the model-only rate.
 Targets (issue 11): seify Triton / resnet50 train step <= 1.10 eager and <= 1.06 compiled; seify Triton /
 timm seresnet50 <= 0.80 eager.
 """
@@ -112,7 +113,9 @@ def train_step(model: torch.nn.Module, x: torch.Tensor):
     return step
 
 
-def whole_models(base, twin, ours) -> None:
+def whole_models(base, twin, ours) -> float:
+    """Prints the timings; returns the model-only training rate (images/s) of seify SE on the PyTorch path."""
+    rates: list[float] = []
     pairs = [("seify Triton", "resnet50"), ("seify Triton", "seresnet50"), ("seify PyTorch", "resnet50"),
              ("seresnet50", "resnet50")]
     x = torch.randn(BATCH, 3, SIZE, SIZE, device=DEVICE).contiguous(memory_format=torch.channels_last)
@@ -126,8 +129,10 @@ def whole_models(base, twin, ours) -> None:
         for step in steps:  # compile, and cuDNN's algorithm search, before timing
             step()
         sync()
+        seconds = interleaved_medians(steps, REPEATS, 3, sync)
         report(f"training step {ARCH}, batch {BATCH}, {SIZE} px, {'torch.compile' if compiled else 'eager'}", names,
-               interleaved_medians(steps, REPEATS, 3, sync), pairs)
+               seconds, pairs)
+        rates.append(BATCH / seconds[2])
     for batch in (1, 2 if SMOKE else 256):
         x = torch.randn(batch, 3, SIZE, SIZE, device=DEVICE).contiguous(memory_format=torch.channels_last)
 
@@ -138,6 +143,32 @@ def whole_models(base, twin, ours) -> None:
             return run
         fns = [with_kernels(i == 3, infer(m.eval())) for i, m in enumerate((base, twin, ours, ours))]
         report(f"inference batch {batch}, eager", names, interleaved_medians(fns, REPEATS, 3, sync), pairs)
+    return rates[0]
+
+
+def jpeg_pipeline(model_rate: float) -> None:
+    """Fine-tuning throughput through seify's data pipeline, both decoders, as a share of the model-only rate."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from seify.demo import make_dataset
+    from seify.finetune.config import FinetuneConfig
+    from seify.finetune.loop import finetune
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = make_dataset(Path(tmp) / "jpegs", train_per_class=8 if SMOKE else 1000, val_per_class=4,
+                              size=64 if SMOKE else 320)
+        for decode in ("cpu", "gpu"):
+            if decode == "gpu" and SMOKE:
+                continue
+            out = Path(tmp) / decode
+            config = FinetuneConfig(out=str(out), epochs=2, batch_size=BATCH, img_size=SIZE, device=DEVICE,
+                                    decode=decode, log_every=0, se_warmup_epochs=0)
+            finetune(ARCH, str(folder), config)
+            rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            rate = rows[-1]["images_per_sec"]  # the second epoch: workers and cuDNN warm
+            print(f"seify finetune --decode {decode}: {rate:.0f} images/s = {rate / model_rate:.2f} of the model-only "
+                  f"{model_rate:.0f} (target >= 0.90)", flush=True)
 
 
 def main() -> None:
@@ -154,7 +185,9 @@ def main() -> None:
         m.to(memory_format=torch.channels_last)
     check_correctness(ours)
     site_timings()
-    whole_models(base.train(), twin.train(), ours.train())
+    model_rate = whole_models(base.train(), twin.train(), ours.train())
+    kernels.use(False)
+    jpeg_pipeline(model_rate)
 
 
 if __name__ == "__main__":
