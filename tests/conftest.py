@@ -62,6 +62,17 @@ def outputs(model, size=64, batch=2, seed=1):
         return model.eval()(x)
 
 
+# The tests that take most of a minute each (see --durations).
+LONGEST = ("test_sigkill_before_every_rename_then_resume_is_exact", "test_demo_reaches_90_percent",
+           "test_compare_writes_its_files_and_resumes_after_a_kill", "test_two_process_gloo_job")
+
+
+def pytest_collection_modifyitems(items):
+    """The longest tests first, then the other slow ones: with parallel workers the long jobs start early instead
+    of running alone at the end (longest-first scheduling)."""
+    items.sort(key=lambda item: (item.originalname not in LONGEST, item.get_closest_marker("slow") is None))
+
+
 @pytest.fixture
 def cli(capsys, monkeypatch):
     """Run the seify command in this process: returns (exit code, stdout, stderr)."""
