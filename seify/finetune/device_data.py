@@ -171,9 +171,6 @@ class DeviceBatches:
         self.batches, self.transform, self.device = batches, transform, device
         self.epoch, self.training, self.items = epoch, training, items
 
-    def __len__(self) -> int:
-        return len(self.batches)
-
     def _decode(self, images: list[torch.Tensor], indices: list[int]) -> tuple[list, list]:
         encoded = [k for k, image in enumerate(images) if image.dim() == 1]
         decoded: list = [image.to(self.device, non_blocking=True) if image.dim() == 3 else None for image in images]
