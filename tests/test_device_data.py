@@ -70,8 +70,9 @@ def test_device_decoding_trains_resumes_exactly_and_counts_bad_files(tmp_path, t
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(source.read_bytes())
     first = sorted((folder / "train" / "gradient").glob("*.jpg"))
-    Image.open(first[0]).save(first[0].with_suffix(".png"))  # decoded by the loading process
-    first[0].unlink()
+    for path, suffix in ((first[0], ".png"), (first[2], ".bmp")):  # decoded by the loading process, with PIL
+        Image.open(path).save(path.with_suffix(suffix))
+        path.unlink()
     noise = np.random.default_rng(0).integers(0, 255, (128, 128, 3), dtype=np.uint8)
     Image.fromarray(noise).save(first[1])
     first[1].write_bytes(first[1].read_bytes()[: first[1].stat().st_size * 6 // 10])  # header fine, data cut

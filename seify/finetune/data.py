@@ -47,6 +47,15 @@ def _open(path: str | Path) -> Image.Image:
     return img
 
 
+def read_rgb(path: str | Path) -> tuple[Image.Image | None, str | None]:
+    """The decoded image in RGB, or (None, why) for a file that cannot be decoded."""
+    try:
+        with _open(path) as img:
+            return img.convert("RGB"), None
+    except _DECODE_ERRORS as e:
+        return None, first_line(e)
+
+
 def _readable(path: Path) -> bool:
     """Opening reads only the header: cheap enough to check every file before training starts."""
     try:
@@ -140,11 +149,9 @@ class ImageDataset(torch.utils.data.Dataset):
         """(image, label), or (None, (path, reason)) for a file that passed the header check but cannot be
         decoded (a truncated JPEG, a PNG with a damaged stream): one bad file must not end a run."""
         path, label = self.items[i]
-        try:
-            with _open(path) as img:
-                rgb = img.convert("RGB")
-        except _DECODE_ERRORS as e:
-            return None, (path, first_line(e))
+        rgb, reason = read_rgb(path)
+        if rgb is None:
+            return None, (path, reason)
         return self.transform(rgb), label
 
 

@@ -18,7 +18,7 @@ from torchvision import io
 from torchvision.transforms.v2 import functional as TF
 
 from ..errors import SeifyError, first_line
-from .data import Augmentation
+from .data import Augmentation, read_rgb
 
 JPEG_START = (0xFF, 0xD8)
 RGB = io.ImageReadMode.RGB
@@ -38,11 +38,12 @@ def _torchvision_io(name: str):
     return quiet
 
 
-read_file, decode_image, decode_jpeg = (_torchvision_io(n) for n in ("read_file", "decode_image", "decode_jpeg"))
+read_file, decode_jpeg = _torchvision_io("read_file"), _torchvision_io("decode_jpeg")
 
 
 class EncodedDataset(torch.utils.data.Dataset):
-    """(file bytes or a decoded uint8 CHW tensor, label, index), or (None, (path, reason), index)."""
+    """(JPEG bytes, label, index); other formats decoded here as the CPU path decodes them (PIL), as a uint8 CHW
+    tensor; (None, (path, reason), index) for a file that cannot be read or decoded."""
 
     def __init__(self, items: list[tuple[str, int]]):
         self.items = items
@@ -54,11 +55,12 @@ class EncodedDataset(torch.utils.data.Dataset):
         path, label = self.items[i]
         try:
             raw = read_file(path)
-            if tuple(raw[:2].tolist()) == JPEG_START:
-                return raw, label, i
-            return decode_image(raw, mode=RGB), label, i
         except RuntimeError as e:
             return None, (path, first_line(e)), i
+        if tuple(raw[:2].tolist()) == JPEG_START:
+            return raw, label, i
+        rgb, reason = read_rgb(path)
+        return (TF.pil_to_tensor(rgb), label, i) if rgb is not None else (None, (path, reason), i)
 
 
 def collate_encoded(batch: list) -> tuple[list, torch.Tensor, list[int], list]:
