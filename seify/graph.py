@@ -58,17 +58,20 @@ class SeifyTracer(fx.Tracer):
                              ) from e
 
 
-def trace(module: nn.Module, concrete_args: dict | None = None) -> fx.GraphModule:
-    """Trace ``module`` (in eval mode, restoring its mode after) into a GraphModule over the same submodules;
-    ``concrete_args`` fixes optional arguments to the values the model calls it with."""
+def trace_graph(module: nn.Module, concrete_args: dict | None = None, training: bool = False) -> fx.Graph:
+    """``module``'s graph, traced in eval (or training) mode, its own mode restored after; ``concrete_args``
+    fixes optional arguments to the values the model calls it with."""
     was_training = module.training
-    module.eval()
+    module.train(training)
     try:
-        tracer = SeifyTracer()
-        graph = tracer.trace(module, concrete_args or None)
+        return SeifyTracer().trace(module, concrete_args or None)
     finally:
         module.train(was_training)
-    return fx.GraphModule(tracer.root, graph, type(module).__name__)
+
+
+def trace(module: nn.Module, concrete_args: dict | None = None) -> fx.GraphModule:
+    """``trace_graph`` in eval mode, as a GraphModule over the same submodules (one that can be edited)."""
+    return fx.GraphModule(module, trace_graph(module, concrete_args), type(module).__name__)
 
 
 class _ShapeRecorder(fx.Interpreter):

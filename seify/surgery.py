@@ -183,15 +183,16 @@ class _CannotRebuild(SeifyError):
 
 def _trace_block(module: nn.Module, path: str, fixed: dict) -> fx.GraphModule:
     """The block's graph, traced in eval mode as the model calls it; refused if its code depends on the mode."""
-    module.train()
-    try:
-        train_code = fx.GraphModule(module, g.SeifyTracer().trace(module, fixed or None)).code
-    finally:
-        module.eval()
     local = g.trace(module, fixed)
-    if train_code != local.code:
+    if _operations(g.trace_graph(module, fixed, training=True)) != _operations(local.graph):
         raise _CannotRebuild("its forward branches on training mode")
     return local
+
+
+def _operations(graph: fx.Graph) -> list[tuple[str, str, str, str]]:
+    """What a graph's generated code is made of, without generating it (a GraphModule per owner costs more
+    than the trace)."""
+    return [(n.op, str(n.target), str(n.args), str(n.kwargs)) for n in graph.nodes]
 
 
 def _rebuild_owner(model: nn.Module, gm_whole: fx.GraphModule, owner: str, sites: list[Site],
@@ -273,18 +274,18 @@ def _fuse_with_sum(local: fx.GraphModule, name: str, producer: fx.Node, consumer
 # ---------------------------------------------------------------- the same computation, SE aside
 
 
-def _computation(gm: fx.GraphModule) -> Counter:
+def _computation(graph: fx.Graph, root: nn.Module) -> Counter:
     """What a graph computes, counted by (operation, number of graph values it takes): SE blocks and no-ops left
     out, a fused SE block counted as the sum (and drop-path) it took over. A sum of a feature map and a missing
     shortcut (None) counts differently from a sum of two feature maps."""
     ops: Counter = Counter()
-    for node in gm.graph.nodes:
+    for node in graph.nodes:
         inputs = len(node.all_input_nodes)
         if node.op == "call_module":
-            m = gm.get_submodule(node.target)
+            m = root.get_submodule(node.target)
             if isinstance(m, SqueezeExcite):
                 ops.update([("add", 2)] * (len(node.args) >= 2 and isinstance(node.args[1], fx.Node)))
-                ops.update([(type(gm.get_submodule(a.target)).__name__, 1) for a in node.args[2:]])
+                ops.update([(type(root.get_submodule(a.target)).__name__, 1) for a in node.args[2:]])
             elif not isinstance(m, nn.Identity):
                 ops[(type(m).__name__, inputs)] += 1
         elif node.op in ("call_function", "call_method"):
@@ -298,7 +299,7 @@ def _computation(gm: fx.GraphModule) -> Counter:
 def _check_same_computation(original: fx.GraphModule, converted: nn.Module) -> None:
     """Refuse a conversion that lost or gained an operation of the original: it would be timed and counted as
     if it were the model with SE, and its fine-tuning would start from a different function."""
-    before, after = _computation(original), _computation(g.trace(converted))
+    before, after = _computation(original.graph, original), _computation(g.trace_graph(converted), converted)
     if before != after:
         lost = before - after
         gained = after - before
