@@ -66,6 +66,21 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(2) == t.shape[3] * t.stride(3) else t.contiguous()
 
 
+def _per_channel(x: torch.Tensor) -> torch.Tensor:
+    """An (N, C) accumulator-precision tensor for ``x``: the squeeze, the gate's gradient, the tie counts."""
+    return x.new_empty(x.shape[:2], dtype=accumulator(x.dtype))
+
+
+def _scaled_output(x: torch.Tensor, shortcut: torch.Tensor | None) -> torch.Tensor:
+    return torch.empty_like(x, dtype=x.dtype if shortcut is None else torch.promote_types(x.dtype, shortcut.dtype))
+
+
+def _gate_grad_outputs(grad: torch.Tensor, x: torch.Tensor, relu: bool):
+    """(gradient behind the fused ReLU, gate gradient, tie counts). Without a ReLU the first is empty: a custom op
+    may not return one of its inputs, and the caller uses the incoming gradient itself."""
+    return (torch.empty_like(grad) if relu else x.new_empty(0)), _per_channel(x), _per_channel(x)
+
+
 @functools.cache
 def _define_ops() -> bool:
     """Define the kernels and register them as ``torch.ops.seify.*``, once; False where Triton is missing."""
@@ -181,16 +196,14 @@ def _define_ops() -> bool:
     @torch.library.custom_op("seify::se_squeeze", mutates_args=())
     def se_squeeze(x: torch.Tensor, use_max: bool) -> torch.Tensor:
         n, c, h, w = x.shape
-        z = torch.empty((n, c), device=x.device, dtype=accumulator(x.dtype))
-        squeeze_kernel[grid(x)](x, z, c, h * w, *_hw_strides(x), MAX=use_max,
-                                                           BC=BLOCK_C, BHW=BLOCK_HW)
+        z = _per_channel(x)
+        squeeze_kernel[grid(x)](x, z, c, h * w, *_hw_strides(x), MAX=use_max, BC=BLOCK_C, BHW=BLOCK_HW)
         return z
 
     @torch.library.custom_op("seify::se_scale", mutates_args=())
     def se_scale(x: torch.Tensor, s: torch.Tensor, shortcut: torch.Tensor | None, relu: bool) -> torch.Tensor:
         n, c, h, w = x.shape
-        dtype = x.dtype if shortcut is None else torch.promote_types(x.dtype, shortcut.dtype)
-        out = torch.empty_like(x, dtype=dtype)
+        out = _scaled_output(x, shortcut)
         sc = x if shortcut is None else shortcut
         scale_kernel[grid(x, True)](
             x, s, sc, out, c, h * w, *_hw_strides(x), *_hw_strides(sc), *_hw_strides(out),
@@ -201,14 +214,12 @@ def _define_ops() -> bool:
     def se_gate_grad(grad: torch.Tensor, x: torch.Tensor, out: torch.Tensor, z: torch.Tensor, relu: bool,
                      use_max: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n, c, h, w = x.shape
-        grad_behind_relu = torch.empty_like(grad) if relu else grad
-        ds = torch.empty((n, c), device=x.device, dtype=accumulator(x.dtype))
-        ties = torch.empty((n, c), device=x.device, dtype=accumulator(x.dtype))
+        grad_behind_relu, ds, ties = _gate_grad_outputs(grad, x, relu)
+        written = grad_behind_relu if relu else grad  # the kernel writes it only behind a ReLU
         gate_grad_kernel[grid(x)](
-            grad, x, out, z, grad_behind_relu, ds, ties, c, h * w, *_hw_strides(grad), *_hw_strides(x),
-            *_hw_strides(out), *_hw_strides(grad_behind_relu), RELU=relu, MAX=use_max, BC=BLOCK_C, BHW=BLOCK_HW)
-        # A custom op may not return one of its inputs: the caller aliases grad itself when no ReLU was fused.
-        return (grad_behind_relu if relu else torch.empty(0, device=x.device)), ds, ties
+            grad, x, out, z, written, ds, ties, c, h * w, *_hw_strides(grad), *_hw_strides(x), *_hw_strides(out),
+            *_hw_strides(written), RELU=relu, MAX=use_max, BC=BLOCK_C, BHW=BLOCK_HW)
+        return grad_behind_relu, ds, ties
 
     @torch.library.custom_op("seify::se_input_grad", mutates_args=())
     def se_input_grad(grad: torch.Tensor, x: torch.Tensor, s: torch.Tensor, dz: torch.Tensor, z: torch.Tensor,
@@ -220,23 +231,11 @@ def _define_ops() -> bool:
             MAX=use_max, BC=BLOCK_C, BHW=BLOCK_HW)
         return dx
 
-    @se_squeeze.register_fake
-    def _(x, use_max):
-        return x.new_empty(x.shape[:2], dtype=accumulator(x.dtype))
-
-    @se_scale.register_fake
-    def _(x, s, shortcut, relu):
-        return torch.empty_like(x, dtype=x.dtype if shortcut is None else torch.promote_types(x.dtype, shortcut.dtype))
-
-    @se_gate_grad.register_fake
-    def _(grad, x, out, z, relu, use_max):
-        per_channel = x.new_empty(x.shape[:2], dtype=accumulator(x.dtype))
-        return (torch.empty_like(grad) if relu else x.new_empty(0)), per_channel, torch.empty_like(per_channel)
-
-    @se_input_grad.register_fake
-    def _(grad, x, s, dz, z, ties, use_max):
-        return torch.empty_like(x)
-
+    # What compile and export see: the same allocations, without running a kernel.
+    se_squeeze.register_fake(lambda x, use_max: _per_channel(x))
+    se_scale.register_fake(lambda x, s, shortcut, relu: _scaled_output(x, shortcut))
+    se_gate_grad.register_fake(lambda grad, x, out, z, relu, use_max: _gate_grad_outputs(grad, x, relu))
+    se_input_grad.register_fake(lambda grad, x, s, dz, z, ties, use_max: torch.empty_like(x))
     return True
 
 

@@ -181,7 +181,7 @@ class _CannotRebuild(SeifyError):
     """A block whose sites are skipped: its own graph cannot be edited the way the model's trace says."""
 
 
-def _trace_block(module: nn.Module, path: str, fixed: dict) -> fx.GraphModule:
+def _trace_block(module: nn.Module, fixed: dict) -> fx.GraphModule:
     """The block's graph, traced in eval mode as the model calls it; refused if its code depends on the mode."""
     local = g.trace(module, fixed)
     if _operations(g.trace_graph(module, fixed, training=True)) != _operations(local.graph):
@@ -198,7 +198,7 @@ def _operations(graph: fx.Graph) -> list[tuple[str, str, str, str]]:
 def _rebuild_owner(model: nn.Module, gm_whole: fx.GraphModule, owner: str, sites: list[Site],
                    options: SEOptions, fixed: dict) -> nn.Module:
     module = model.get_submodule(owner) if owner else model
-    local = _trace_block(module, owner, fixed)
+    local = _trace_block(module, fixed)
     local_by_key = g.scoped_keys(local.graph.nodes, "")
     key_of = {node: key for key, node in g.scoped_keys(gm_whole.graph.nodes, owner).items()}
     output = next(n for n in local.graph.nodes if n.op == "output")
