@@ -155,18 +155,24 @@ class ImageDataset(torch.utils.data.Dataset):
         return self.transform(rgb), label
 
 
-def collate(batch: list, fill: bool):
-    """(images, labels, failures). In training (``fill``) an undecodable image is replaced by a good one of the
-    same batch, so every process of a distributed run takes a step of the same size; evaluation drops it."""
-    failures = [item[1] for item in batch if item[0] is None]
-    good = [item for item in batch if item[0] is not None]
+def fill_failed(good: list, failures: list, size: int, fill: bool) -> list | None:
+    """The good items of a batch. In training (``fill``) they also take the places of the images that could not
+    be decoded, so that every process of a distributed run takes a step of the same size; evaluation drops those
+    (None when none is left)."""
     if not good:
         if fill:
-            raise SeifyError(f"no image of a batch of {len(batch)} could be decoded (first: {failures[0][0]}: "
+            raise SeifyError(f"no image of a batch of {size} could be decoded (first: {failures[0][0]}: "
                              f"{failures[0][1]}); check the data folder")
+        return None
+    return good + [good[k % len(good)] for k in range(len(failures))] if fill else good
+
+
+def collate(batch: list, fill: bool):
+    """(images, labels, failures), undecodable images handled as ``fill_failed`` says."""
+    failures = [item[1] for item in batch if item[0] is None]
+    good = fill_failed([item for item in batch if item[0] is not None], failures, len(batch), fill)
+    if good is None:
         return None, None, failures
-    if fill:
-        good += [good[k % len(good)] for k in range(len(failures))]
     images, labels = torch.utils.data.default_collate(good)
     return images, labels, failures
 

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torchvision import io
 from torchvision.transforms.v2 import functional as TF
 
-from ..errors import SeifyError, first_line
-from .data import Augmentation, read_rgb
+from ..errors import first_line
+from .data import Augmentation, fill_failed, read_rgb
 
 JPEG_START = (0xFF, 0xD8)
 RGB = io.ImageReadMode.RGB
@@ -200,15 +200,11 @@ class DeviceBatches:
     def __iter__(self):
         for images, labels, indices, failures in self.batches:
             decoded, more = self._decode(images, indices)
-            keep = [k for k, image in enumerate(decoded) if image is not None]
-            if not keep:
-                if self.training:
-                    raise SeifyError(f"no image of a batch of {len(images) + len(failures)} could be decoded; check "
-                                     "the data folder")
+            keep = fill_failed([k for k, image in enumerate(decoded) if image is not None], failures + more,
+                               len(images) + len(failures), self.training)
+            if keep is None:
                 yield None, None, failures + more
                 continue
-            if self.training:  # fill the places of failed images, as data.collate does
-                keep += [keep[k % len(keep)] for k in range(len(failures) + len(more))]
             tensors = self.transform([decoded[k] for k in keep], [indices[k] for k in keep], self.epoch,
                                      self.training)
             yield tensors, labels[keep], failures + more
