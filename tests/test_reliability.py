@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import seify
-from conftest import ARCH, config, rows_of, save_weights, weights
+from conftest import ARCH, KillAt, config, rows_of, save_weights, weights
 from seify.errors import SeifyError
 from seify.finetune.loop import Trainer, finetune
 from seify.finetune.state import RunFolder
@@ -327,3 +327,53 @@ def test_evaluate_refuses_a_head_of_another_size(cli, tmp_path, tiny):
     path = save_weights(timm.create_model(ARCH, num_classes=7), tmp_path / "r7.safetensors")
     code, _, err = cli("evaluate", ARCH, tiny, "--weights", path, "--workers", "0")
     assert code == 2 and "has 7 outputs but" in err and "4 classes" in err
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (read from /proc, as ps does)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.slow
+def test_sigkill_with_loading_processes_alive_then_resume_at_once(cli, tmp_path, tiny, se_file, monkeypatch):
+    """The OOM killer's way: SIGKILL to the trainer alone, its loading processes left to notice. The same command
+    plus --resume, at once, continues the run."""
+    import signal
+    import time
+
+    import seify.cli
+    out = tmp_path / "run"
+    args = ["finetune", se_file, str(tiny), "--out", str(out), "--epochs", "40", "--batch-size", "8", "--img-size",
+            "32", "--workers", "2", "--device", "cpu", "--threads", "1", "--save-every", "1", "--log-every", "0"]
+    proc = subprocess.Popen([sys.executable, "-m", "seify", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not ((out / "checkpoint.json").exists() and len(_children(proc.pid)) >= 2) and time.time() < deadline:
+        time.sleep(0.05)
+    loaders = _children(proc.pid)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(loaders) >= 2 and all(Path(f"/proc/{pid}").exists() for pid in loaders)  # still winding down
+
+    class OneStep(KillAt):
+        at = 1
+    monkeypatch.setattr(seify.cli, "_run_log", lambda: OneStep)
+    code, stdout, err = cli(*args, "--resume")
+    assert code == 143, err  # it resumed and took a step, then stopped as told
+    assert f"resuming {out}" in stdout and "in use" not in err
+
+
+def test_a_refused_start_leaves_no_folder_behind(cli, tmp_path, tiny, se_file):
+    out = tmp_path / "new" / "run"
+    code, _, err = cli("finetune", se_file, tiny, "--out", out, "--batch-size", "64", "--img-size", "32",
+                       "--workers", "0")
+    assert code == 2 and "larger than the 32 training images" in err
+    assert not (tmp_path / "new").exists()

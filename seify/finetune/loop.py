@@ -183,6 +183,7 @@ class Trainer:
             self._build(spec, data_dir, config, explicit, split)
         except BaseException:
             self.close()
+            self.folder.abandon()
             raise
 
     def close(self) -> None:

@@ -33,6 +33,12 @@ RUN_INFO = "run.json"
 LOCK = ".lock"
 # What a run writes in its folder: a folder holding any of these but no run is the user's, not ours.
 OUTPUTS = (POINTER, CHECKPOINTS, LAST, BEST, METRICS, "metrics.csv", "curves.png", RUN_INFO)
+_HELD: set[str] = set()  # lock files this process holds
+
+
+def _in_use(out: Path, holder: str) -> SeifyError:
+    return SeifyError(f"{out} is in use by a running fine-tune (pid {holder or 'unknown'}); wait for it to end or "
+                      "choose another output folder")
 
 
 @dataclass
@@ -80,27 +86,47 @@ class RunFolder:
 
     @contextlib.contextmanager
     def locked(self):
-        """An exclusive lock on the folder while this process writes it; the OS drops it when the process dies."""
+        """An exclusive lock on the folder while this process writes it.
+
+        A POSIX record lock (``lockf``): the kernel drops it the moment this process dies, and the processes it
+        forks (data loaders) do not inherit it, so a killed run's folder is free at once even while its loading
+        processes wind down. Such a lock does not exclude its own process, and closing any descriptor of the lock
+        file would drop it, so this process's own holdings are kept in ``_HELD`` and checked before opening.
+        """
         if self.out.exists() and not self.out.is_dir():
             raise SeifyError(f"{{out}} {self.out} is a file; name a folder for the run", "out")
         existing = next(p for p in (self.out, *self.out.parents) if p.exists())
         check_folder_writable(existing)
+        key = str(self.out.resolve() / LOCK)
+        if key in _HELD:
+            raise _in_use(self.out, str(os.getpid()))
+        self._created = [p for p in (self.out, *self.out.parents) if not p.exists()]
         self.out.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
                 if e.errno not in (errno.EAGAIN, errno.EACCES):
                     raise
-                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
-                raise SeifyError(f"{self.out} is in use by a running fine-tune (pid {holder}); wait for it to end "
-                                 "or choose another output folder") from None
+                raise _in_use(self.out, os.pread(fd, 64, 0).decode(errors="replace").strip()) from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
-            yield self
+            _HELD.add(key)
+            try:
+                yield self
+            finally:
+                _HELD.discard(key)
         finally:
             os.close(fd)
+
+    def abandon(self) -> None:
+        """After a refused start: remove the folders ``locked`` created, where nothing but the lock is in them."""
+        for folder in getattr(self, "_created", []):
+            if [p.name for p in folder.iterdir()] in ([], [LOCK]):
+                (folder / LOCK).unlink(missing_ok=True)
+                folder.rmdir()
+        self._created = []
 
     def remove_leftovers(self) -> None:
         """Temporary files of an interrupted write, and checkpoints that were never committed."""
