@@ -355,7 +355,7 @@ def finetune(ctx: typer.Context, model: Model, data: Data, weights: Weights = No
     from .finetune.loop import finetune as run
     config, given = recipe
     options, se_given = se
-    given |= se_given | passed(ctx, ("weights", "pretrained"))
+    given |= se_given | passed(ctx, ("weights", "pretrained")) | ({"se"} if passed(ctx, ("with_se",)) else set())
     result = run(model, data, config, options if with_se else None, weights=weights, pretrained=pretrained,
                  log=_run_log(), explicit=given)
     if result.stopped_by is None and result.main and result.epochs_run:

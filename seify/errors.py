@@ -26,3 +26,12 @@ def first_line(e: BaseException) -> str:
     """The first line of an exception's message, or its type's name when it has none."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def shown(value) -> str:
+    """An option's value as a message shows it: as it is typed on a command line."""
+    if value is None:
+        return "(not set)"
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)

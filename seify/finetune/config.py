@@ -3,17 +3,40 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 from ..errors import SeifyError
-from ..options import option
+from ..options import SEOptions, option
 
-# Options a resumed run may change: how it runs, not what it computes.
-CHANGEABLE_ON_RESUME = frozenset({"workers", "threads", "device", "compile", "log_every", "save_every", "out",
-                                  "resume", "force", "extend"})
+# The options a resumed run may change, by name (the flag without its dashes): how it runs, where it writes and
+# reads, not what it computes. --epochs changes only with --extend, which re-plans the schedule.
+CHANGEABLE_ON_RESUME = frozenset({"data", "workers", "threads", "device", "compile", "log_every", "save_every",
+                                  "out", "resume", "force", "extend", "epochs"})
 MAX_IMAGE_SIZE = 4096
 MAX_BATCH_SIZE = 65536
 AUGMENTATIONS = ("auto", "none", "light", "imagenet")
 DECODES = ("auto", "cpu", "gpu")
+
+
+@dataclass(frozen=True)
+class Source:
+    """What a run fine-tunes: MODEL, its weights, and the SE options (``se`` None: the plain baseline)."""
+    model: str
+    se: SEOptions | None = SEOptions()
+    weights: str | None = None
+    pretrained: bool = False
+
+    def to_dict(self) -> dict:
+        """As recorded in run.json and every checkpoint; files also by their absolute path, so that a resume from
+        another folder, or with the path spelt another way, knows them."""
+        return {"model": self.model, "model_file": resolved_file(self.model), "weights": self.weights,
+                "weights_file": resolved_file(self.weights), "pretrained": self.pretrained,
+                "se": self.se.to_dict() if self.se else None}
+
+
+def resolved_file(path: str | None) -> str | None:
+    """The absolute path of an existing file, else None (a model name is not a file)."""
+    return str(Path(path).resolve()) if path and Path(path).is_file() else None
 
 
 @dataclass

@@ -74,11 +74,15 @@ def busy_cores(seconds: float = 0.25) -> float:
     return cores * (1 - (idle1 - idle0) / max(total1 - total0, 1))
 
 
-def choose_threads(requested: int | None, device: torch.device, world: int) -> tuple[int, str]:
+def choose_threads(requested: int | None, device: torch.device, world: int,
+                   recorded: int | None = None) -> tuple[int, str]:
     """(intra-op threads, why). On a CPU the cores other processes use are left to them: a thread that waits for a
-    core stalls every other thread at the next barrier, which made a busy 2-core machine 10x slower."""
+    core stalls every other thread at the next barrier, which made a busy 2-core machine 10x slower. A resumed run
+    keeps the count it ``recorded``: another count sums in another order, and the weights would drift."""
     if requested is not None:
         return requested, "--threads"
+    if recorded is not None:
+        return recorded, "as the run chose"
     cores = max(1, usable_cores() // world)
     if device.type == "cuda":
         return min(torch.get_num_threads(), cores), "default"

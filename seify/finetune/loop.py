@@ -20,11 +20,12 @@ from ..errors import SeifyError
 from ..models import resolve
 from ..options import SEOptions
 from . import artifacts, data, device_data, rng
-from .config import CHANGEABLE_ON_RESUME, FinetuneConfig
+from .config import FinetuneConfig, Source
 from .dist import choose_threads, setup, teardown
 from .evaluate import evaluate
 from .model import Prepared, prepare
 from .progress import PlainLog
+from .resume import SE_OPTIONS, given_options, resumed_config
 from .state import LAST, Progress, RunFolder
 
 
@@ -38,19 +39,6 @@ class RunResult:
     stopped_by: str | None = None
     main: bool = True  # False on the other ranks of a distributed run, which print nothing
     start_top1: float | None = None  # the model's val top-1 before fine-tuning (trained models only)
-
-
-@dataclass
-class Source:
-    """What a run fine-tunes: the MODEL argument, its weights, and the SE options (None: the plain baseline)."""
-    spec: str
-    options: SEOptions | None
-    weights: str | None = None
-    pretrained: bool = False
-
-    def to_dict(self) -> dict:
-        return {"model": self.spec, "weights": self.weights, "pretrained": self.pretrained,
-                "se": self.options.to_dict() if self.options else None}
 
 
 class _Stop:
@@ -129,38 +117,6 @@ def decodes_on_device(decode: str, device: torch.device) -> bool:
     return decode == "gpu"
 
 
-def _resumed_config(saved: FinetuneConfig, given: FinetuneConfig, explicit: set[str] | None) -> FinetuneConfig:
-    """The run's own options, with the ones a resume may change taken from ``given``.
-
-    ``explicit`` names the options the user passed; None means those that differ from the defaults.
-    """
-    defaults = FinetuneConfig()
-    names = explicit if explicit is not None else \
-        {f.name for f in dataclasses.fields(given) if getattr(given, f.name) != getattr(defaults, f.name)}
-    merged = dataclasses.replace(saved, resume=True, force=False, extend=given.extend)
-    for name in sorted(names):
-        new, old = getattr(given, name), getattr(saved, name)
-        if name in CHANGEABLE_ON_RESUME or name == "epochs":
-            setattr(merged, name, new)
-        elif new != old:
-            raise SeifyError(f"{{resume}}: {{{name}}} {new} differs from the run's {old}; drop it to continue with "
-                             f"the run's settings, or start a new run in another folder", "resume", name)
-    return merged
-
-
-def _check_same_source(saved: dict, source: Source, explicit: set[str] | None) -> None:
-    given = source.to_dict()
-    for key, option in (("model", None), ("weights", "weights"), ("pretrained", "pretrained")):
-        if given[key] != saved[key] and (option is None or explicit is None or option in explicit
-                                         or given[key]):
-            what = f"{given[key]}" if key != "pretrained" else f"pretrained={given[key]}"
-            raise SeifyError(f"{{resume}}: this run fine-tunes {saved['model']} (weights {saved['weights']}), "
-                             f"not {what}; pass the same MODEL, or start a new run in another folder", "resume")
-    if (given["se"] is None) != (saved["se"] is None):
-        raise SeifyError(f"{{resume}}: this run was started {'without' if saved['se'] is None else 'with'} SE "
-                         "blocks; resume it with the same choice of {no_se}", "resume", "no_se")
-
-
 # ---------------------------------------------------------------- the trainer
 
 
@@ -172,6 +128,7 @@ class Trainer:
                  split: tuple | None = None):
         config.check()
         self.source = Source(spec, options, weights, pretrained)
+        self.explicit = explicit
         self.folder = RunFolder(config.out)
         self.out = self.folder.out
         self.dist, self.device = setup(config.device)
@@ -194,8 +151,11 @@ class Trainer:
 
     def _build(self, spec, data_dir, config: FinetuneConfig, explicit, split) -> None:
         saved = self._check_folder(config, explicit)
-        self.config = config = _resumed_config(saved["config"], config, explicit) if saved else config
-        self.threads, self.threads_why = choose_threads(config.threads, self.device, self.dist.world)
+        # what the run chose where the user did not say: chosen again, a resume would not continue it exactly
+        self.recorded = {k: saved["state"][k] for k in ("threads", "workers") if k in saved["state"]} if saved else {}
+        self.config = config = resumed_config(saved["state"], self.source, config, explicit) if saved else config
+        self.threads, self.threads_why = choose_threads(config.threads, self.device, self.dist.world,
+                                                        self.recorded.get("threads"))
         torch.set_num_threads(self.threads)
         rng.seed_everything(config.seed + self.dist.rank)  # DDP then broadcasts rank 0's initial weights
         self.classes: list[str]
@@ -228,9 +188,7 @@ class Trainer:
                     if outputs else "start without {resume}"
                 raise SeifyError(f"nothing to resume in {self.out}: {hint}", "force", "resume")
             state, rows = folder.read(committed)
-            saved_config = FinetuneConfig.from_dict(state["config"])
-            _check_same_source(state["source"], self.source, explicit)
-            return {"state": state, "rows": rows, "config": saved_config, "folder": committed}
+            return {"state": state, "rows": rows, "folder": committed}
         if outputs:
             what = "a run" if committed is not None or "run.json" in outputs else f"files a run writes " \
                                                                                     f"({', '.join(outputs)})"
@@ -240,7 +198,7 @@ class Trainer:
 
     def _check_not_an_input(self) -> None:
         """--force clears the run's outputs: never when MODEL or --weights is one of them."""
-        for path in (self.source.spec, self.source.weights):
+        for path in (self.source.model, self.source.weights):
             if path and Path(path).exists() and (Path(path).resolve().parent == self.out.resolve()
                                                  or self.out.resolve() in Path(path).resolve().parents):
                 raise SeifyError(f"{path} is inside {self.out}, which this run writes; copy it elsewhere or "
@@ -253,8 +211,9 @@ class Trainer:
             prepared = Prepared(loaded.model, loaded.recipe, set(saved["state"]["fresh"]))
         else:
             src = self.source
-            prepared = prepare(src.spec, self.classes, src.options, weights=src.weights, pretrained=src.pretrained,
-                               new_head=self.config.new_head)
+            given = given_options(src, self.config) if self.explicit is None else self.explicit
+            prepared = prepare(src.model, self.classes, src.se, weights=src.weights, pretrained=src.pretrained,
+                               new_head=self.config.new_head, given=given & SE_OPTIONS)
         if prepared.recipe.get("classes") != self.classes:
             raise SeifyError(f"the run in {self.out} was trained on other classes than the data holds")
         prepared.model.to(self.device)
@@ -284,7 +243,8 @@ class Trainer:
         self.train_sampler = data.EpochSampler(len(self.train_set), True, config.seed, self.dist.rank,
                                                self.dist.world)
         self.val_sampler = data.EpochSampler(len(self.val_set), False, config.seed, self.dist.rank, self.dist.world)
-        self.workers = data.default_workers(self.device) if config.workers is None else config.workers
+        self.workers = config.workers if config.workers is not None else \
+            self.recorded.get("workers", data.default_workers(self.device))
         self.pin = cuda
         self.steps_per_epoch = len(self.train_sampler) // config.batch_size
         if self.steps_per_epoch == 0:
@@ -346,7 +306,7 @@ class Trainer:
         state = {"progress": dataclasses.asdict(self.progress), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "rng": rng.capture(self.device),
                  "config": self.config.to_dict(), "source": self.source.to_dict(), "fresh": sorted(self.prepared.fresh),
-                 "steps_per_epoch": self.steps_per_epoch}
+                 "steps_per_epoch": self.steps_per_epoch, "threads": self.threads, "workers": self.workers}
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
         if self.scaler is not None:
@@ -616,7 +576,7 @@ class Trainer:
         self.log.line(f"device {self.device} x{self.dist.world}, {amp}"
                       f"{', channels_last' if self.channels_last else ''}{', compiled' if self.config.compile else ''}"
                       f", {self.threads} CPU threads ({self.threads_why}), {self.steps_per_epoch} steps per epoch")
-        self.log.line(f"model: {'plain (no SE)' if self.source.options is None else 'with SE'}, "
+        self.log.line(f"model: {'plain (no SE)' if self.source.se is None else 'with SE'}, "
                       f"{self.img_size} px; augmentation: {self.augmentation.describe()}")
         for note in self.prepared.notes:
             self.log.line(note)

@@ -12,7 +12,7 @@ from torch import nn
 
 from .. import checkpoint
 from ..api import convert_loaded
-from ..errors import SeifyError
+from ..errors import SeifyError, shown
 from ..models import LoadedModel, classifier_keys, num_classes_of, reorder_classifier, reset_classifier, resolve
 from ..options import SEOptions
 from ..se import SqueezeExcite
@@ -29,8 +29,12 @@ class Prepared:
 
 
 def prepare(spec: str, classes: list[str], options: SEOptions | None, *, weights: str | None = None,
-            pretrained: bool = False, new_head: bool = False) -> Prepared:
-    """The model to fine-tune on ``classes``; ``options`` None gives the plain model (``--no-se``)."""
+            pretrained: bool = False, new_head: bool = False, given: set[str] | frozenset[str] = frozenset()
+            ) -> Prepared:
+    """The model to fine-tune on ``classes``; ``options`` None gives the plain model (``--no-se``).
+
+    ``given`` names the SE options the user set: on a model that already has SE they must agree with its blocks.
+    """
     loaded = resolve(spec, weights=weights, pretrained=pretrained)
     if convertible_scope(loaded.model):
         raise SeifyError(f"{spec} is a detection or segmentation model; seify finetune trains image classifiers "
@@ -38,7 +42,7 @@ def prepare(spec: str, classes: list[str], options: SEOptions | None, *, weights
     if options is None:
         prepared = _plain(loaded)
     else:
-        prepared = _with_se(loaded, options)
+        prepared = _with_se(loaded, options, given)
     _fit_head(prepared, loaded, classes, new_head)
     return prepared
 
@@ -54,9 +58,10 @@ def _plain(loaded: LoadedModel) -> Prepared:
     return Prepared(loaded.model, recipe, fresh)
 
 
-def _with_se(loaded: LoadedModel, options: SEOptions) -> Prepared:
+def _with_se(loaded: LoadedModel, options: SEOptions, given: set[str] | frozenset[str]) -> Prepared:
     if loaded.has_se:
         assert loaded.recipe is not None  # SE blocks come from a seify file, which has one
+        _check_same_blocks(loaded, options, given)
         model, recipe = loaded.model, copy.deepcopy(loaded.recipe)
         se_fresh = not recipe.get("finetune")  # converted but never trained
     else:
@@ -68,6 +73,18 @@ def _with_se(loaded: LoadedModel, options: SEOptions) -> Prepared:
         return Prepared(model, recipe, _all(model))
     fresh = {name for name, _ in model.named_parameters() if _in_se(model, name)} if se_fresh else set()
     return Prepared(model, recipe, fresh)
+
+
+def _check_same_blocks(loaded: LoadedModel, options: SEOptions, given: set[str] | frozenset[str]) -> None:
+    """SE options given with a model that has SE describe its blocks, or are refused: they cannot change them."""
+    assert loaded.recipe is not None
+    recorded = SEOptions.from_dict(loaded.recipe["options"])
+    for name in sorted(given):
+        new, old = getattr(options, name), getattr(recorded, name)
+        if new != old and not (name == "at" and new == loaded.recipe.get("placement")):
+            raise SeifyError(f"{loaded.spec} already has SE blocks, made with {{{name}}} {shown(old)}; "
+                             f"{{{name}}} {shown(new)} cannot change them. Drop it, or convert the model they were "
+                             f"added to again with {{{name}}} {shown(new)}", name)
 
 
 def _fit_head(prepared: Prepared, loaded: LoadedModel, classes: list[str], new_head: bool) -> None:
@@ -88,9 +105,9 @@ def _fit_head(prepared: Prepared, loaded: LoadedModel, classes: list[str], new_h
 def _keep_head(model: nn.Module, recorded: list[str] | None, classes: list[str]) -> str:
     """Line the trained head's rows up with the data's classes (by name where the model records them)."""
     if recorded is None:
-        shown = ", ".join(classes[:4]) + (", ..." if len(classes) > 4 else "")
+        listed = ", ".join(classes[:4]) + (", ..." if len(classes) > 4 else "")
         return (f"classifier: keeping the trained {len(classes)}-way head; the model records no class names, so its "
-                f"outputs are taken to be the data's folders in sorted order ({shown}); pass --new-head if they "
+                f"outputs are taken to be the data's folders in sorted order ({listed}); pass --new-head if they "
                 "are not")
     if recorded == classes:
         return f"classifier: keeping the trained {len(classes)}-way head (same classes)"
