@@ -358,6 +358,8 @@ def finetune(ctx: typer.Context, model: Model, data: Data, weights: Weights = No
     given |= se_given | passed(ctx, ("weights", "pretrained")) | ({"se"} if passed(ctx, ("with_se",)) else set())
     result = run(model, data, config, options if with_se else None, weights=weights, pretrained=pretrained,
                  log=_run_log(), explicit=given)
+    if result.stopped_by is not None and result.main:
+        print("continue with the same command plus --resume")
     if result.stopped_by is None and result.main and result.epochs_run:
         rows = [["best epoch", str(result.best_epoch)], ["best val top-1", f"{result.best_top1:.2f}%"],
                 ["last val top-1", f"{result.last_top1:.2f}%"]]
@@ -393,6 +395,8 @@ def compare(model: Model, data: Data,
                    weights=weights, pretrained=pretrained, log=SilentLog if json_out else _run_log(),
                    say=(lambda text: None) if json_out else print)
     if "stopped_by" in document:
+        if not json_out:
+            print("continue with the same command: finished runs are skipped and the stopped one resumes")
         raise typer.Exit({"SIGINT": 130, "SIGTERM": 143}[document["stopped_by"]])
     if json_out:
         print(json.dumps(document))

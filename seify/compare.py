@@ -15,13 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint import atomic_write
+from .device import check_device
 from .errors import SeifyError
 from .finetune import data
-from .finetune.config import FinetuneConfig
+from .finetune.config import FinetuneConfig, Source
+from .finetune.dist import choose_threads
 from .finetune.loop import RunResult, Trainer
+from .finetune.resume import given_options
 from .finetune.state import RunFolder
 from .models import resolve
-from .options import SEOptions
+from .options import SEOptions, parse_pairs
 from .plots import comparison, save_png
 from .profile import cost
 
@@ -33,6 +36,7 @@ class Arm:
     """One way to fine-tune: ``plain`` (no SE), ``se`` (convert's defaults) or ``se:name=value:...``."""
     name: str
     options: SEOptions | None
+    given: frozenset[str] = frozenset()  # the SE options the arm names: on an SE model they must be its own
 
     @property
     def folder(self) -> str:
@@ -54,7 +58,8 @@ def parse_arms(text: str) -> list[Arm]:
         if kind == "plain" and not rest:
             arms.append(Arm("plain", None))
         elif kind == "se":
-            arms.append(Arm(piece, SEOptions.parse(rest)))
+            pairs = parse_pairs(rest)
+            arms.append(Arm(piece, SEOptions(**pairs), frozenset(pairs)))
         else:
             raise SeifyError(f"{piece!r} is not an arm; write plain, se or se:name=value[:name=value] (for example "
                              "se:reduction=8)", "arms")
@@ -76,6 +81,7 @@ def compare(spec: str, data_dir: str, arms: list[Arm], config: FinetuneConfig, *
     root = Path(config.out)
     split = data.discover(data_dir, config.val_split, config.seed, config.strict_data)
     seed_list = [config.seed + k for k in range(seeds)]
+    config = dataclasses.replace(config, threads=_threads(root, arms, seed_list, config))
     for k, seed in enumerate(seed_list):
         for arm in arms if k % 2 == 0 else arms[::-1]:
             say(f"--- {arm.name}, seed {seed}")
@@ -87,6 +93,21 @@ def compare(spec: str, data_dir: str, arms: list[Arm], config: FinetuneConfig, *
     return document
 
 
+def _threads(root: Path, arms: list[Arm], seeds: list[int], config: FinetuneConfig) -> int:
+    """One thread count for every arm and seed, so that arms differ only in what they are meant to: --threads,
+    else the count the comparison's first runs chose (a rerun keeps it), else seify's choice for this machine."""
+    if config.threads is not None:
+        return config.threads
+    for arm in arms:
+        for seed in seeds:
+            info = RunFolder(root / arm.folder / f"seed-{seed}").read_info()
+            if info and isinstance(info.get("threads"), int):
+                return info["threads"]
+    import torch
+    device = torch.device(check_device(config.device))
+    return choose_threads(None, device, 1)[0]
+
+
 def _run_one(spec, data_dir, arm: Arm, seed: int, config: FinetuneConfig, root: Path, split, weights, pretrained,
              log) -> RunResult:
     out = root / arm.folder / f"seed-{seed}"
@@ -94,8 +115,9 @@ def _run_one(spec, data_dir, arm: Arm, seed: int, config: FinetuneConfig, root: 
     committed = folder.committed()
     run_config = dataclasses.replace(config, out=str(out), seed=seed, resume=committed is not None,
                                      force=committed is None and bool(folder.holds_outputs()))
+    source = Source(spec, arm.options, weights, pretrained)
     return Trainer(spec, data_dir, run_config, arm.options, weights=weights, pretrained=pretrained, log=log,
-                   split=split).run()
+                   split=split, explicit=given_options(source, run_config) | arm.given).run()
 
 
 # ---------------------------------------------------------------- the comparison
@@ -110,8 +132,9 @@ def _run_record(out: Path) -> dict | None:
     trained = [r for r in rows if r["epoch"] > 0]
     if not trained:
         return None
-    # Step time is compared where every layer trains: a warm-up with a frozen backbone is cheaper per step.
-    full = [r for r in trained if r["phase"] == "full"] or trained
+    # Step time is compared where every layer trains: a warm-up with a frozen backbone is cheaper per step, and
+    # one arm may warm up (new SE blocks) where the other does not (a kept head), so warm-ups are not compared.
+    full = [r for r in trained if r["phase"] == "full"]
     full_seconds = sum(r["seconds"] for r in full)
     start = next((r["val_top1"] for r in rows if r["epoch"] == 0), None)
     return {"seed": state["config"]["seed"], "folder": str(out), "epochs": [r["epoch"] for r in rows],
@@ -165,7 +188,8 @@ def _verdict(arm: dict, reference: dict) -> dict:
     seeds = sorted(set(ours) & set(theirs))
     diffs = [ours[s] - theirs[s] for s in seeds]
     stats = _stats(diffs)
-    ratio = reference["images_per_sec"] / arm["images_per_sec"] if arm["images_per_sec"] else None
+    ratio = reference["images_per_sec"] / arm["images_per_sec"] \
+        if arm["images_per_sec"] and reference["images_per_sec"] else None
     better = sum(d > 0 for d in diffs)
     if diffs:
         spread = f" +/- {stats['std']:.1f}" if stats["std"] is not None else ""
@@ -175,6 +199,8 @@ def _verdict(arm: dict, reference: dict) -> dict:
         text = f"{arm['name']}: no seed finished in both it and {reference['name']} yet"
     if ratio is not None:
         text += f", {ratio:.2f}x step time"
+    else:  # e.g. --epochs 1 with a warm-up: one arm trained its new parts only, the other everything
+        text += "; step time not comparable (no epoch in which both trained every layer)"
     return {"arm": arm["name"], "against": reference["name"], "seeds": seeds, "differences": diffs,
             "mean_difference": stats["mean"], "std_difference": stats["std"], "better_in": better,
             "step_time_ratio": ratio, "text": text}
@@ -183,13 +209,15 @@ def _verdict(arm: dict, reference: dict) -> dict:
 def _write(root: Path, document: dict) -> None:
     def table(tmp):
         buf = io.StringIO()
-        columns = ["arm", "seed", "final_top1", "best_top1", "start_top1", "seconds", "images_per_sec", "params",
-                   "macs", "added_params", "added_macs", "complete", "folder"]
-        writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+        run_columns = ["seed", "final_top1", "best_top1", "start_top1", "seconds", "images_per_sec", "complete",
+                       "folder"]
+        arm_columns = ["params", "macs", "added_params", "added_macs"]  # the arm's model: the same for every seed
+        writer = csv.DictWriter(buf, fieldnames=["arm", *run_columns, *arm_columns], extrasaction="ignore")
         writer.writeheader()
         for arm in document["arms"]:
             for run in arm["runs"]:
-                writer.writerow({**run, **{k: arm[k] for k in columns if k in arm}, "arm": arm["name"]})
+                writer.writerow({"arm": arm["name"], **{k: run[k] for k in run_columns},
+                                 **{k: arm[k] for k in arm_columns}})
         Path(tmp).write_text(buf.getvalue())
 
     def figure(tmp):

@@ -88,15 +88,20 @@ class SEOptions:
     @classmethod
     def parse(cls, text: str) -> "SEOptions":
         """Options written ``reduction=8:stages=4,5`` (name=value pairs joined by ':', as in ``--arms``)."""
-        names = [f.name for f in fields(cls)]
-        values = {}
-        for pair in filter(None, text.split(":")):
-            name, sep, value = pair.partition("=")
-            name = name.strip().replace("-", "_")
-            if not sep or name not in names:
-                raise SeifyError(f"{pair!r} is not an SE option; write name=value with a name from {', '.join(names)}")
-            values[name] = parse_value(name, value.strip())
-        return cls(**values)
+        return cls(**parse_pairs(text))
+
+
+def parse_pairs(text: str) -> dict:
+    """``reduction=8:stages=4,5`` as {option name: value}, each name checked against ``SEOptions``'s fields."""
+    names = [f.name for f in fields(SEOptions)]
+    values = {}
+    for pair in filter(None, text.split(":")):
+        name, sep, value = pair.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or name not in names:
+            raise SeifyError(f"{pair!r} is not an SE option; write name=value with a name from {', '.join(names)}")
+        values[name] = parse_value(name, value.strip())
+    return values
 
 
 def parse_value(name: str, text: str):

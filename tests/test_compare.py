@@ -98,3 +98,35 @@ def test_compare_writes_its_files_and_resumes_after_a_kill(tmp_path, tiny, plain
 
 def test_arm_folders_do_not_collide():
     assert Arm("se:stages=4,5", SEOptions(stages=(4, 5))).folder == "se_stages=4-5"
+
+
+def test_one_epoch_compare_rows_threads_and_step_time(tmp_path, tiny, plain4, monkeypatch):
+    """--epochs 1: the SE arm only warms up its new blocks where plain trains everything, so their step times are
+    not compared; every CSV row holds its own run's numbers; both arms run with one thread count."""
+    from conftest import config
+    from seify.compare import compare
+    from seify.finetune import dist
+    from seify.finetune.progress import SilentLog
+    monkeypatch.setattr(dist, "usable_cores", lambda: 2)
+    monkeypatch.setattr(dist, "busy_cores", lambda seconds=0.25: 0.0)
+    out = tmp_path / "cmp"
+    document = compare(ARCH, str(tiny), parse_arms("plain,se"), config(out, epochs=1, threads=None), seeds=2,
+                       weights=plain4, log=SilentLog, say=lambda text: None)
+    verdict = document["verdicts"][0]
+    assert verdict["step_time_ratio"] is None and "step time not comparable" in verdict["text"]
+    assert [r["phase"] for r in rows_of(out / "se" / "seed-0")] == ["warmup"]
+    threads = {json.loads((out / a / f"seed-{s}" / "run.json").read_text())["threads"]
+               for a in ("plain", "se") for s in (0, 1)}
+    assert threads == {2}
+    table = list(csv.DictReader((out / "compare.csv").open()))
+    assert len(table) == 4
+    for row in table:
+        rows = rows_of(out / row["arm"] / f"seed-{row['seed']}")
+        assert float(row["final_top1"]) == rows[-1]["val_top1"] and float(row["best_top1"]) == max(
+            r["val_top1"] for r in rows)
+        assert float(row["seconds"]) == pytest.approx(sum(r["seconds"] for r in rows))
+        assert row["folder"] == str(out / row["arm"] / f"seed-{row['seed']}")
+        assert (row["images_per_sec"] == "") == (row["arm"] == "se")  # no epoch that trains every layer
+    monkeypatch.setattr(dist, "busy_cores", lambda seconds=0.25: 1.6)  # a rerun under load keeps the count
+    from seify.compare import _threads
+    assert _threads(out, parse_arms("plain,se"), [0, 1], config(out, threads=None)) == 2

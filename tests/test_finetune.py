@@ -379,7 +379,7 @@ def test_sigint_from_outside_exits_130(tmp_path, tiny, se_file):
     proc.send_signal(signal.SIGINT)
     stdout, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130
-    assert "SIGINT: saved a checkpoint" in stdout and "continue with --resume" in stdout
+    assert "SIGINT: saved a checkpoint" in stdout and "continue with the same command plus --resume" in stdout
     assert rows_of(out)[0]["epoch"] == 1
 
 

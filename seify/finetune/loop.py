@@ -564,7 +564,7 @@ class Trainer:
         name = signal.Signals(stop.signum).name
         self.log.done()
         self.log.line(f"{name}: saved a checkpoint in {self.out} at epoch {self.progress.epoch + 1}, batch "
-                      f"{self.progress.batch_in_epoch}; continue with --resume")
+                      f"{self.progress.batch_in_epoch}")
         return self._result(stopped_by=name)
 
     def _announce(self) -> None:
