@@ -317,6 +317,8 @@ def profile(models: Annotated[list[str], typer.Argument(help="One or more MODELs
     """
     from .profile import profile as run_profile
     options, _ = se
+    if json_out and csv_out:
+        raise SeifyError("pass {json} or {csv}, not both", "json", "csv")
     batches = _ints(batch_size, "batch_size")
     if repeats < 1 or warmup < 0 or max(batches) > 4096:
         raise SeifyError("{repeats} must be at least 1, {warmup} at least 0 and {batch_size} at most 4096",
@@ -419,21 +421,31 @@ def _print_arms(document: dict, out: str) -> None:
 
 
 @app.command()
-def evaluate(model: Model, data: Annotated[str, typer.Argument(help="DATA/<class>/* or DATA/val/<class>/*.")],
+def evaluate(model: Model, data: Annotated[str, typer.Argument(help="DATA/train + DATA/val (val/ is scored), or "
+                                                                    "one DATA/<class> tree.")],
              weights: Weights = None,
              batch_size: Annotated[int, typer.Option()] = 64,
              img_size: Annotated[Optional[int], typer.Option(help="Evaluate at N px (default: the size the model "
                                                                   "was trained at).")] = None,
+             val_split: Annotated[Optional[float], typer.Option(help="Score the part of a DATA/<class> tree that "
+                                                                     "finetune --val-split F held out (default: the "
+                                                                     "model's own split where it was fine-tuned on "
+                                                                     "this tree).")] = None,
+             seed: Annotated[Optional[int], typer.Option(help="The --seed of that split (default: the run's, "
+                                                              "else 0).")] = None,
+             all_images: Annotated[bool, typer.Option("--all-images", help="Score every image of DATA, training "
+                                                                           "images included.")] = False,
              device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda if present).")] = None,
              workers: Annotated[Optional[int], typer.Option(help="Data-loading processes.")] = None,
              json_out: Json = False):
     """Top-1, top-5, loss, per-class accuracy and the confusion matrix of MODEL on an image folder.
 
-    Example: seify evaluate runs/flowers/best.safetensors data/flowers/val --json
+    Example: seify evaluate runs/flowers/best.safetensors data/flowers --json
     Plain checkpoint: seify evaluate resnet18 data/flowers --weights resnet18-flowers.pth
     """
     from .finetune.evaluate import evaluate_folder
-    report = evaluate_folder(model, data, batch_size, img_size, device, workers, weights=weights)
+    report = evaluate_folder(model, data, batch_size, img_size, device, workers, weights=weights,
+                             val_split=val_split, seed=seed, all_images=all_images)
     if json_out:
         print(json.dumps(report))
         return
@@ -443,9 +455,10 @@ def evaluate(model: Model, data: Annotated[str, typer.Argument(help="DATA/<class
     _table(f"{model} on {report['data']} at {report['img_size']} px", ["class", "accuracy", *[c[:12] for c in classes]],
            [[name, f"{acc:.1f}%", *map(str, row)] for name, acc, row in
             zip(classes, report["per_class"], report["confusion"], strict=True)])
+    skipped = report["skipped"]
     print(f"top-1 {report['top1']:.2f}%  top-5 {report['top5']:.2f}%  loss {report['loss']:.4f}  "
-          f"({report['images']} images" + (f", {len(report['skipped'])} unreadable files skipped)"
-                                          if report["skipped"] else ")"))
+          f"({report['images']} images: {report['scored']}" +
+          (f"; {len(skipped)} unreadable file(s) skipped, first {skipped[0]})" if skipped else ")"))
 
 
 @app.command()

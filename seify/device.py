@@ -16,6 +16,9 @@ def check_device(device: str | None) -> str:
         raise SeifyError(f"{{device}} {device} is not a device; use cpu, cuda or cuda:N", "device") from None
     if dev.type not in ("cpu", "cuda"):
         raise SeifyError(f"{{device}} {device}: seify runs on cpu or cuda", "device")
+    if dev.type == "cpu" and dev.index not in (None, 0):
+        raise SeifyError(f"{{device}} {device}: there is one cpu device (cpu, or cpu:0); cuda:N names GPUs",
+                         "device")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SeifyError(f"{{device}} {device}: this machine has no CUDA device; use cpu", "device")
     if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():

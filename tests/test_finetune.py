@@ -20,7 +20,7 @@ from seify.errors import SeifyError
 from seify.finetune import data as fdata
 from seify.finetune.evaluate import evaluate_folder
 from seify.finetune.loop import Trainer, finetune
-from seify.finetune.progress import PlainLog
+from seify.finetune.progress import PlainLog, SilentLog
 from seify.se import SqueezeExcite
 
 # ------------------------------------------------------------------ data
@@ -434,3 +434,42 @@ def test_demo_reaches_90_percent(tmp_path):
     assert result["top1"] >= 90.0
     for key in ("best", "curves", "metrics", "converted"):
         assert Path(result[key]).is_file()
+
+
+def test_evaluate_scores_the_images_the_run_held_out(cli, tmp_path, tiny, plain4):
+    """Fine-tuned with --val-split on one DATA/<class> tree, the model is scored on the same held-out images by
+    default: what the run reported, not the training images too."""
+    tree = tiny / "train"
+    out = tmp_path / "run"
+    result = finetune(ARCH, str(tree), config(out, epochs=1, val_split=0.25, seed=2), weights=plain4,
+                      log=SilentLog)
+    code, stdout, err = cli("evaluate", out / "best.safetensors", tree, "--json", "--workers", "0")
+    assert code == 0, err
+    report = json.loads(stdout)
+    _, _, held_out = fdata.discover(tree, 0.25, 2)
+    assert report["images"] == len(held_out.items) == 8
+    assert report["top1"] == pytest.approx(result.best_top1) and "--val-split 0.25 --seed 2" in report["scored"]
+    code, stdout, _ = cli("evaluate", out / "best.safetensors", tree, "--all-images", "--json", "--workers", "0")
+    assert json.loads(stdout)["images"] == 32
+    code, stdout, _ = cli("evaluate", out / "best.safetensors", tree, "--workers", "0")
+    assert "(8 images: the images of " in stdout and "that the run held out" in stdout
+    # a plain checkpoint on a single tree: every image unless a split is asked for, and the output says which
+    code, stdout, _ = cli("evaluate", ARCH, tree, "--weights", plain4, "--img-size", "32", "--workers", "0")
+    assert f"(32 images: every image of {tree})" in stdout
+    code, stdout, _ = cli("evaluate", ARCH, tree, "--weights", plain4, "--img-size", "32", "--val-split", "0.5",
+                          "--json", "--workers", "0")
+    assert json.loads(stdout)["images"] == 16
+    code, _, err = cli("evaluate", ARCH, tree, "--weights", plain4, "--val-split", "0.5", "--all-images")
+    assert code == 2 and "not both" in err
+    code, _, err = cli("evaluate", ARCH, tree, "--weights", plain4, "--batch-size", "100000")
+    assert code == 2 and "--batch-size must be a whole number from 1 to 65536" in err
+
+
+def test_evaluate_names_the_files_it_skipped(cli, tmp_path, tiny, plain4):
+    import shutil
+    root = tmp_path / "val"
+    shutil.copytree(tiny / "val", root)
+    (root / CLASSES[0] / "broken.jpg").write_bytes(b"not an image")
+    code, stdout, err = cli("evaluate", ARCH, root, "--weights", plain4, "--img-size", "32", "--workers", "0")
+    assert code == 0, err
+    assert f"(16 images: every image of {root}; 1 unreadable file(s) skipped, first {root / CLASSES[0]}" in stdout

@@ -275,9 +275,9 @@ def test_a_recipe_naming_the_hub_never_reaches_the_network(tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("args,message", [
-    (["evaluate", "resnet18", "DATA", "--batch-size", "0"], "--batch-size must be at least 1"),
-    (["evaluate", "resnet18", "DATA", "--img-size", "-5"], "--img-size must be from 8 to 4096"),
-    (["evaluate", "resnet18", "DATA", "--workers", "-1"], "--workers must be at least 0"),
+    (["evaluate", "resnet18", "DATA", "--batch-size", "0"], "--batch-size must be a whole number from 1 to 65536"),
+    (["evaluate", "resnet18", "DATA", "--img-size", "-5"], "--img-size must be a whole number from 8 to 4096"),
+    (["evaluate", "resnet18", "DATA", "--workers", "-1"], "--workers must be a whole number from 0 to 256"),
     (["finetune", "resnet18", "DATA", "--img-size", "0"], "--img-size must be a whole number from 8"),
     (["finetune", "resnet18", "DATA", "--label-smoothing", "2"], "--label-smoothing must be a finite number"),
     (["finetune", "resnet18", "DATA", "--warmup-epochs", "nan"], "--warmup-epochs must be a finite number"),
@@ -286,6 +286,14 @@ def test_a_recipe_naming_the_hub_never_reaches_the_network(tmp_path, monkeypatch
     (["finetune", "resnet18", "DATA", "--lr", "1e9"], "--lr must be a finite number > 0 and <= 10"),
     (["finetune", "resnet18", "DATA", "--backbone-lr-scale", "-1"], "--backbone-lr-scale must be"),
     (["finetune", "resnet18", "DATA", "--device", "tpu"], "--device tpu is not a device; use cpu, cuda"),
+    (["finetune", "resnet18", "DATA", "--device", "cpu:9"], "--device cpu:9: there is one cpu device"),
+    (["finetune", "resnet18", "DATA", "--val-split", "1.5"], "--val-split must be a finite number > 0 and < 1"),
+    (["finetune", "resnet18", "DATA", "--val-split", "-1"], "--val-split must be a finite number > 0 and < 1"),
+    (["finetune", "resnet18", "DATA", "--val-split", "nan"], "--val-split must be a finite number > 0 and < 1"),
+    (["finetune", "resnet18", "DATA", "--val-split", "0"], "--val-split must be a finite number > 0 and < 1"),
+    (["evaluate", "resnet18", "DATA", "--val-split", "1"], "--val-split must be a finite number > 0 and < 1"),
+    (["evaluate", "resnet18", "DATA", "--batch-size", "100000"], "--batch-size must be a whole number from 1 to"),
+    (["profile", "resnet18", "--json", "--csv"], "pass --json or --csv, not both"),
     (["finetune", "resnet18", "DATA", "--batch-size", "64"], "--batch-size 64 is larger than the 32 training"),
     (["convert", "resnet18", "--reduction", "0.0005"], "--reduction must be a number from 1 to 4096"),
     (["convert", "resnet18", "--input-size", "3,30000,30000"], "--input-size 3,30000,30000 is too large"),

@@ -85,29 +85,31 @@ class FinetuneConfig:
 
     def check(self) -> None:
         """Refuse what cannot train (or would train into nonsense) before any model is built."""
-        _whole(self.epochs, "epochs", 1, 100_000)
-        _whole(self.batch_size, "batch_size", 1, MAX_BATCH_SIZE)
-        _whole(self.se_warmup_epochs, "se_warmup_epochs", 0, 100_000)
-        _whole(self.save_every, "save_every", 0, None)
-        _whole(self.log_every, "log_every", 0, None)
+        check_whole(self.epochs, "epochs", 1, 100_000)
+        check_whole(self.batch_size, "batch_size", 1, MAX_BATCH_SIZE)
+        check_whole(self.se_warmup_epochs, "se_warmup_epochs", 0, 100_000)
+        check_whole(self.save_every, "save_every", 0, None)
+        check_whole(self.log_every, "log_every", 0, None)
         for name in ("workers", "threads"):
             if getattr(self, name) is not None:
-                _whole(getattr(self, name), name, 0 if name == "workers" else 1, 256)
+                check_whole(getattr(self, name), name, 0 if name == "workers" else 1, 256)
         if self.img_size is not None:
-            _whole(self.img_size, "img_size", 8, MAX_IMAGE_SIZE)
-        _number(self.lr, "lr", 0, 10, low_open=True)
-        _number(self.backbone_lr_scale, "backbone_lr_scale", 0, 100)
-        _number(self.weight_decay, "weight_decay", 0, 10)
-        _number(self.momentum, "momentum", 0, 1)
+            check_whole(self.img_size, "img_size", 8, MAX_IMAGE_SIZE)
+        check_number(self.lr, "lr", 0, 10, low_open=True)
+        check_number(self.backbone_lr_scale, "backbone_lr_scale", 0, 100)
+        check_number(self.weight_decay, "weight_decay", 0, 10)
+        check_number(self.momentum, "momentum", 0, 1)
         if self.warmup_epochs is not None:
-            _number(self.warmup_epochs, "warmup_epochs", 0, 100_000)
-        _number(self.label_smoothing, "label_smoothing", 0, 1, high_open=True)
+            check_number(self.warmup_epochs, "warmup_epochs", 0, 100_000)
+        check_number(self.label_smoothing, "label_smoothing", 0, 1, high_open=True)
         if self.clip_grad is not None:
-            _number(self.clip_grad, "clip_grad", 0, 1e6)
+            check_number(self.clip_grad, "clip_grad", 0, 1e6)
         if self.ema_decay is not None:
-            _number(self.ema_decay, "ema_decay", 0, 1, low_open=True, high_open=True)
+            check_number(self.ema_decay, "ema_decay", 0, 1, low_open=True, high_open=True)
         if self.hflip is not None:
-            _number(self.hflip, "hflip", 0, 1)
+            check_number(self.hflip, "hflip", 0, 1)
+        if self.val_split is not None:  # checked where val/ makes it unused too: a typo is a typo
+            check_number(self.val_split, "val_split", 0, 1, low_open=True, high_open=True)
         if self.crop_scale is not None and not (len(self.crop_scale) == 2 and
                                                 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1):
             raise SeifyError(f"{{crop_scale}} must be two fractions 0 < min <= max <= 1, not {self.crop_scale}",
@@ -137,13 +139,13 @@ class FinetuneConfig:
         return config
 
 
-def _whole(value, name: str, low: int, high: int | None) -> None:
+def check_whole(value, name: str, low: int, high: int | None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
         bound = f"from {low} to {high}" if high is not None else f"at least {low}"
         raise SeifyError(f"{{{name}}} must be a whole number {bound}, not {value!r}", name)
 
 
-def _number(value, name: str, low: float, high: float, low_open: bool = False, high_open: bool = False) -> None:
+def check_number(value, name: str, low: float, high: float, low_open: bool = False, high_open: bool = False) -> None:
     ok = isinstance(value, (int, float)) and math.isfinite(value) and \
         (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
     if not ok:

@@ -28,6 +28,14 @@ def _class_dirs(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def class_folders(root: Path) -> list[str]:
+    """The class names of a DATA/<class>/ tree: its folders, sorted (ImageFolder's order)."""
+    names = [p.name for p in _class_dirs(root)]
+    if not names:
+        raise SeifyError(f"{root} has no class folders")
+    return names
+
+
 def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
 
@@ -79,6 +87,11 @@ def scan(root: Path, classes: list[str]) -> Samples:
     return samples
 
 
+def has_val_folder(data: str | Path) -> bool:
+    """DATA/train and DATA/val: the split is the user's, and ``--val-split`` has nothing to do."""
+    return (Path(data) / "train").is_dir() and (Path(data) / "val").is_dir()
+
+
 def discover(data: str | Path, val_split: float | None = None, seed: int = 0,
              strict: bool = False) -> tuple[list[str], Samples, Samples]:
     """(class names, train samples, val samples) for an image folder, failing at once on a bad tree."""
@@ -120,8 +133,6 @@ def _check_classes(classes: list[str], root: Path) -> None:
 
 def _split(samples: Samples, fraction: float, seed: int) -> tuple[Samples, Samples]:
     """Per-class split, the same for the same seed whatever the file system's order."""
-    if not 0 < fraction < 1:
-        raise SeifyError(f"{{val_split}} must be between 0 and 1, not {fraction}", "val_split")
     rng = random.Random(seed)
     train, val = [], []
     by_class: dict[int, list] = {}

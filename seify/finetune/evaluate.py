@@ -11,7 +11,19 @@ from torch import nn
 from ..device import check_device
 from ..errors import SeifyError
 from ..models import resolve
-from .data import EpochSampler, ImageDataset, default_workers, loader, scan, transforms
+from .config import MAX_BATCH_SIZE, MAX_IMAGE_SIZE, check_number, check_whole
+from .data import (
+    EpochSampler,
+    ImageDataset,
+    Samples,
+    class_folders,
+    default_workers,
+    discover,
+    has_val_folder,
+    loader,
+    scan,
+    transforms,
+)
 from .dist import Dist
 
 
@@ -52,45 +64,83 @@ def evaluate(model: nn.Module, batches, device: torch.device, num_classes: int, 
 
 
 def evaluate_folder(model_spec: str, data: str, batch_size: int = 64, img_size: int | None = None,
-                    device: str | None = None, workers: int | None = None, weights: str | None = None) -> dict:
-    """``seify evaluate``: any MODEL (a seify file, or a name with ``weights``) on DATA/<class>/* or
-    DATA/val/<class>/*, at the size the model was trained at unless ``img_size`` says otherwise."""
-    if batch_size < 1:
-        raise SeifyError(f"{{batch_size}} must be at least 1, not {batch_size}", "batch_size")
-    if img_size is not None and not 8 <= img_size <= 4096:
-        raise SeifyError(f"{{img_size}} must be from 8 to 4096, not {img_size}", "img_size")
-    if workers is not None and workers < 0:
-        raise SeifyError(f"{{workers}} must be at least 0, not {workers}", "workers")
+                    device: str | None = None, workers: int | None = None, weights: str | None = None,
+                    val_split: float | None = None, seed: int | None = None, all_images: bool = False) -> dict:
+    """``seify evaluate``: any MODEL (a seify file, or a name with ``weights``) on an image folder, at the size the
+    model was trained at unless ``img_size`` says otherwise.
+
+    The images scored: DATA/val where DATA has train/ and val/; the held-out part of a DATA/<class> tree when
+    ``val_split`` says so, or when the model was fine-tuned on this tree with ``--val-split`` (it records the split,
+    and the same images are held out again); every image of DATA otherwise, or with ``all_images``.
+    """
+    _check_limits(batch_size, img_size, workers, val_split, seed)
+    if all_images and val_split is not None:
+        raise SeifyError("pass {val_split} to score a held-out part or {all_images} to score every image, not both",
+                         "val_split", "all_images")
     dev = torch.device(check_device(device))
     loaded = resolve(model_spec, weights=weights)
-    root = Path(data)
-    if not root.is_dir():
-        raise SeifyError(f"data folder {data} does not exist")
-    if (root / "val").is_dir():
-        root = root / "val"
-    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not folders:
-        raise SeifyError(f"{root} has no class folders")
+    folder_classes, samples, where = _images(data, (loaded.recipe or {}).get("finetune") or {}, val_split, seed,
+                                             all_images)
     notes = []
     classes = loaded.classes
     if classes is None:
-        classes = folders
+        classes = folder_classes
         notes.append("the model records no class names: its outputs are taken to be the folders in sorted order")
-    unknown = sorted(set(folders) - set(classes))
+    unknown = sorted(set(folder_classes) - set(classes))
     if unknown:
-        raise SeifyError(f"{root} has classes the model was not trained on: {', '.join(unknown[:5])}")
+        raise SeifyError(f"{data} has classes the model was not trained on: {', '.join(unknown[:5])}")
     if loaded.num_classes != len(classes):
-        raise SeifyError(f"{model_spec} has {loaded.num_classes} outputs but {root} has {len(classes)} classes; "
+        raise SeifyError(f"{model_spec} has {loaded.num_classes} outputs but {data} has {len(classes)} classes; "
                          "evaluate a model trained on these classes (seify finetune gives one)")
-    present = [c for c in classes if c in folders]
-    samples = scan(root, present)
     index = {name: i for i, name in enumerate(classes)}
-    items = [(path, index[present[label]]) for path, label in samples.items]
+    items = [(path, index[folder_classes[label]]) for path, label in samples.items]
     dataset = ImageDataset(items, transforms(loaded.data_config, img_size))
-    sampler = EpochSampler(len(dataset), shuffle=False)
-    batches = loader(dataset, batch_size, sampler, default_workers(dev) if workers is None else workers,
-                     dev.type == "cuda", training=False)
+    batches = loader(dataset, batch_size, EpochSampler(len(dataset), shuffle=False),
+                     default_workers(dev) if workers is None else workers, dev.type == "cuda", training=False)
     result = evaluate(loaded.model.to(dev), batches, dev, len(classes))
     size = img_size or loaded.data_config["input_size"][-1]
-    return {"model": model_spec, "weights": weights, "data": str(root), "img_size": size, "classes": list(classes),
-            "skipped": samples.skipped, "notes": notes, **result}
+    skipped = samples.skipped + [path for path, _ in result["undecodable"]]
+    return {"model": model_spec, "weights": weights, "data": str(data), "scored": where, "img_size": size,
+            "classes": list(classes), "skipped": skipped, "notes": notes, **result}
+
+
+def _check_limits(batch_size: int, img_size: int | None, workers: int | None, val_split: float | None,
+                  seed: int | None) -> None:
+    """The limits fine-tuning has, so that a value refused there is refused here."""
+    check_whole(batch_size, "batch_size", 1, MAX_BATCH_SIZE)
+    if img_size is not None:
+        check_whole(img_size, "img_size", 8, MAX_IMAGE_SIZE)
+    if workers is not None:
+        check_whole(workers, "workers", 0, 256)
+    if val_split is not None:
+        check_number(val_split, "val_split", 0, 1, low_open=True, high_open=True)
+    if seed is not None:
+        check_whole(seed, "seed", 0, None)
+
+
+def _images(data: str, trained: dict, val_split: float | None, seed: int | None, all_images: bool):
+    """(the tree's class names, the samples to score, which images those are, in words)."""
+    root = Path(data)
+    if not root.is_dir():
+        raise SeifyError(f"data folder {data} does not exist")
+    if all_images and has_val_folder(root):
+        classes, train, val = discover(root)
+        return classes, Samples(train.items + val.items, train.skipped + val.skipped), \
+            f"every image of {data} (train/ and val/)"
+    if (root / "val").is_dir():
+        classes = class_folders(root / "val")
+        return classes, scan(root / "val", classes), f"{root / 'val'}"
+    tree = root / "train" if (root / "train").is_dir() else root
+    if all_images:
+        val_split = None
+    elif val_split is None and trained.get("data") == str(root.resolve()) and trained.get("val_split"):
+        val_split, seed = trained["val_split"], trained["seed"] if seed is None else seed
+        how = "that the run held out"
+    else:
+        how = "held out"
+    if val_split is not None:
+        seed = trained.get("seed", 0) if seed is None else seed
+        classes, _, val = discover(root, val_split, seed)
+        return classes, val, f"the images of {tree} {how} with --val-split {val_split:g} --seed {seed}"
+    classes = class_folders(tree)
+    return classes, scan(tree, classes), f"every image of {tree}"

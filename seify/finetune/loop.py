@@ -129,6 +129,7 @@ class Trainer:
         config.check()
         self.source = Source(spec, options, weights, pretrained)
         self.explicit = explicit
+        self.data_dir = data_dir
         self.folder = RunFolder(config.out)
         self.out = self.folder.out
         self.dist, self.device = setup(config.device)
@@ -228,7 +229,11 @@ class Trainer:
         cfg = self.prepared.recipe["data_config"]
         self.augmentation = data.Augmentation.choose(config.aug, self.img_size, config.crop_scale, config.hflip)
         self.prepared.recipe["data_config"] = {**cfg, "input_size": [3, self.img_size, self.img_size]}
-        self.prepared.recipe["finetune"] = {"img_size": self.img_size, "augmentation": self.augmentation.preset}
+        # where the validation images came from, so that evaluate scores the same ones by default
+        held_out = None if data.has_val_folder(self.data_dir) else config.val_split
+        self.prepared.recipe["finetune"] = {"img_size": self.img_size, "augmentation": self.augmentation.preset,
+                                            "data": str(Path(self.data_dir).resolve()), "val_split": held_out,
+                                            "seed": config.seed}
         self.device_transform = None
         self.train_set: data.ImageDataset | device_data.EncodedDataset
         self.val_set: data.ImageDataset | device_data.EncodedDataset
@@ -578,6 +583,8 @@ class Trainer:
                       f", {self.threads} CPU threads ({self.threads_why}), {self.steps_per_epoch} steps per epoch")
         self.log.line(f"model: {'plain (no SE)' if self.source.se is None else 'with SE'}, "
                       f"{self.img_size} px; augmentation: {self.augmentation.describe()}")
+        if self.config.val_split is not None and data.has_val_folder(self.data_dir):
+            self.log.line(f"--val-split {self.config.val_split:g} is not used: {self.data_dir} has train/ and val/")
         for note in self.prepared.notes:
             self.log.line(note)
         self.log.line(self._plan())
