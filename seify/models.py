@@ -105,8 +105,29 @@ def _from_file(path: str, meta: bool) -> LoadedModel:
             load_model(model, path, strict=True)
         except RuntimeError as e:
             raise SeifyError(f"{path}: weights do not match its recipe: {first_line(e)}") from e
+    set_pretrained_cfg(model, recipe)
     return LoadedModel(model.eval(), path, recipe["num_classes"], recipe["data_config"], [], recipe,
                        weights=recipe.get("weights") or Path(path).name, base=base if conversion else None)
+
+
+_DATA_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+
+
+def set_pretrained_cfg(model: nn.Module, recipe: dict) -> None:
+    """timm's ``pretrained_cfg`` as the file's model is: the size it was trained at, its classes and their names,
+    its normalisation and crop, so that ``timm.data.resolve_data_config(model=...)`` builds the right transforms."""
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    data = recipe["data_config"]
+    if list(cfg.get("input_size", [])) != list(data["input_size"]):  # a test size for another training size
+        cfg.pop("test_input_size", None)
+        cfg.pop("test_crop_pct", None)
+    cfg.update({k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in _DATA_KEYS})
+    cfg["num_classes"] = recipe["num_classes"]
+    if recipe.get("classes"):
+        cfg["label_names"] = list(recipe["classes"])
+    model.pretrained_cfg = cfg
+    if hasattr(model, "default_cfg"):
+        model.default_cfg = cfg
 
 
 def from_recipe(recipe: dict) -> tuple[nn.Module, Conversion | None]:

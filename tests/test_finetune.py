@@ -473,3 +473,18 @@ def test_evaluate_names_the_files_it_skipped(cli, tmp_path, tiny, plain4):
     code, stdout, err = cli("evaluate", ARCH, root, "--weights", plain4, "--img-size", "32", "--workers", "0")
     assert code == 0, err
     assert f"(16 images: every image of {root}; 1 unreadable file(s) skipped, first {root / CLASSES[0]}" in stdout
+
+
+@pytest.mark.parametrize("spec", [ARCH, "torchvision:mobilenet_v2"])
+def test_a_fine_tuned_file_tells_timm_how_to_feed_it(tmp_path, tiny, spec):
+    """timm's own data-config resolution, on the loaded file, gives the size, classes and normalisation the
+    model was fine-tuned with, not its base model's 224 px and 1000 classes."""
+    out = tmp_path / "run"
+    finetune(spec, str(tiny), config(out, epochs=1, img_size=36), log=SilentLog)
+    model = seify.load(out / "best.safetensors")
+    data_config = timm.data.resolve_data_config({}, model=model)
+    recipe = read_recipe(out / "best.safetensors")
+    assert data_config["input_size"] == (3, 36, 36)
+    assert data_config["mean"] == tuple(recipe["data_config"]["mean"])
+    assert data_config["crop_pct"] == recipe["data_config"]["crop_pct"]
+    assert model.pretrained_cfg["num_classes"] == 4 and model.pretrained_cfg["label_names"] == sorted(CLASSES)
