@@ -189,7 +189,8 @@ def build(spec: str, pretrained: bool, num_classes: int | None, offline: bool = 
             return _build_torchvision(spec[len(TORCHVISION):], pretrained, num_classes)
         import timm
         kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
-        with _hub_offline_unless_reachable(pretrained, offline):
+        hub = spec.startswith("hf-hub:")  # its configuration comes from the hub, weights or not
+        with _hub_offline_unless_reachable(pretrained or hub, offline):
             return timm.create_model(spec, pretrained=pretrained, **kwargs)
     except SeifyError:
         raise
@@ -198,6 +199,10 @@ def build(spec: str, pretrained: bool, num_classes: int | None, offline: bool = 
             raise SeifyError(f"{spec}: its configuration is not in the local Hugging Face cache, and seify does not "
                              "go to the network to rebuild a file; convert it again where the hub is reachable"
                              ) from e
+        if spec.startswith("hf-hub:") and not pretrained:
+            reason = first_line(e).split(". ")[0]
+            raise SeifyError(f"could not fetch the configuration of {spec} from the Hugging Face hub ({reason}); are "
+                             "you offline? Pass a timm name with {weights} instead", "weights") from e
         if not pretrained:
             raise
         reason = first_line(e).split(". ")[0]
@@ -206,13 +211,13 @@ def build(spec: str, pretrained: bool, num_classes: int | None, offline: bool = 
 
 
 @contextlib.contextmanager
-def _hub_offline_unless_reachable(pretrained: bool, force_offline: bool = False):
+def _hub_offline_unless_reachable(needs_hub: bool, force_offline: bool = False):
     """Without a network, let the Hugging Face hub use its cache at once instead of retrying for a minute."""
     import huggingface_hub.constants as hub
     offline = hub.HF_HUB_OFFLINE
     if force_offline:
         hub.HF_HUB_OFFLINE = True
-    elif pretrained and not offline:
+    elif needs_hub and not offline:
         host = urllib.parse.urlparse(hub.ENDPOINT).hostname
         try:
             socket.create_connection((host, 443), timeout=3).close()

@@ -385,3 +385,18 @@ def test_a_refused_start_leaves_no_folder_behind(cli, tmp_path, tiny, se_file):
                        "--workers", "0")
     assert code == 2 and "larger than the 32 training images" in err
     assert not (tmp_path / "new").exists()
+
+
+def test_a_hub_model_offline_is_one_line_without_retries(cli, tmp_path, monkeypatch):
+    import socket
+    attempts = []
+
+    def offline(address, *args, **kwargs):
+        attempts.append(address)
+        raise OSError(101, "Network is unreachable")
+    monkeypatch.setattr(socket, "create_connection", offline)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    code, _, err = cli("convert", "hf-hub:timm/resnet18.a1_in1k", "--dry-run")
+    assert code == 2 and err.count("\n") == 1 and "seify bug" not in err, err
+    assert "could not fetch the configuration of hf-hub:timm/resnet18.a1_in1k" in err and "offline" in err
+    assert len(attempts) == 1  # seify's own reachability probe; the hub was told to stay offline, not to retry
