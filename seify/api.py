@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from . import checkpoint
-from .errors import SeifyError
-from .models import LoadedModel, check_known, data_config, has_frozen_batchnorm, num_classes_of, resolve
+from .errors import SeifyError, first_line
+from .models import LoadedModel, check_known, data_config, has_frozen_batchnorm, model_of, num_classes_of, resolve
 from .options import SEOptions
 from .surgery import Conversion
 from .surgery import convert as convert_model
@@ -165,7 +165,25 @@ def _save_conversion(conversion: Conversion, path, spec: str | None, **kwargs) -
                                     conversion.input_size, data_config(conversion.model, spec),
                                     [s.to_dict() for s in conversion.sites], weights="held in memory",
                                     frozen_batchnorm=has_frozen_batchnorm(conversion.model))
+    _check_rebuilds(conversion, recipe, spec)
     return checkpoint.save(conversion.model, path, recipe, **kwargs)
+
+
+def _check_rebuilds(conversion: Conversion, recipe: dict, spec: str) -> None:
+    """Refuse a file that would not load: the model the recipe rebuilds (on the meta device, no weights) must have
+    every key and shape of the conversion's."""
+    advice = "name the architecture it was converted from"
+    try:
+        with torch.device("meta"):
+            rebuilt = model_of(recipe)
+    except SeifyError as e:
+        raise SeifyError(f"this conversion is not one of {spec} ({first_line(e).split(';')[0]}); {advice}") from e
+    ours = {k: tuple(v.shape) for k, v in conversion.model.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
+    if ours != theirs:
+        odd = sorted(set(ours) ^ set(theirs)) or [k for k in ours if ours[k] != theirs[k]]
+        raise SeifyError(f"this conversion is not one of {spec}: {len(odd)} weights differ in name or shape (e.g. "
+                         f"{odd[0]}); {advice}")
 
 
 def default_output(spec: str) -> str:

@@ -488,3 +488,11 @@ def test_a_fine_tuned_file_tells_timm_how_to_feed_it(tmp_path, tiny, spec):
     assert data_config["mean"] == tuple(recipe["data_config"]["mean"])
     assert data_config["crop_pct"] == recipe["data_config"]["crop_pct"]
     assert model.pretrained_cfg["num_classes"] == 4 and model.pretrained_cfg["label_names"] == sorted(CLASSES)
+
+
+def test_a_one_epoch_plan_says_only_the_new_parts_train(tmp_path, tiny, plain4):
+    lines = []
+    finetune(ARCH, str(tiny), config(tmp_path / "run", epochs=1), weights=plain4, log=_collect(lines))
+    plan = next(line for line in lines if line.startswith("plan:"))
+    assert "all 1 epoch(s) train only the new parts" in plan and "stay frozen" in plan
+    assert "then everything trains" not in plan

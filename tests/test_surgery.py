@@ -190,3 +190,16 @@ def test_channels_last_gives_the_same_outputs(resnet18):
     x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         assert torch.allclose(model(x), resnet18(x.contiguous()), rtol=1e-5, atol=1e-5)
+
+
+def test_saving_a_conversion_under_another_models_name_is_refused(tmp_path):
+    import torchvision
+    model = torchvision.models.resnet18(weights=None).eval()
+    conversion = convert(model, SEOptions(), SIZE)
+    with pytest.raises(SeifyError, match="this conversion is not one of resnet50 .* converted from"):
+        seify.save(conversion, tmp_path / "x.safetensors", model="resnet50")
+    assert not (tmp_path / "x.safetensors").exists()
+    path = seify.save(conversion, tmp_path / "ok.safetensors", model="torchvision:resnet18")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(seify.load(path)(x), conversion.model(x))

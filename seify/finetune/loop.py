@@ -596,6 +596,10 @@ class Trainer:
         if not fresh:
             return f"plan: nothing new to warm up; everything trains at lr {c.lr * c.backbone_lr_scale:g}"
         count = sum(p.numel() for n, p in self.model.named_parameters() if n in fresh)
+        if self.frozen_epochs >= c.epochs:
+            return (f"plan: all {c.epochs} epoch(s) train only the new parts ({count:,} parameters) at lr {c.lr:g}; "
+                    f"the trained layers stay frozen (--epochs {c.epochs} is not more than --se-warmup-epochs "
+                    f"{c.se_warmup_epochs})")
         warm = f"{self.frozen_epochs} epoch(s) train only the new parts ({count:,} parameters), then " \
             if self.frozen_epochs else ""
         return (f"plan: {warm}everything trains, the new parts at lr {c.lr:g} and the trained ones at "
