@@ -125,9 +125,9 @@ def set_pretrained_cfg(model: nn.Module, recipe: dict) -> None:
     cfg["num_classes"] = recipe["num_classes"]
     if recipe.get("classes"):
         cfg["label_names"] = list(recipe["classes"])
-    model.pretrained_cfg = cfg
+    setattr(model, "pretrained_cfg", cfg)  # noqa: B010 (a plain attribute, which nn.Module's typing does not know)
     if hasattr(model, "default_cfg"):
-        model.default_cfg = cfg
+        setattr(model, "default_cfg", cfg)  # noqa: B010
 
 
 def from_recipe(recipe: dict) -> tuple[nn.Module, Conversion | None]:
