@@ -31,6 +31,13 @@ def _torchvision_leaves():
     return (StochasticDepth, FrozenBatchNorm2d)
 
 
+def _traceable_anyway(m: nn.Module) -> bool:
+    """timm marks NormFreeBlock untraceable for its skipinit gain's ``mul_``, which fx drops (pytorch#68301). Without
+    that gain (timm's default) the block traces, and its residual sum is where SE goes."""
+    from timm.models.nfnet import NormFreeBlock
+    return isinstance(m, NormFreeBlock) and m.skipinit_gain is None
+
+
 class SeifyTracer(fx.Tracer):
     """An fx tracer that knows timm's leaves and reports which module broke tracing."""
 
@@ -40,7 +47,10 @@ class SeifyTracer(fx.Tracer):
         self.leaf_types = leaf_modules + _torchvision_leaves() + (SqueezeExcite,)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if _traceable_anyway(m):
+            return False
         return isinstance(m, self.leaf_types) or super().is_leaf_module(m, qualname)
+
 
     def trace(self, root, concrete_args=None):
         try:

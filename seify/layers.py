@@ -4,6 +4,8 @@ The surgery asks these questions of nodes in a traced graph; the answers hold fo
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -47,6 +49,15 @@ def frozen_norms():
 def is_transparent(node: fx.Node, root: nn.Module) -> bool:
     """Identity in eval: drop-path, dropout, identity modules that sit between a branch and its sum."""
     return isinstance(g.called_module(root, node), (*TRANSPARENT, *drop_layers())) or g.is_call(node, {F.dropout})
+
+
+def is_constant_scale(node: fx.Node) -> bool:
+    """x * c or x / c for a number c: a normalizer-free ResNet's ``out * alpha`` before its residual sum."""
+    if not g.is_call(node, {*g.MUL_TARGETS, operator.truediv, torch.div, "div"}) or len(node.args) != 2:
+        return False
+    x, c = node.args
+    return isinstance(x, fx.Node) and isinstance(c, (int, float)) and not isinstance(c, bool) and \
+        (c != 0 or node.target in g.MUL_TARGETS)
 
 
 def is_conv(node: fx.Node, root: nn.Module) -> bool:

@@ -10,6 +10,7 @@ import difflib
 import inspect
 import socket
 import urllib.parse
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,11 +101,8 @@ def _from_file(path: str, meta: bool) -> LoadedModel:
     base, conversion = from_recipe(recipe)
     model = conversion.model if conversion else base
     if not meta:
-        from safetensors.torch import load_model
-        try:
-            load_model(model, path, strict=True)
-        except RuntimeError as e:
-            raise SeifyError(f"{path}: weights do not match its recipe: {first_line(e)}") from e
+        state_dict, _ = read_state_dict(path)
+        _load_strict(model, state_dict, f"{path}: its weights do not match its recipe", "convert the model again")
     set_pretrained_cfg(model, recipe)
     return LoadedModel(model.eval(), path, recipe["num_classes"], recipe["data_config"], [], recipe,
                        weights=recipe.get("weights") or Path(path).name, base=base if conversion else None)
@@ -258,24 +256,33 @@ def _load_weights(loaded: LoadedModel, path: str, num_classes: int | None) -> nn
             state_dict, fresh = {k: v for k, v in state_dict.items() if k not in head}, head
             loaded.notes.append(f"classifier re-initialised for {num_classes} classes (the weights have "
                                 f"{file_classes})")
-    _load_strict(model, state_dict, spec, path, fresh=fresh)
+    _load_strict(model, state_dict, f"weights in {path} do not match {spec}",
+                 "check the model name matches the checkpoint", fresh=fresh)
     return model
 
 
-def _load_strict(model: nn.Module, state_dict: dict, spec: str, path: str, fresh: tuple = ()) -> None:
-    """Load every key or fail with what is missing, unexpected or misshapen; ``fresh`` keys may be missing."""
+def _load_strict(model: nn.Module, state_dict: dict, what: str, advice: str, fresh: tuple = ()) -> None:
+    """Load every key or fail with what is missing, unexpected or misshapen; ``fresh`` keys may be missing.
+
+    A file written once per storage (safetensors) lacks the second name of a tied tensor, and one without
+    state_dict metadata (safetensors, a cleaned checkpoint) gets the model's own, which modules that check
+    the version of their saved form (torchvision's MNASNet) need.
+    """
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict and k not in fresh]
+    loaded = {t.data_ptr() for k, t in expected.items() if k in state_dict}
+    missing = [k for k in expected if k not in state_dict and k not in fresh and expected[k].data_ptr() not in loaded]
     unexpected = [k for k in state_dict if k not in expected]
     wrong = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
              if k in state_dict and state_dict[k].shape != v.shape]
     if missing or unexpected or wrong:
-        parts = [f"{len(lst)} {what} ({', '.join(lst[:3])}{', ...' if len(lst) > 3 else ''})"
-                 for what, lst in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+        parts = [f"{len(lst)} {kind} ({', '.join(lst[:3])}{', ...' if len(lst) > 3 else ''})"
+                 for kind, lst in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
                  if lst]
-        raise SeifyError(f"weights in {path} do not match {spec}: {'; '.join(parts)}; "
-                         "check the model name matches the checkpoint")
-    model.load_state_dict(state_dict, strict=not fresh)
+        raise SeifyError(f"{what}: {'; '.join(parts)}; {advice}")
+    if getattr(state_dict, "_metadata", None) is None:
+        state_dict = OrderedDict(state_dict)
+        state_dict._metadata = getattr(expected, "_metadata", None)  # type: ignore[attr-defined]
+    model.load_state_dict(state_dict, strict=False)  # every key checked above
 
 
 def has_frozen_batchnorm(model: nn.Module) -> bool:

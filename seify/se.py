@@ -3,7 +3,8 @@
 Attribute names (``fc1``, ``bn``, ``act``, ``fc2``, ``gate``) match timm's so that a converted ResNet's
 state_dict loads strictly into timm's native SE twin (``seresnet50`` and friends).
 """
-from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -54,32 +55,37 @@ class SqueezeExcite(nn.Module):
             s = s * self.scale
         return s[:, :, None, None]
 
-    def forward(self, x: torch.Tensor, shortcut: torch.Tensor | None = None,
-                drop_path: nn.Module | None = None) -> torch.Tensor:
-        """x * s; with a ``shortcut``, ``shortcut + drop_path(x * s)`` in one pass over the feature map.
+    def forward(self, x: torch.Tensor, shortcut: Optional[torch.Tensor] = None,
+                factor: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x * s; with a ``shortcut``, ``shortcut + x * s * factor`` in one pass over the feature map.
 
-        Drop-path multiplies each sample by one random factor, so applying it to the (N, C, 1, 1) gate instead of
-        the (N, C, H, W) product draws the same numbers and gives the same result for far less memory traffic.
+        ``factor`` (N, 1, 1, 1) is drop-path's per-sample draw, ``drop_path(ones)``: applied to the (N, C, 1, 1) gate
+        instead of the (N, C, H, W) product it gives the same numbers for far less memory traffic. Surgery computes
+        it in the graph, so that the block takes tensors only and scripts and exports as a plain call.
         """
-        if kernels.usable_for(x) and isinstance(self.bn, nn.Identity) and isinstance(self.act, nn.ReLU):
-            return self._fused(x, shortcut, drop_path)
+        if not torch.jit.is_scripting() and self._takes_kernels(x):
+            return self._fused(x, shortcut, factor)
         s = self.excite(x)
         if shortcut is None:
             return x * s
-        if drop_path is not None:
-            s = drop_path(s)
+        if factor is not None:
+            s = s * factor.to(s.dtype)
         return torch.addcmul(shortcut, x, s)
 
-    def _fused(self, x: torch.Tensor, shortcut: torch.Tensor | None, drop_path: nn.Module | None) -> torch.Tensor:
-        """The same computation on seify's Triton kernels (``SEIFY_KERNELS=triton``)."""
-        factor = None
-        if shortcut is not None and drop_path is not None:
-            # the (N, 1, 1, 1) draw drop_path would make for the gate: same shape, so the same random numbers
-            factor = drop_path(x.new_ones((x.shape[0], 1, 1, 1), dtype=torch.float32)).flatten()
+    @torch.jit.unused
+    def _takes_kernels(self, x: torch.Tensor) -> bool:
+        """Whether this call runs on seify's Triton kernels (``SEIFY_KERNELS=triton``, CUDA tensors)."""
+        return kernels.usable_for(x) and isinstance(self.bn, nn.Identity) and isinstance(self.act, nn.ReLU)
+
+    @torch.jit.unused
+    def _fused(self, x: torch.Tensor, shortcut: Optional[torch.Tensor], factor: Optional[torch.Tensor]
+               ) -> torch.Tensor:
+        """The same computation on seify's Triton kernels."""
         bias1, bias2 = self.fc1.bias, self.fc2.bias
         assert bias1 is not None and bias2 is not None  # built with bias=True
+        per_sample = factor.flatten() if shortcut is not None and factor is not None else None
         return kernels.squeeze_excite(x, self.fc1.weight.flatten(1), bias1, self.fc2.weight.flatten(1), bias2,
-                                      shortcut, factor, self.scale, self.squeeze,
+                                      shortcut, per_sample, self.scale, self.squeeze,
                                       "hard-sigmoid" if isinstance(self.gate, nn.Hardsigmoid) else "sigmoid")
 
     def init_identity(self) -> None:

@@ -98,7 +98,8 @@ def _adds_block_input(add: fx.Node, common: set[fx.Node], order: dict, root: nn.
         return True
     node: fx.Node | None = max(common, key=order.__getitem__)
     while node is not None and g.in_scope(node, scope) and \
-            (L.is_norm(node, root) or L.is_activation(node, root) or L.is_transparent(node, root)):
+            (L.is_norm(node, root) or L.is_activation(node, root) or L.is_transparent(node, root)
+             or L.is_constant_scale(node)):
         node = L.feature_input(node)
     return node is None or not g.in_scope(node, scope)
 
@@ -135,7 +136,9 @@ def _normalises(node: fx.Node, root: nn.Module) -> bool:
 
 
 def _skip_transparent(node: fx.Node, consumer: fx.Node, root: nn.Module):
-    while L.is_transparent(node, root) and len(node.users) == 1:
+    """Back from a sum's operand to the branch's last layer: SE goes before drop-path, dropout and a constant
+    scale (``out * alpha`` in normalizer-free ResNets)."""
+    while (L.is_transparent(node, root) or L.is_constant_scale(node)) and len(node.users) == 1:
         before = L.feature_input(node)
         if before is None:
             break

@@ -262,8 +262,12 @@ def _fuse_with_sum(local: fx.GraphModule, name: str, producer: fx.Node, consumer
     if len(drops) > 1 or not isinstance(shortcut, fx.Node):
         return False
     with local.graph.inserting_before(add):
-        drop = (local.graph.get_attr(g.target(drops[0])),) if drops else ()
-        fused = local.graph.call_module(name, (producer, shortcut, *drop))
+        factor: tuple[fx.Node, ...] = ()
+        if drops:  # drop-path's per-sample draw, computed in the graph: the block takes tensors only
+            size = local.graph.call_method("size", (producer, 0))
+            ones = local.graph.call_method("new_ones", (producer, (size, 1, 1, 1)), {"dtype": torch.float32})
+            factor = (local.graph.call_module(g.target(drops[0]), (ones,)),)
+        fused = local.graph.call_module(name, (producer, shortcut, *factor))
     add.replace_all_uses_with(fused)
     local.graph.erase_node(add)
     for node in reversed(chain):
@@ -276,16 +280,22 @@ def _fuse_with_sum(local: fx.GraphModule, name: str, producer: fx.Node, consumer
 
 def _computation(graph: fx.Graph, root: nn.Module) -> Counter:
     """What a graph computes, counted by (operation, number of graph values it takes): SE blocks and no-ops left
-    out, a fused SE block counted as the sum (and drop-path) it took over. A sum of a feature map and a missing
-    shortcut (None) counts differently from a sum of two feature maps."""
+    out, a fused SE block counted as the sum it took over (its drop-path stays a call of its own). A sum of a
+    feature map and a missing shortcut (None) counts differently from a sum of two feature maps."""
     ops: Counter = Counter()
+    helpers = set()  # the ones that a fused block's drop-path factor is drawn on, and their size
+    for node in graph.nodes:
+        if isinstance(g.called_module(root, node), SqueezeExcite) and len(node.args) > 2:
+            producer = node.args[0]
+            helpers |= g.ancestors(node.args[2]) - g.ancestors(producer) - {producer}
     for node in graph.nodes:
         inputs = len(node.all_input_nodes)
+        if node in helpers:
+            continue
         if node.op == "call_module":
             m = root.get_submodule(node.target)
             if isinstance(m, SqueezeExcite):
                 ops.update([("add", 2)] * (len(node.args) >= 2 and isinstance(node.args[1], fx.Node)))
-                ops.update([(type(root.get_submodule(a.target)).__name__, 1) for a in node.args[2:]])
             elif not isinstance(m, nn.Identity):
                 ops[(type(m).__name__, inputs)] += 1
         elif node.op in ("call_function", "call_method"):

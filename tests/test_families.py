@@ -50,6 +50,21 @@ def test_se_3x3_reaches_timms_byobnet_twins(base, twin):
     assert torch.equal(outputs(native), outputs(result.model))
 
 
+def test_a_scaled_residual_branch_gets_se_before_its_scale_like_timms_nf_seresnet():
+    """Normalizer-free ResNets sum ``out * alpha + shortcut``: still a residual branch, with SE before the scale.
+    timm's NF SE-ResNet multiplies its SE output by attn_gain 2, which is the fresh gate's x2 here."""
+    model = realistic(timm.create_model("nf_resnet26"))
+    result = convert(model, SEOptions(), SIZE)
+    assert result.placement == "residual" and len(result.sites) == 8 and preserved(model, result.model)
+    assert all(s.compensation == "gate scaled x2" for s in result.sites)
+    native = timm.create_model("nf_seresnet26").eval()
+    native.load_state_dict({k.replace(".se.", ".attn_last."): v for k, v in result.model.state_dict().items()},
+                           strict=True)
+    assert torch.equal(outputs(native), outputs(result.model))
+    with pytest.raises(SeifyError, match="already have an SE-style gate"):  # NFNets carry SE in every block
+        convert(realistic(timm.create_model("test_nfnet")), SEOptions(), SIZE)
+
+
 def test_se_3x3_in_a_resnet_bottleneck_sits_on_the_mid_channels():
     model = realistic(timm.create_model("resnet50"))
     sites = convert(model, SEOptions(variant="3x3"), SIZE).sites
@@ -198,7 +213,7 @@ FAMILIES = {  # timm family: (its smallest model, the input size it is converted
     "lowformer": ("lowformer_b0", 64), "mambaout": ("test_mambaout", 64), "metaformer": ("poolformerv2_s12", 64),
     "mobilenetv3": ("mobilenetv3_small_050", 64), "mobilenetv5": ("mobilenetv5_base", 64),
     "mobilevit": ("mobilevit_xxs", 64), "nasnet": ("nasnetalarge", 64), "nest": ("nest_tiny", 224),
-    "nextvit": ("nextvit_small", 64), "nfnet": ("test_nfnet", 64), "pit": ("pit_ti_224", 224),
+    "nextvit": ("nextvit_small", 64), "nfnet": ("nf_resnet26", 64), "pit": ("pit_ti_224", 224),
     "pnasnet": ("pnasnet5large", 64), "rdnet": ("rdnet_tiny", 64), "regnet": ("regnetx_002", 64),
     "repghost": ("repghostnet_050", 64), "repvit": ("repvit_m1", 64), "res2net": ("res2next50", 64),
     "resnest": ("resnest14d", 64), "resnet": ("resnet10t", 64), "resnetv2": ("resnetv2_18", 64),

@@ -38,7 +38,8 @@ def run_both(se, x, shortcut=None, drop_path=None, seed=0):
         torch.manual_seed(seed)
         xi = x.detach().clone().requires_grad_()
         si = None if shortcut is None else shortcut.detach().clone().requires_grad_()
-        out = se(xi, si, drop_path)
+        factor = drop_path(x.new_ones((x.shape[0], 1, 1, 1))) if drop_path is not None else None
+        out = se(xi, si, factor)
         se.zero_grad()
         out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape))
         grads = [xi.grad, None if si is None else si.grad, *(p.grad.clone() for p in se.parameters())]

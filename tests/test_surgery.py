@@ -203,3 +203,25 @@ def test_saving_a_conversion_under_another_models_name_is_refused(tmp_path):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(seify.load(path)(x), conversion.model(x))
+
+
+@pytest.mark.parametrize("spec", ["resnet18", "torchvision:resnet18", "torchvision:mobilenet_v2"])
+def test_converted_models_script_where_the_original_does(spec):
+    import warnings
+
+    from conftest import build
+    model = realistic(timm.create_model(spec, drop_path_rate=0.1) if ":" not in spec else build(spec))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated, and still used
+        torch.jit.script(model)
+        converted = convert(model, SEOptions(), SIZE).model
+        scripted = torch.jit.script(converted)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(scripted(x), converted(x)) and torch.equal(converted(x), model(x))
+        scripted.train()
+        torch.manual_seed(0)
+        trained = scripted(x)
+        converted.train()
+        torch.manual_seed(0)
+        assert torch.allclose(trained, converted(x), atol=1e-5)  # drop-path's factor drawn alike

@@ -6,7 +6,7 @@ import timm
 import torch
 
 import seify
-from conftest import outputs, save_weights
+from conftest import outputs, realistic, save_weights
 from seify.errors import SeifyError
 from seify.models import resolve as create
 
@@ -115,3 +115,31 @@ def test_torchvision_pretrained_offline(monkeypatch):
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     with pytest.raises(SeifyError, match="torchvision:resnet18 .*are you offline"):
         create("torchvision:resnet18", pretrained=True)
+
+
+def test_modules_that_check_their_saved_version_load_from_safetensors(tmp_path):
+    """torchvision's MNASNet refuses a state_dict without version metadata, which safetensors files never have."""
+    import torchvision
+    model = realistic(torchvision.models.mnasnet0_5(weights=None))
+    weights_file = save_weights(model, tmp_path / "mnasnet.safetensors")
+    result = seify.convert("torchvision:mnasnet0_5", weights=weights_file, input_size=(3, 64, 64))
+    assert result.max_abs_diff == 0.0
+    path = seify.save(result, tmp_path / "mnasnet-se.safetensors")
+    assert torch.equal(outputs(seify.load(path)), outputs(model))
+
+
+def test_a_seify_file_with_damaged_weights_names_them(cli, tmp_path):
+    from safetensors.torch import load_file, save_file
+    path = seify.save(seify.convert("resnet18", input_size=(3, 64, 64)), tmp_path / "r18.safetensors")
+    from safetensors import safe_open
+
+    from seify.checkpoint import RECIPE_KEY
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(path))
+    del tensors["layer1.0.se.fc1.weight"]
+    save_file(tensors, str(path), metadata=metadata)
+    assert RECIPE_KEY in metadata
+    code, _, err = cli("evaluate", path, tmp_path)
+    assert code == 2 and err.count("\n") == 1
+    assert "its weights do not match its recipe: 1 missing (layer1.0.se.fc1.weight)" in err
