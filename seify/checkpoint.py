@@ -4,9 +4,11 @@ Pure file I/O: what a recipe means (which model it rebuilds) is ``models.from_re
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -17,6 +19,8 @@ from torch import nn
 
 from . import __version__
 from .errors import SeifyError, first_line
+from .limits import MAX_CLASSES
+from .options import SEOptions
 
 RECIPE_KEY = "seify"
 _CHECKPOINT_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")  # timm's order: EMA first
@@ -43,17 +47,56 @@ def atomic_write(path: str | Path, write: Callable[[str], object], *, force: boo
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except OSError as e:
-        raise SeifyError(f"cannot write {path}: {e.strerror or first_line(e)}; nothing there was changed") from e
-    except RuntimeError as e:  # torch's and safetensors' writers report a full disk as RuntimeError
-        if "write" not in str(e).lower() and "pos" not in str(e).lower():
+    except Exception as e:
+        problem = write_error(e, path)
+        if problem is None:
             raise
-        raise SeifyError(f"cannot write {path}: {first_line(e)} (is the disk full?); nothing there was changed"
-                         ) from e
+        raise SeifyError(f"{problem}; nothing there was changed") from e
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def write_error(e: BaseException, path: Path) -> str | None:
+    """What went wrong writing ``path``, in words, where it is the machine's doing (None: a bug of ours).
+
+    A full disk reaches us as ENOSPC, as safetensors' SafetensorError ("No space left on device (os error 28)"),
+    or as torch.save's "unexpected pos" with no reason at all: asked while the partial file still takes its
+    space, the file system's free space tells.
+    """
+    from safetensors import SafetensorError
+    text = str(e)
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left" in text or "os error 28" in text or \
+            isinstance(e, (RuntimeError, SafetensorError)) and _full(path):
+        return f"cannot write {path}: no space left on device ({_free(path)} free there)"
+    if isinstance(e, OSError):
+        return f"cannot write {path}: {e.strerror or first_line(e)}"
+    if isinstance(e, SafetensorError) or isinstance(e, RuntimeError) and ("write" in text.lower() or
+                                                                           "unexpected pos" in text):
+        return f"cannot write {path}: {first_line(e)}"
+    return None
+
+
+_FULL = 1 << 20  # bytes: less than this free after a failed write is a full disk
+
+
+def _folder(path: Path) -> Path:
+    return next((p for p in (path, *path.parents) if p.is_dir()), Path("."))
+
+
+def _full(path: Path) -> bool:
+    try:
+        return shutil.disk_usage(_folder(path)).free < _FULL
+    except OSError:
+        return False
+
+
+def _free(path: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(_folder(path)).free / 1e6:.1f} MB"
+    except OSError:
+        return "unknown"
 
 
 def check_writable(path: str | Path, *, force: bool = False, inputs: tuple = ()) -> Path:
@@ -119,7 +162,6 @@ class _Damaged(ValueError):
 
 
 MAX_PARENTS = 8  # conversions of conversions: more than a handful is a tampered file, not a workflow
-_MAX_CLASSES = 1_000_000
 
 
 def _check_recipe(recipe, depth: int = 0) -> None:
@@ -133,11 +175,16 @@ def _check_recipe(recipe, depth: int = 0) -> None:
                       ("sites", list)):
         need(isinstance(recipe.get(key), kind) and not isinstance(recipe.get(key), bool),
              f"'{key}' missing or not a {kind.__name__}")
-    need(0 < recipe["num_classes"] <= _MAX_CLASSES, f"num_classes {recipe['num_classes']} out of range")
+    need(0 < recipe["num_classes"] <= MAX_CLASSES, f"num_classes {recipe['num_classes']} out of range")
     for size in (recipe["input_size"], recipe["data_config"].get("input_size")):
         need(isinstance(size, list) and len(size) == 3 and all(isinstance(v, int) and 0 < v <= 4096 for v in size),
              f"input size {size!r} is not three whole numbers up to 4096")
     need(recipe.get("options") is None or isinstance(recipe["options"], dict), "'options' is not an object")
+    if recipe.get("options") is not None:
+        try:  # in the recipe's own words: the user passed none of these options
+            SEOptions.from_dict(recipe["options"])
+        except SeifyError as e:
+            raise _Damaged(f"its SE options: {e}") from e
     need(all(isinstance(site, dict) and isinstance(site.get("path"), str) for site in recipe["sites"]),
          "'sites' holds entries without a path")
     classes = recipe.get("classes")
@@ -150,6 +197,8 @@ def _check_recipe(recipe, depth: int = 0) -> None:
 def read_state_dict(path: str | Path) -> tuple[dict, str]:
     """A plain state_dict from ``path``; never runs pickled code. Returns it and a note on where it came from."""
     p = Path(path)
+    if p.is_dir():
+        raise SeifyError(f"weights file {path} is a folder; pass the checkpoint file itself")
     if not p.is_file():
         raise SeifyError(f"weights file {path} does not exist")
     if p.suffix == ".safetensors":

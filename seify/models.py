@@ -20,6 +20,7 @@ from torch import nn
 
 from .checkpoint import read_recipe, read_state_dict
 from .errors import SeifyError, first_line
+from .limits import MAX_CLASSES, check_whole
 from .options import SEOptions
 from .se import SqueezeExcite
 from .surgery import Conversion, convert
@@ -67,6 +68,8 @@ def resolve(spec: str, *, weights: str | None = None, pretrained: bool = False, 
 
     On the ``meta`` device only the architecture is built (for counting): no weights are read.
     """
+    if num_classes is not None:
+        check_whole(num_classes, "num_classes", 1, MAX_CLASSES)
     meta = torch.device(device).type == "meta" if device is not None else False
     with torch.device(device) if device is not None else contextlib.nullcontext():
         if is_seify_file(spec):

@@ -67,7 +67,8 @@ def test_compare_writes_its_files_and_resumes_after_a_kill(tmp_path, tiny, plain
     assert f"the run in {out / 'plain' / 'seed-0'} is complete" in run.stdout  # skipped, not trained again
     assert (out / "plain" / "seed-0" / "checkpoint.json").read_text() == finished
     assert f"resuming {out / 'se' / 'seed-0'}" in run.stdout
-    assert "se: " in run.stdout and "points over plain" in run.stdout and "x step time" in run.stdout
+    assert "se: " in run.stdout and "points over plain" in run.stdout
+    assert "step time not comparable" in run.stdout  # one epoch: se warmed up its blocks, plain trained all
     document = json.loads((out / "compare.json").read_text())
     assert [a["name"] for a in document["arms"]] == ["plain", "se"]
     for arm in document["arms"]:

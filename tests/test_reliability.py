@@ -195,7 +195,7 @@ def test_disk_full_is_an_input_problem_and_keeps_the_last_checkpoint(tmp_path, t
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(args[1]))
     monkeypatch.setattr(safetensors.torch, "save_model", full)
-    with pytest.raises(SeifyError, match="No space left on device.*previous checkpoint .* is kept"):
+    with pytest.raises(SeifyError, match="no space left on device.*previous checkpoint .* is kept"):
         finetune(se_file, str(tiny), config(out, epochs=2, resume=True, extend=True))
     monkeypatch.setattr(safetensors.torch, "save_model", real)
     assert (out / "checkpoint.json").read_text() == before and not list((out / "checkpoints").glob(".*"))
@@ -400,3 +400,112 @@ def test_a_hub_model_offline_is_one_line_without_retries(cli, tmp_path, monkeypa
     assert code == 2 and err.count("\n") == 1 and "seify bug" not in err, err
     assert "could not fetch the configuration of hf-hub:timm/resnet18.a1_in1k" in err and "offline" in err
     assert len(attempts) == 1  # seify's own reachability probe; the hub was told to stay offline, not to retry
+
+
+@pytest.mark.parametrize("writer,error", [
+    ("safetensors", "Error while serializing: I/O error: No space left on device (os error 28)"),
+    ("torch", "[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"),  # no reason given
+])
+def test_a_full_disk_however_reported_is_exit_2_and_leaves_nothing(tmp_path, tiny, se_file, monkeypatch, writer,
+                                                                     error):
+    """What safetensors and torch.save raise when the disk fills (as read off a 2 MB tmpfs): one line naming the
+    disk, the last checkpoint kept, no half-written folder left for the next start to find."""
+    import shutil
+    from collections import namedtuple
+
+    import safetensors.torch
+    from safetensors import SafetensorError
+    out = tmp_path / "run"
+    finetune(se_file, str(tiny), config(out, epochs=1))
+    before = (out / "checkpoint.json").read_text()
+
+    def full(*args, **kwargs):
+        raise SafetensorError(error) if writer == "safetensors" else RuntimeError(error)
+    monkeypatch.setattr(safetensors.torch if writer == "safetensors" else torch, "save_model" if writer ==
+                        "safetensors" else "save", full)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 4096, 4096))
+    with pytest.raises(SeifyError, match=r"cannot write .*checkpoints: no space left on device \(0.0 MB free "
+                                         r"there\); the previous checkpoint in .* is kept"):
+        finetune(se_file, str(tiny), config(out, epochs=2, resume=True, extend=True))
+    assert (out / "checkpoint.json").read_text() == before
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_convert_onto_a_full_disk(cli, tmp_path, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr(safetensors.torch, "save_model", full)
+    code, _, err = cli("convert", "resnet18", "-o", tmp_path / "r18.safetensors", "--input-size", "3,32,32")
+    assert code == 2 and err.count("\n") == 1 and "seify bug" not in err
+    assert f"cannot write {tmp_path / 'r18.safetensors'}: no space left on device" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small file system needs root")
+def test_convert_onto_a_really_full_disk(cli, tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(small)]).returncode != 0:
+        pytest.skip("this machine does not let us mount a tmpfs")
+    try:
+        code, _, err = cli("convert", "resnet18", "-o", small / "r18.safetensors", "--input-size", "3,32,32")
+        assert code == 2 and err.count("\n") == 1 and "no space left on device" in err, err
+        assert list(small.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(small)])
+
+
+@pytest.mark.parametrize("link,target", [("train/stripes_leak", ".."), ("train/loop", "."),
+                                         ("train/elsewhere", "OUTSIDE"), ("train/gradient/outside.jpg", "FILE"),
+                                         ("train/val_twin", "../val/gradient")])
+def test_data_links_that_leave_their_split_or_loop_are_refused(cli, tmp_path, tiny, link, target):
+    """train/x -> .. would make a class of every train and val image; a link out of DATA reads other files."""
+    import shutil
+    root = tmp_path / "data"
+    shutil.copytree(tiny, root)
+    outside = tmp_path / "outside"
+    shutil.copytree(tiny / "val" / "gradient", outside)
+    target = {"OUTSIDE": str(outside), "FILE": str(outside / "0000.jpg")}.get(target, target)
+    (root / link).symlink_to(target)
+    code, _, err = cli("finetune", "resnet18", root, "--out", tmp_path / "run", "--workers", "0")
+    assert code == 2 and err.count("\n") == 1 and "link" in err, err
+    assert str(root / link) in err and not (tmp_path / "run").exists()
+
+
+def test_a_link_inside_its_split_is_followed(tmp_path, tiny):
+    import shutil
+
+    from seify.finetune import data as fdata
+    root = tmp_path / "data"
+    shutil.copytree(tiny, root)
+    (root / "train" / "gradient").rename(root / "train" / ".pool")
+    (root / "train" / "gradient").symlink_to(".pool")  # hidden pool, linked in: a common layout
+    classes, train, val = fdata.discover(root)
+    assert len(train.items) == 32 and "gradient" in classes
+
+
+def test_messages_point_at_what_the_user_passed(cli, tmp_path, tiny):
+    from safetensors.torch import save_file
+    recipe = seify.convert("resnet18", input_size=(3, 32, 32)).recipe()
+    path = tmp_path / "bad-options.safetensors"
+    save_file({"x": torch.zeros(1)}, str(path), metadata={"format": "pt", "seify": json.dumps(
+        {**recipe, "options": {**recipe["options"], "reduction": 0}})})
+    code, _, err = cli("evaluate", path, tiny)
+    assert code == 2 and "damaged seify recipe (its SE options: reduction must be" in err and "--reduction" not in err
+    code, _, err = cli("convert", "resnet18", "--num-classes", "0", "--dry-run")
+    assert code == 2 and "--num-classes must be a whole number from 1" in err and "unknown model" not in err
+    code, _, err = cli("convert", "resnet18", "--weights", tmp_path, "--dry-run")
+    assert code == 2 and f"weights file {tmp_path} is a folder" in err
+
+
+def test_a_run_in_full_precision_is_not_told_to_use_it(tmp_path, tiny, se_file, monkeypatch):
+    import seify.finetune.loop as loop
+    real = loop.F.cross_entropy
+    monkeypatch.setattr(loop.F, "cross_entropy", lambda *a, **k: real(*a, **k) * float("nan"))
+    with pytest.raises(SeifyError, match="loss became nan") as e:
+        finetune(se_file, str(tiny), config(tmp_path / "run", precision="fp32"))
+    assert str(e.value).endswith("lower lr") and "fp32" not in str(e.value)

@@ -1,19 +1,17 @@
 """Every option of a fine-tuning run, checked before any work is done."""
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from ..errors import SeifyError
+from ..limits import MAX_BATCH_SIZE, MAX_IMAGE_SIZE, check_choice, check_number, check_whole
 from ..options import SEOptions, option
 
 # The options a resumed run may change, by name (the flag without its dashes): how it runs, where it writes and
 # reads, not what it computes. --epochs changes only with --extend, which re-plans the schedule.
 CHANGEABLE_ON_RESUME = frozenset({"data", "workers", "threads", "device", "compile", "log_every", "save_every",
                                   "out", "resume", "force", "extend", "epochs"})
-MAX_IMAGE_SIZE = 4096
-MAX_BATCH_SIZE = 65536
 AUGMENTATIONS = ("auto", "none", "light", "imagenet")
 DECODES = ("auto", "cpu", "gpu")
 
@@ -114,10 +112,10 @@ class FinetuneConfig:
                                                 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1):
             raise SeifyError(f"{{crop_scale}} must be two fractions 0 < min <= max <= 1, not {self.crop_scale}",
                              "crop_scale")
-        _choice(self.optimizer, "optimizer", ("adamw", "sgd"))
-        _choice(self.precision, "precision", ("auto", "fp32", "bf16", "fp16"))
-        _choice(self.aug, "aug", AUGMENTATIONS)
-        _choice(self.decode, "decode", DECODES)
+        check_choice(self.optimizer, "optimizer", ("adamw", "sgd"))
+        check_choice(self.precision, "precision", ("auto", "fp32", "bf16", "fp16"))
+        check_choice(self.aug, "aug", AUGMENTATIONS)
+        check_choice(self.decode, "decode", DECODES)
         if self.resume and self.force:
             raise SeifyError("pass {resume} to continue the run or {force} to start over, not both",
                              "resume", "force")
@@ -137,22 +135,3 @@ class FinetuneConfig:
             low, high = config.crop_scale
             config.crop_scale = (low, high)
         return config
-
-
-def check_whole(value, name: str, low: int, high: int | None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        bound = f"from {low} to {high}" if high is not None else f"at least {low}"
-        raise SeifyError(f"{{{name}}} must be a whole number {bound}, not {value!r}", name)
-
-
-def check_number(value, name: str, low: float, high: float, low_open: bool = False, high_open: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and math.isfinite(value) and \
-        (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
-        bounds = f"{'>' if low_open else '>='} {low:g} and {'<' if high_open else '<='} {high:g}"
-        raise SeifyError(f"{{{name}}} must be a finite number {bounds}, not {value!r}", name)
-
-
-def _choice(value, name: str, allowed: tuple) -> None:
-    if value not in allowed:
-        raise SeifyError(f"{{{name}}} must be one of {', '.join(allowed)}, not {value!r}", name)

@@ -37,6 +37,7 @@ def class_folders(root: Path) -> list[str]:
 
 
 def _files(folder: Path) -> list[Path]:
+    """Every file under a class folder; links to folders are not followed (Python's rglob), so none loops."""
     return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
@@ -74,11 +75,36 @@ def _readable(path: Path) -> bool:
         return False
 
 
+def _check_links(root: Path, folders: list[Path]) -> None:
+    """Class folders that are links must stay inside their split folder and hold no other class: ``train/x -> ..``
+    would train on every validation image, and a link out of DATA reads what the user never put there."""
+    split = root.resolve()
+    resolved = {folder: folder.resolve() for folder in folders}
+    for folder, target in resolved.items():
+        if folder.is_symlink() and (not target.is_relative_to(split) or target == split):
+            raise _link_error(folder, target, root)
+    for a, b in ((a, b) for a in resolved for b in resolved if a != b):
+        if resolved[a].is_relative_to(resolved[b]):
+            raise SeifyError(f"class folders {a} and {b} hold the same images ({a} is inside {resolved[b]} once "
+                             "links are followed); remove the link")
+
+
+def _link_error(path: Path, target: Path, root: Path) -> SeifyError:
+    return SeifyError(f"{path} is a link to {target}, outside {root}: a link must stay inside the folder it is in, "
+                      "or images would be read from elsewhere (or trained and validated on alike); copy the files "
+                      "in, or remove the link")
+
+
 def scan(root: Path, classes: list[str]) -> Samples:
     samples = Samples([])
+    _check_links(root, [root / name for name in classes if (root / name).is_dir()])
+    split = root.resolve()
     for index, name in enumerate(classes):
         folder = root / name
         files = _files(folder) if folder.is_dir() else []
+        for f in files:
+            if f.is_symlink() and not f.resolve().is_relative_to(split):
+                raise _link_error(f, f.resolve(), root)
         good = [f for f in files if _readable(f)]
         samples.skipped += [str(f) for f in files if f not in set(good)]
         if not good:

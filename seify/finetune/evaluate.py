@@ -10,8 +10,8 @@ from torch import nn
 
 from ..device import check_device
 from ..errors import SeifyError
+from ..limits import MAX_BATCH_SIZE, MAX_IMAGE_SIZE, check_number, check_whole
 from ..models import resolve
-from .config import MAX_BATCH_SIZE, MAX_IMAGE_SIZE, check_number, check_whole
 from .data import (
     EpochSampler,
     ImageDataset,

@@ -386,7 +386,8 @@ class Trainer:
         if best_changed:
             model = self.ema.module if self.ema is not None else self.model
             best = (model, {**self.recipe, "top1": self.progress.best_top1, "epoch": self.progress.best_epoch})
-        folder = self.folder.commit(self.model, self.recipe, best, self._state(), self.progress.history)
+        folder = self.folder.commit(self.model, self.recipe, best, self._state(), self.progress.history,
+                                    advice=self._unstable())
         self._publish(folder, views=epoch_end)
 
     def _publish(self, folder: Path, views: bool = True) -> None:
@@ -417,8 +418,7 @@ class Trainer:
         loss_value, stop_flag = self.dist.all_sum([local_loss, float(stop.signum is not None)], self.device)
         if not math.isfinite(loss_value):
             raise SeifyError(f"loss became {loss_value} at epoch {self.progress.epoch + 1}, step {self.progress.step};"
-                             f" stopped. {self._last_good()}; lower {{lr}} or use {{precision}} fp32",
-                             "lr", "precision")
+                             f" stopped. {self._last_good()}; {self._unstable()}", "lr", "precision")
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -437,6 +437,10 @@ class Trainer:
             self.ema.update_parameters(self.model)
         correct = (logits.argmax(dim=1) == labels).sum().item()
         return local_loss * len(labels), correct, stop_flag > 0
+
+    def _unstable(self) -> str:
+        """What to try when the numbers blow up: a lower learning rate, and full precision if the run is not in it."""
+        return "lower {lr}" + (" or use {precision} fp32" if self.amp_dtype is not None else "")
 
     def _last_good(self) -> str:
         if self.folder.committed() is None:
@@ -545,8 +549,7 @@ class Trainer:
                           f"{reason})")
         if not math.isfinite(metrics["loss"]):
             raise SeifyError(f"the validation loss became {metrics['loss']} after epoch {p.epoch + 1}; stopped "
-                             f"without saving. {self._last_good()}; lower {{lr}} or use {{precision}} fp32",
-                             "lr", "precision")
+                             f"without saving. {self._last_good()}; {self._unstable()}", "lr", "precision")
         loss_sum, correct, images = self.dist.all_sum(p.partial, self.device)
         lrs = self._lrs()
         row = {"epoch": p.epoch + 1, "phase": phase, "step": p.step,

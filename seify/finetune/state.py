@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import atomic_write, check_folder_writable, save
+from ..checkpoint import atomic_write, check_folder_writable, save, write_error
 from ..errors import SeifyError, first_line
 
 POINTER = "checkpoint.json"
@@ -149,11 +149,12 @@ class RunFolder:
                 path.unlink()
 
     def commit(self, model: nn.Module, recipe: dict, best: tuple[nn.Module, dict] | None, state: dict,
-               history: list[dict]) -> Path:
-        """Write one checkpoint folder and point at it. ``best`` is None when the best weights did not change."""
-        _check_finite(model, "the weights")
+               history: list[dict], advice: str = "lower {lr}") -> Path:
+        """Write one checkpoint folder and point at it. ``best`` is None when the best weights did not change;
+        ``advice`` is what the message of non-finite weights suggests."""
+        _check_finite(model, "the weights", advice)
         if best is not None:
-            _check_finite(best[0], "the best weights")
+            _check_finite(best[0], "the best weights", advice)
         previous = self.committed()
         number = int(previous.name.split("-")[1]) + 1 if previous is not None else 1
         folder = self.out / CHECKPOINTS / f"ckpt-{number:06d}"
@@ -173,16 +174,14 @@ class RunFolder:
             os.replace(tmp, folder)
             record = {"checkpoint": folder.name, "step": state["progress"]["step"]}
             atomic_write(self.pointer, lambda t: Path(t).write_text(json.dumps(record) + "\n"), force=True)
-        except SeifyError as e:  # from atomic_write: it names the file and the reason
+        except Exception as e:
+            # asked before the partial files go: a full disk may be told only by its free space
+            cause = e.__cause__ if isinstance(e, SeifyError) and e.__cause__ is not None else e
+            problem = write_error(cause, folder.parent) or (first_line(e) if isinstance(e, SeifyError) else None)
             shutil.rmtree(tmp, ignore_errors=True)
-            raise SeifyError(f"{first_line(e)}; the previous checkpoint in {self.out} is kept") from e
-        except (OSError, RuntimeError) as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(e, RuntimeError) and "write" not in str(e).lower() and "pos" not in str(e).lower():
+            if problem is None:
                 raise
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
-            raise SeifyError(f"cannot write a checkpoint in {self.out}: {reason}; the previous checkpoint is "
-                             "kept") from e
+            raise SeifyError(f"{problem}; the previous checkpoint in {self.out} is kept") from e
         if previous is not None:
             shutil.rmtree(previous, ignore_errors=True)
         return folder
@@ -217,11 +216,11 @@ def progress_dict(progress: Progress) -> dict:
     return asdict(progress)
 
 
-def _check_finite(model: nn.Module, what: str) -> None:
+def _check_finite(model: nn.Module, what: str, advice: str) -> None:
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise SeifyError(f"{what} hold non-finite values ({name}); nothing was saved over the last good "
-                             "checkpoint. Lower {lr} or use {precision} fp32", "lr", "precision")
+                             f"checkpoint; {advice}", "lr", "precision")
 
 
 def _link_to(source: Path, tmp: str) -> None:

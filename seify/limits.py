@@ -1,0 +1,33 @@
+"""The limits of what seify takes, and the checks that refuse what lies outside them, in one place.
+
+A value is refused before any work is done, whichever command or function it reaches, with the same words.
+"""
+from __future__ import annotations
+
+import math
+
+from .errors import SeifyError
+
+MAX_IMAGE_SIZE = 4096  # pixels a side
+MAX_CHANNELS = 64  # input channels
+MAX_BATCH_SIZE = 65536
+MAX_CLASSES = 1_000_000
+
+
+def check_whole(value, name: str, low: int, high: int | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bound = f"from {low} to {high}" if high is not None else f"at least {low}"
+        raise SeifyError(f"{{{name}}} must be a whole number {bound}, not {value!r}", name)
+
+
+def check_number(value, name: str, low: float, high: float, low_open: bool = False, high_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and math.isfinite(value) and \
+        (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        bounds = f"{'>' if low_open else '>='} {low:g} and {'<' if high_open else '<='} {high:g}"
+        raise SeifyError(f"{{{name}}} must be a finite number {bounds}, not {value!r}", name)
+
+
+def check_choice(value, name: str, allowed: tuple) -> None:
+    if value not in allowed:
+        raise SeifyError(f"{{{name}}} must be one of {', '.join(allowed)}, not {value!r}", name)
