@@ -367,6 +367,8 @@ def finetune(ctx: typer.Context, model: Model, data: Data, weights: Weights = No
                 ["last val top-1", f"{result.last_top1:.2f}%"]]
         if result.start_top1 is not None:
             rows.insert(0, ["val top-1 before", f"{result.start_top1:.2f}%"])
+        if result.skipped:
+            rows.append(["unreadable files skipped", f"{len(result.skipped)} (first: {result.skipped[0]})"])
         rows += [[name, str(result.out / file)] for name, file in (
             ("best weights", "best.safetensors"), ("last weights", "last.safetensors"), ("run options", "run.json"),
             ("metrics", "metrics.csv"), ("curves", "curves.png"))]
@@ -417,6 +419,9 @@ def _print_arms(document: dict, out: str) -> None:
            ["arm", "runs", "final top-1", "best top-1", "params (added)", "MACs (added)", "train img/s"], rows)
     for verdict in document["verdicts"]:
         print(verdict["text"])
+    skipped = document.get("skipped_files") or []
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable file(s) of DATA (first: {skipped[0]})")
     print(f"wrote {out}/compare.json, compare.csv and compare.png")
 
 

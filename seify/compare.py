@@ -89,6 +89,7 @@ def compare(spec: str, data_dir: str, arms: list[Arm], config: FinetuneConfig, *
             if result.stopped_by is not None:
                 return {"stopped_by": result.stopped_by, "out": str(root)}
     document = summarize(root, arms, seed_list, spec)
+    document["skipped_files"] = split[1].skipped + split[2].skipped
     _write(root, document)
     return document
 

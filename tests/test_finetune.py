@@ -496,3 +496,14 @@ def test_a_one_epoch_plan_says_only_the_new_parts_train(tmp_path, tiny, plain4):
     plan = next(line for line in lines if line.startswith("plan:"))
     assert "all 1 epoch(s) train only the new parts" in plan and "stay frozen" in plan
     assert "then everything trains" not in plan
+
+
+def test_the_finetune_summary_names_the_files_it_skipped(cli, tmp_path, tiny, se_file):
+    import shutil
+    root = tmp_path / "d"
+    shutil.copytree(tiny, root)
+    (root / "train" / CLASSES[0] / "broken.jpg").write_bytes(b"not an image")
+    code, stdout, err = cli("finetune", se_file, root, "--out", tmp_path / "run", "--epochs", "1", "--batch-size",
+                            "8", "--workers", "0", "--threads", "1", "--log-every", "0")
+    assert code == 0, err
+    assert f"unreadable files skipped\t1 (first: {root / 'train' / CLASSES[0] / 'broken.jpg'})" in stdout

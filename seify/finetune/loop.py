@@ -39,6 +39,7 @@ class RunResult:
     stopped_by: str | None = None
     main: bool = True  # False on the other ranks of a distributed run, which print nothing
     start_top1: float | None = None  # the model's val top-1 before fine-tuning (trained models only)
+    skipped: list[str] = dataclasses.field(default_factory=list)  # files of DATA that are not readable images
 
 
 class _Stop:
@@ -468,7 +469,8 @@ class Trainer:
         trained = [r for r in p.history if r["epoch"] > 0]
         start = next((r["val_top1"] for r in p.history if r["epoch"] == 0), None)
         return RunResult(self.out, p.best_epoch, p.best_top1, trained[-1]["val_top1"] if trained else float("nan"),
-                         len(trained), stopped_by=stopped_by, main=self.dist.main, start_top1=start)
+                         len(trained), stopped_by=stopped_by, main=self.dist.main, start_top1=start,
+                         skipped=self.skipped)
 
     def _run(self, stop: _Stop) -> RunResult:
         config, p = self.config, self.progress
