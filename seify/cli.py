@@ -373,7 +373,7 @@ def finetune(ctx: typer.Context, model: Model, data: Data, weights: Weights = No
             ("best weights", "best.safetensors"), ("last weights", "last.safetensors"), ("run options", "run.json"),
             ("metrics", "metrics.csv"), ("curves", "curves.png"))]
         _table("Fine-tuning done", ["", ""], rows)
-    raise typer.Exit(exit_code(result))
+    raise typer.Exit(exit_code(result.stopped_by))
 
 
 @app.command()

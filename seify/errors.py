@@ -22,6 +22,11 @@ class SeifyError(Exception):
         return text
 
 
+def flag(name: str) -> str:
+    """An option's command-line flag: ``reduction`` -> ``--reduction``, ``batch_size`` -> ``--batch-size``."""
+    return "--" + name.replace("_", "-")
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message, or its type's name when it has none."""
     text = str(e).strip()

@@ -94,6 +94,7 @@ def test_compare_writes_its_files_and_resumes_after_a_kill(tmp_path, tiny, plain
     assert [(r["arm"], r["seed"]) for r in table] == [("plain", "0"), ("plain", "1"), ("se", "0"), ("se", "1")]
     assert Image.open(out / "compare.png").size[0] > 1000
     again = subprocess.run(args + ["--json"], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
     assert json.loads(again.stdout)["verdicts"] == document["verdicts"]
 
 

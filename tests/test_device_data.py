@@ -6,7 +6,7 @@ from PIL import Image
 
 from conftest import KillAt, config, rows_of, weights
 from seify.errors import SeifyError
-from seify.finetune import data, device_data, loop
+from seify.finetune import build, data, device_data
 from seify.finetune.loop import Trainer, finetune
 
 DATA_CONFIG = {"input_size": [3, 32, 32], "interpolation": "bilinear", "mean": [0.485, 0.456, 0.406],
@@ -16,7 +16,7 @@ DATA_CONFIG = {"input_size": [3, 32, 32], "interpolation": "bilinear", "mean": [
 @pytest.fixture
 def on_device(monkeypatch):
     """Runs take the device path although they train on the CPU."""
-    monkeypatch.setattr(loop, "decodes_on_device", lambda decode, device: True)
+    monkeypatch.setattr(build, "decodes_on_device", lambda decode, device: True)
 
 
 def decoded(path):

@@ -54,7 +54,7 @@ def _plain(loaded: LoadedModel) -> Prepared:
     recipe = copy.deepcopy(loaded.recipe) if loaded.recipe else checkpoint.make_recipe(
         loaded.spec, loaded.num_classes, None, loaded.data_config["input_size"], loaded.data_config, [],
         weights=loaded.weights)
-    fresh = set() if loaded.trained else _all(loaded.model)
+    fresh = set() if loaded.trained else parameter_names(loaded.model)
     return Prepared(loaded.model, recipe, fresh)
 
 
@@ -70,7 +70,7 @@ def _with_se(loaded: LoadedModel, options: SEOptions, given: set[str] | frozense
         result = convert_loaded(loaded, options)
         model, recipe, se_fresh = result.model, result.recipe(), True
     if not loaded.trained:
-        return Prepared(model, recipe, _all(model))
+        return Prepared(model, recipe, parameter_names(model))
     fresh = {name for name, _ in model.named_parameters() if _in_se(model, name)} if se_fresh else set()
     return Prepared(model, recipe, fresh)
 
@@ -120,7 +120,8 @@ def _keep_head(model: nn.Module, recorded: list[str] | None, classes: list[str])
     return "classifier: keeping the trained head, its rows reordered to the data's class order"
 
 
-def _all(model: nn.Module) -> set[str]:
+def parameter_names(model: nn.Module) -> set[str]:
+    """Every parameter's name: what trains when the weights are random."""
     return {name for name, _ in model.named_parameters()}
 
 

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import SeifyError, shown
+from ..errors import SeifyError, flag, shown
 from ..options import SEOptions
+from . import rng
+from .build import Training, schedule
 from .config import CHANGEABLE_ON_RESUME, FinetuneConfig, Source, resolved_file
+from .state import Progress, RunFolder
 
 SE_OPTIONS = frozenset(f.name for f in dataclasses.fields(SEOptions))
 CONFIG_OPTIONS = frozenset(f.name for f in dataclasses.fields(FinetuneConfig))
@@ -95,3 +99,106 @@ def _same_file(given: str | None, recorded: str | None, recorded_file: str | Non
     if here is None or there is None:
         return False
     return here == there or (Path(there).exists() and os.path.samefile(here, there))
+
+
+# ---------------------------------------------------------------- the run folder and the state it holds
+
+
+@dataclass
+class Saved:
+    """The committed checkpoint a run resumes from."""
+    state: dict
+    rows: list[dict]
+    folder: Path
+
+    def recorded(self, name: str):
+        """What the run chose where the user did not say (``threads``, ``workers``): chosen again under another
+        load, a resume would not continue the run exactly."""
+        return self.state.get(name)
+
+
+def open_folder(folder: RunFolder, config: FinetuneConfig, source: Source, main: bool) -> Saved | None:
+    """The checkpoint to resume from, or None for a new run; refuses to mix runs or to lose files."""
+    out = folder.out
+    if main and out.is_dir():
+        _check_not_an_input(out, source)
+        if config.force:
+            folder.clear()
+        folder.remove_leftovers()
+    committed = folder.committed()
+    outputs = folder.holds_outputs()
+    if config.resume:
+        if committed is None:
+            hint = "the run there stopped before its first checkpoint; start it again with {force}" \
+                if outputs else "start without {resume}"
+            raise SeifyError(f"nothing to resume in {out}: {hint}", "force", "resume")
+        state, rows = folder.read(committed)
+        return Saved(state, rows, committed)
+    if outputs:
+        what = "a run" if committed is not None or "run.json" in outputs else \
+            f"files a run writes ({', '.join(outputs)})"
+        raise SeifyError(f"{out} already holds {what}; pass {{resume}} to continue it or {{force}} to replace it, "
+                         "or choose another folder", "resume", "force")
+    return None
+
+
+def _check_not_an_input(out: Path, source: Source) -> None:
+    """--force clears the run's outputs: never when MODEL or --weights is one of them."""
+    for path in (source.model, source.weights):
+        if path and Path(path).exists() and (Path(path).resolve().parent == out.resolve()
+                                             or out.resolve() in Path(path).resolve().parents):
+            raise SeifyError(f"{path} is inside {out}, which this run writes; copy it elsewhere or choose another "
+                             "{out}", "out")
+
+
+def state_of(training: Training, progress: Progress, config: FinetuneConfig, source: Source, threads: int) -> dict:
+    """What a checkpoint holds besides the weights: enough to continue bit for bit."""
+    state = {"progress": dataclasses.asdict(progress), "optimizer": training.optimizer.state_dict(),
+             "scheduler": training.scheduler.state_dict(), "rng": rng.capture(training.device),
+             "config": config.to_dict(), "source": source.to_dict(), "fresh": sorted(training.prepared.fresh),
+             "steps_per_epoch": training.data.steps_per_epoch, "threads": threads, "workers": training.data.workers}
+    if training.ema is not None:
+        state["ema"] = training.ema.state_dict()
+    if training.precision.scaler is not None:
+        state["scaler"] = training.precision.scaler.state_dict()
+    return state
+
+
+def restore(training: Training, saved: Saved, config: FinetuneConfig) -> tuple[Progress, str | None]:
+    """(where the run is, a line on a re-planned schedule or None), with the optimizer, schedule, EMA, scaler and
+    random state put back as the checkpoint holds them."""
+    state, steps = saved.state, training.data.steps_per_epoch
+    progress = Progress(**{**state["progress"], "history": saved.rows})
+    if state["steps_per_epoch"] != steps:
+        raise SeifyError(f"{{resume}}: the data now gives {steps} steps per epoch where the run had "
+                         f"{state['steps_per_epoch']}; resume with the same data and batch size", "resume")
+    training.optimizer.load_state_dict(state["optimizer"])
+    training.scheduler.load_state_dict(state["scheduler"])
+    if training.ema is not None and "ema" in state:
+        training.ema.load_state_dict(state["ema"])
+    if training.precision.scaler is not None and "scaler" in state:
+        training.precision.scaler.load_state_dict(state["scaler"])
+    rng.restore(state["rng"], training.device)
+    planned = state["config"]["epochs"]
+    replanned = _replan(training, progress, config, planned) if config.epochs != planned else None
+    return progress, replanned
+
+
+def _replan(training: Training, progress: Progress, config: FinetuneConfig, planned: int) -> str:
+    """A resume with another --epochs: refused unless --extend, which stretches the cosine schedule."""
+    epochs, steps, done = config.epochs, training.data.steps_per_epoch, progress.position(training.data.steps_per_epoch)
+    if epochs < done:
+        raise SeifyError(f"{{epochs}} {epochs}: the run in {config.out} has already trained {done:g} epochs", "epochs")
+    before = training.scheduler.get_last_lr()[-1]
+    replanned = schedule(training.optimizer, config, epochs, steps)
+    replanned.load_state_dict({**training.scheduler.state_dict(), "lr_lambdas": [None] * len(replanned.lr_lambdas)})
+    factor = replanned.lr_lambdas[0](progress.step)
+    change = (f"the run was planned for {planned} epochs; {{epochs}} {epochs} stretches its cosine schedule to end "
+              f"at step {epochs * steps}, so the learning rate at step {progress.step} goes from {before:.3g} to "
+              f"{replanned.base_lrs[-1] * factor:.3g}")
+    if not config.extend:
+        raise SeifyError(f"{{resume}}: {change}; pass {{extend}} to continue that way", "resume", "epochs", "extend")
+    for group, base in zip(training.optimizer.param_groups, replanned.base_lrs, strict=True):
+        group["initial_lr"], group["lr"] = base, base * factor
+    training.scheduler = replanned
+    return SeifyError(change, "epochs").render(flag)

@@ -1,0 +1,44 @@
+"""What a run says before it trains: its data, device, model, augmentation and the plan of what trains when."""
+from __future__ import annotations
+
+from ..errors import flag
+from . import data
+from .build import Training
+from .config import FinetuneConfig, Source
+from .model import parameter_names
+
+
+def describe(training: Training, source: Source, config: FinetuneConfig, data_dir: str, threads: str) -> list[str]:
+    """The lines a run prints at its start; ``threads`` says how many CPU threads and why."""
+    images, dist = training.data, training.dist
+    skipped = f"; skipped {len(images.skipped)} unreadable files (first: {images.skipped[0]})" \
+        if images.skipped else ""
+    lines = [f"{len(images.train_set)} training and {len(images.val_set)} validation images, "
+             f"{len(images.classes)} classes{skipped}",
+             f"device {training.device} x{dist.world}, {training.precision.name}"
+             f"{', channels_last' if images.channels_last else ''}{', compiled' if config.compile else ''}, "
+             f"{threads}, {images.steps_per_epoch} steps per epoch",
+             f"model: {'plain (no SE)' if source.se is None else 'with SE'}, {images.img_size} px; augmentation: "
+             f"{images.augmentation.describe()}"]
+    if config.val_split is not None and data.has_val_folder(data_dir):
+        lines.append(f"{flag('val_split')} {config.val_split:g} is not used: {data_dir} has train/ and val/")
+    return lines + training.prepared.notes + [plan(training, config)]
+
+
+def plan(training: Training, config: FinetuneConfig) -> str:
+    """What trains when, at which learning rate."""
+    fresh, model = training.prepared.fresh, training.model
+    trained_lr = config.lr * config.backbone_lr_scale
+    if fresh == parameter_names(model):
+        return f"plan: random weights, so everything trains from the start at lr {config.lr:g}"
+    if not fresh:
+        return f"plan: nothing new to warm up; everything trains at lr {trained_lr:g}"
+    count = sum(p.numel() for n, p in model.named_parameters() if n in fresh)
+    warmup = training.se_warmup_epochs
+    if warmup >= config.epochs:
+        return (f"plan: all {config.epochs} epoch(s) train only the new parts ({count:,} parameters) at lr "
+                f"{config.lr:g}; the trained layers stay frozen ({flag('epochs')} {config.epochs} is not more than "
+                f"{flag('se_warmup_epochs')} {config.se_warmup_epochs})")
+    first = f"{warmup} epoch(s) train only the new parts ({count:,} parameters), then " if warmup else ""
+    return (f"plan: {first}everything trains, the new parts at lr {config.lr:g} and the trained ones at "
+            f"{trained_lr:g}")
