@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import platform
 import signal
 import time
 from dataclasses import dataclass
@@ -18,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import __version__
 from ..errors import SeifyError
 from ..options import SEOptions
 from . import artifacts, data, device_data, rng
@@ -26,8 +24,7 @@ from .build import Training, build
 from .config import FinetuneConfig, Source
 from .dist import choose_threads, setup, teardown
 from .evaluate import evaluate
-from .model import parameter_names
-from .plan import describe
+from .plan import describe, run_info
 from .progress import PlainLog
 from .resume import SE_OPTIONS, Saved, given_options, open_folder, restore, resumed_config, state_of
 from .state import LAST, Progress, RunFolder
@@ -378,23 +375,7 @@ class Trainer:
                          skipped=self.training.data.skipped)
 
     def _write_info(self) -> None:
-        images = self.training.data
-        self.folder.write_info({
-            "versions": _versions(), "source": self.source.to_dict(), "config": self.config.to_dict(),
-            "data": str(self.data_dir), "classes": images.classes, "train_images": len(images.train_set),
-            "val_images": len(images.val_set), "skipped_files": len(images.skipped), "img_size": images.img_size,
-            "augmentation": dataclasses.asdict(images.augmentation), "device": str(self.device),
-            "world_size": self.dist.world, "threads": self.threads, "workers": images.workers,
-            "se_warmup_epochs": self.training.se_warmup_epochs, "lr_warmup_epochs": self.config.lr_warmup_epochs,
-            "new_parameters": len(self.prepared.fresh), "parameters": len(parameter_names(self.model)),
-            "notes": self.prepared.notes, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-
-
-def _versions() -> dict:
-    import timm
-    import torchvision
-    return {"seify": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "timm": timm.__version__, "python": platform.python_version()}
+        self.folder.write_info(run_info(self.training, self.source, self.config, self.data_dir, self.threads))
 
 
 def finetune(spec: str, data_dir: str, config: FinetuneConfig, options: SEOptions | None = SEOptions(),

@@ -1,6 +1,14 @@
-"""What a run says before it trains: its data, device, model, augmentation and the plan of what trains when."""
+"""What a run says of itself before it trains: its data, device, model, augmentation and the plan of what trains
+when, printed, and the same recorded in run.json."""
 from __future__ import annotations
 
+import dataclasses
+import platform
+import time
+
+import torch
+
+from .. import __version__
 from ..errors import flag
 from . import data
 from .build import Training
@@ -42,3 +50,21 @@ def plan(training: Training, config: FinetuneConfig) -> str:
     first = f"{warmup} epoch(s) train only the new parts ({count:,} parameters), then " if warmup else ""
     return (f"plan: {first}everything trains, the new parts at lr {config.lr:g} and the trained ones at "
             f"{trained_lr:g}")
+
+
+def run_info(training: Training, source: Source, config: FinetuneConfig, data_dir: str, threads: int) -> dict:
+    """run.json: every resolved option, the data, what trains, and the versions of everything involved."""
+    import timm
+    import torchvision
+    images, model = training.data, training.model
+    return {
+        "versions": {"seify": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+                     "timm": timm.__version__, "python": platform.python_version()},
+        "source": source.to_dict(), "config": config.to_dict(), "data": str(data_dir), "classes": images.classes,
+        "train_images": len(images.train_set), "val_images": len(images.val_set),
+        "skipped_files": len(images.skipped), "img_size": images.img_size,
+        "augmentation": dataclasses.asdict(images.augmentation), "device": str(training.device),
+        "world_size": training.dist.world, "threads": threads, "workers": images.workers,
+        "se_warmup_epochs": training.se_warmup_epochs, "lr_warmup_epochs": config.lr_warmup_epochs,
+        "new_parameters": len(training.prepared.fresh), "parameters": len(parameter_names(model)),
+        "notes": training.prepared.notes, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
