@@ -11,22 +11,16 @@ from . import checkpoint
 from .errors import SeifyError, first_line
 from .models import LoadedModel, check_known, data_config, has_frozen_batchnorm, model_of, num_classes_of, resolve
 from .options import SEOptions
-from .surgery import Conversion
-from .surgery import convert as convert_model
+from .surgery import Conversion, add_se
 
 PRESERVATION_TOLERANCE = 1e-5  # max abs diff relative to the output's magnitude, fp32
 
 
 @dataclass
 class Converted:
-    """A converted model with everything ``seify convert`` reports about it."""
+    """A conversion of a resolved model, with everything ``seify convert`` reports about it."""
     source: LoadedModel
-    options: SEOptions
-    input_size: tuple[int, int, int]
     conversion: Conversion
-    sites: list
-    skipped: list
-    placement: str
     input_size_given: bool = False
     dry_run: bool = False
     max_abs_diff: float | None = None
@@ -43,8 +37,28 @@ class Converted:
         return self.conversion.model
 
     @property
+    def options(self) -> SEOptions:
+        return self.conversion.options
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        return self.conversion.input_size
+
+    @property
+    def sites(self) -> list:
+        return self.conversion.sites
+
+    @property
+    def skipped(self) -> list:
+        return self.conversion.skipped
+
+    @property
+    def placement(self) -> str:
+        return self.conversion.placement
+
+    @property
     def added_params(self) -> int:
-        return sum(s.params for s in self.sites)
+        return self.conversion.added_params
 
     @property
     def params(self) -> int:
@@ -98,9 +112,8 @@ def convert_loaded(source: LoadedModel, options: SEOptions = SEOptions(), *,
                    input_size: tuple[int, int, int] | None = None, dry_run: bool = False) -> Converted:
     """``convert`` for a model already resolved (``seify.resolve``)."""
     size = tuple(input_size or source.data_config["input_size"])
-    conversion = convert_model(source.model, options, size)  # a dry run builds and checks it too
-    result = Converted(source, options, size, conversion, conversion.sites, conversion.skipped,
-                       conversion.placement, input_size is not None, dry_run)
+    conversion = add_se(source.model, options, size)  # a dry run builds and checks it too
+    result = Converted(source, conversion, input_size is not None, dry_run)
     result.max_abs_diff, result.output_scale = output_difference(source.model, conversion.model, size)
     if conversion.scope:  # a detector's boxes depend on thresholds: compare the converted backbone's maps too
         part = output_difference(source.model.get_submodule(conversion.scope),
@@ -142,7 +155,7 @@ def save(result: Converted | Conversion, path: str | Path, *, model: str | None 
     """Write a converted model as a seify file that ``seify.load(path)`` rebuilds with no other argument.
 
     ``result`` is what ``seify.convert`` returns, or a ``Conversion`` of a model you hold
-    (``seify.surgery.convert(my_model, ...)``); for the latter, ``model`` names its architecture (a timm name, or
+    (``seify.surgery.add_se(my_model, ...)``); for the latter, ``model`` names its architecture (a timm name, or
     ``torchvision:NAME``), which timm models record themselves.
     """
     if isinstance(result, Conversion):

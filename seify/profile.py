@@ -20,7 +20,7 @@ from .errors import SeifyError, first_line
 from .models import resolve
 from .options import SEOptions
 from .se import SqueezeExcite
-from .surgery import convert
+from .surgery import add_se
 
 
 @dataclass
@@ -169,7 +169,7 @@ def _build_pair(spec: str, options: SEOptions, input_size, num_classes, device: 
     if loaded.base is not None and loaded.recipe is not None:
         return loaded.base, loaded.model, loaded.recipe["sites"], loaded.recipe.get("placement"), size
     with torch.device(device):
-        conversion = convert(loaded.model, options, size)
+        conversion = add_se(loaded.model, options, size)
     return loaded.model, conversion.model, [s.to_dict() for s in conversion.sites], conversion.placement, size
 
 

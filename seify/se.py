@@ -13,7 +13,7 @@ from torch import nn
 from . import kernels
 from .options import SQUEEZES
 
-GATES = {"sigmoid": nn.Sigmoid, "hard-sigmoid": nn.Hardsigmoid}
+GATE_LAYERS = {"sigmoid": nn.Sigmoid, "hard-sigmoid": nn.Hardsigmoid}
 
 
 def reduced_channels(channels: int, reduction: float = 16, divisor: int = 8, min_channels: int = 8) -> int:
@@ -40,7 +40,7 @@ class SqueezeExcite(nn.Module):
         self.bn = nn.Identity()
         self.act = nn.ReLU(inplace=True)
         self.fc2 = nn.Conv2d(rd_channels, channels, kernel_size=1, bias=True)
-        self.gate = GATES[gate]()
+        self.gate = GATE_LAYERS[gate]()
 
     def excite(self, x: torch.Tensor) -> torch.Tensor:
         """The per-channel gate s, shaped (N, C, 1, 1).

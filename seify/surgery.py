@@ -53,7 +53,7 @@ def convertible_scope(model: nn.Module) -> str:
     return ""
 
 
-def convert(model: nn.Module, options: SEOptions, input_size: tuple[int, int, int]) -> Conversion:
+def add_se(model: nn.Module, options: SEOptions, input_size: tuple[int, int, int]) -> Conversion:
     """Return a copy of ``model`` (eval mode) with SE blocks at every site ``options`` selects.
 
     With ``init='identity'`` (the default) the copy computes exactly what ``model`` does until it is trained.

@@ -12,7 +12,7 @@ import seify
 from conftest import outputs, realistic
 from seify.errors import SeifyError
 from seify.options import SEOptions
-from seify.surgery import convert
+from seify.surgery import add_se as convert
 
 SIZE = (3, 64, 64)
 

@@ -121,7 +121,8 @@ def test_half_precision_maps_accumulate_in_float32(triton_on, dtype):
 def test_a_converted_model_trains_the_same_and_keeps_its_state_dict(triton_on, monkeypatch):
     import timm
 
-    from seify.surgery import SEOptions, convert
+    from seify.surgery import SEOptions
+    from seify.surgery import add_se as convert
     torch.manual_seed(0)
     model = convert(timm.create_model("test_resnet", num_classes=4), SEOptions(init="paper"), (3, 32, 32)).model
     model.train()

@@ -65,7 +65,7 @@ def test_stages_234_are_layer1_to_layer3():
 def test_fused_sum_matches_timm_twin_in_training(tmp_path):
     """The gate, scale, drop-path and residual sum run as one addcmul; timm's twin computes them apart."""
     base = realistic(timm.create_model("resnet50", drop_path_rate=0.2))
-    ours = seify.surgery.convert(base, SEOptions(), (3, 64, 64)).model
+    ours = seify.surgery.add_se(base, SEOptions(), (3, 64, 64)).model
     assert "add" not in ours.layer4[2].code and "self.se(bn3, x, drop_path" in ours.layer4[2].code
     twin = timm.create_model("seresnet50", drop_path_rate=0.2)
     twin.load_state_dict(ours.state_dict(), strict=True)

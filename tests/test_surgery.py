@@ -9,7 +9,8 @@ import seify
 from conftest import outputs, realistic
 from seify.errors import SeifyError
 from seify.se import SqueezeExcite
-from seify.surgery import SEOptions, convert
+from seify.surgery import SEOptions
+from seify.surgery import add_se as convert
 
 SIZE = (3, 64, 64)
 

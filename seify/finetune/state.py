@@ -17,7 +17,7 @@ import functools
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -210,10 +210,6 @@ class RunFolder:
     def read_info(self) -> dict | None:
         path = self.out / RUN_INFO
         return json.loads(path.read_text()) if path.is_file() else None
-
-
-def progress_dict(progress: Progress) -> dict:
-    return asdict(progress)
 
 
 def _check_finite(model: nn.Module, what: str, advice: str) -> None:

@@ -20,7 +20,8 @@ import torch
 
 import seify
 from seify.profile import interleaved_medians
-from seify.surgery import SEOptions, convert
+from seify.surgery import SEOptions
+from seify.surgery import add_se as convert
 
 
 def models(device, channels_last=False):

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from seify.profile import interleaved_medians
-from seify.surgery import SEOptions, convert
+from seify.surgery import SEOptions
+from seify.surgery import add_se as convert
 
 
 def site(variant, x, sc, w1, b1, w2, b2):

@@ -1,0 +1,118 @@
+"""Turning a model spec and weights into an nn.Module: the one way every command gets its model.
+
+Specs: timm names (``resnet50``), pretrained tags (``resnet50.a1_in1k``), ``hf-hub:`` ids, torchvision names
+as ``torchvision:resnet50`` (``spec``), and files written by seify, rebuilt from their recipe with or without SE
+(``files``). ``classifier`` finds, sizes and reorders a model's head.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..checkpoint import read_recipe, read_state_dict
+from ..errors import SeifyError
+from ..limits import MAX_CLASSES, check_whole
+from ..se import SqueezeExcite
+from .classifier import classifier_keys, classifier_name, num_classes_of, reorder_classifier, reset_classifier
+from .files import freeze_batchnorm, from_recipe, has_frozen_batchnorm, load_strict, model_of, rebuild
+from .spec import build, check_known, data_config
+
+__all__ = ["LoadedModel", "resolve", "load", "build", "check_known", "data_config", "from_recipe", "model_of",
+           "freeze_batchnorm", "has_frozen_batchnorm", "classifier_keys", "classifier_name", "num_classes_of",
+           "reorder_classifier", "reset_classifier"]
+RANDOM, PRETRAINED = "random", "pretrained"
+
+
+@dataclass
+class LoadedModel:
+    """A model and what is known about it: where its weights came from, its classes, its data config."""
+    model: nn.Module
+    spec: str
+    data_config: dict
+    notes: list[str] = field(default_factory=list)
+    recipe: dict | None = None  # set when the spec was a seify file
+    weights: str = RANDOM  # RANDOM, PRETRAINED or the weights file's name
+    base: nn.Module | None = None  # a seify file with SE: the model it was converted from, fresh weights
+
+    @property
+    def num_classes(self) -> int:
+        return self.recipe["num_classes"] if self.recipe else num_classes_of(self.model)
+
+    @property
+    def classes(self) -> list[str] | None:
+        """Class names in classifier order, where a seify run recorded them."""
+        return (self.recipe or {}).get("classes")
+
+    @property
+    def has_se(self) -> bool:
+        return any(isinstance(m, SqueezeExcite) for m in self.model.modules())
+
+    @property
+    def trained(self) -> bool:
+        """False for random weights: then there is nothing to preserve and nothing to warm up."""
+        return self.weights != RANDOM or bool((self.recipe or {}).get("finetune"))
+
+
+def resolve(spec: str, *, weights: str | None = None, pretrained: bool = False, num_classes: int | None = None,
+            device: str | torch.device | None = None) -> LoadedModel:
+    """Build the model ``spec`` names, with ``weights`` from a file or the hub's ``pretrained`` ones.
+
+    On the ``meta`` device only the architecture is built (for counting): no weights are read.
+    """
+    if num_classes is not None:
+        check_whole(num_classes, "num_classes", 1, MAX_CLASSES)
+    meta = torch.device(device).type == "meta" if device is not None else False
+    recipe = read_recipe(spec) if spec.endswith(".safetensors") and Path(spec).is_file() else None
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        if recipe is not None:
+            if pretrained or weights:
+                raise SeifyError(f"{spec} is a seify file and carries its own weights; drop {{pretrained}}/"
+                                 "{weights}", "pretrained", "weights")
+            model, base = rebuild(spec, recipe, meta)
+            return LoadedModel(model, spec, recipe["data_config"], [], recipe,
+                               weights=recipe.get("weights") or Path(spec).name, base=base)
+        if pretrained and weights:
+            raise SeifyError("pass either {pretrained} or {weights}, not both", "pretrained", "weights")
+        if Path(spec).suffix in (".safetensors", ".pth", ".pt", ".bin") or Path(spec).exists():
+            raise SeifyError(f"{spec} is not a seify file; to load a checkpoint pass the architecture and the "
+                             f"file as {{weights}} (resnet50 --weights {spec})", "weights")
+        check_known(spec)
+        model = build(spec, pretrained and not meta, num_classes)
+        notes: list[str] = []
+        if weights and not meta:
+            model = _with_weights(model, spec, weights, num_classes, notes)
+        source = Path(weights).name if weights else PRETRAINED if pretrained else RANDOM
+        if source == RANDOM:
+            notes.append("random weights: pass --weights or --pretrained to start from a trained model")
+    return LoadedModel(model.eval(), spec, data_config(model, spec), notes, weights=source)
+
+
+def load(path: str | Path) -> nn.Module:
+    """The model a seify file holds, ready in eval mode."""
+    loaded = resolve(str(path))
+    if loaded.recipe is None:
+        raise SeifyError(f"{path} was not written by seify (no recipe in its metadata); load it with "
+                         "{weights} and a model name instead", "weights")
+    return loaded.model
+
+
+def _with_weights(model: nn.Module, spec: str, path: str, num_classes: int | None, notes: list[str]) -> nn.Module:
+    """The model with the file's weights; the classifier's size follows the file unless ``num_classes`` says."""
+    state_dict, note = read_state_dict(path)
+    notes.append(note)
+    head = classifier_keys(model)
+    fresh: tuple[str, ...] = ()
+    file_classes = int(state_dict[head[0]].shape[0]) if head and head[0] in state_dict else None
+    if file_classes is not None and file_classes != num_classes_of(model):
+        if num_classes is None:
+            model = build(spec, False, file_classes)
+        else:
+            state_dict, fresh = {k: v for k, v in state_dict.items() if k not in head}, head
+            notes.append(f"classifier re-initialised for {num_classes} classes (the weights have {file_classes})")
+    load_strict(model, state_dict, f"weights in {path} do not match {spec}",
+                "check the model name matches the checkpoint", fresh=fresh)
+    return model

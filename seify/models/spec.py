@@ -1,0 +1,143 @@
+"""A model spec and the architecture it names: timm names (``resnet50``), pretrained tags (``resnet50.a1_in1k``),
+``hf-hub:`` ids and torchvision names (``torchvision:resnet50``), with fresh or pretrained weights, and the data
+config (input size, normalisation, crop) that goes with them."""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import inspect
+import socket
+import urllib.parse
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from ..errors import SeifyError, first_line
+from .classifier import num_classes_of, reset_classifier
+
+TORCHVISION, HUB = "torchvision:", "hf-hub:"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A spec read once: which library builds it, and the name that library knows it by."""
+    text: str
+    library: str  # "timm" (hf-hub ids included) or "torchvision"
+    name: str  # without the torchvision: prefix
+
+    @classmethod
+    def parse(cls, text: str) -> "Spec":
+        if text.startswith(TORCHVISION):
+            return cls(text, "torchvision", text[len(TORCHVISION):])
+        return cls(text, "timm", text)
+
+    @property
+    def hub(self) -> bool:
+        """An ``hf-hub:`` id: its configuration comes from the Hugging Face hub, weights or not."""
+        return self.text.startswith(HUB)
+
+    def check_known(self) -> None:
+        """Refuse a name neither library has, suggesting the nearest ones."""
+        import timm
+        import torchvision
+        if self.hub:
+            return
+        if self.library == "torchvision":
+            name, known, prefix = self.name, torchvision.models.list_models(), TORCHVISION
+        else:
+            name, known, prefix = self.name.split(".", 1)[0], timm.list_models(), ""
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+            hint = f"; did you mean {', '.join(prefix + c for c in close)}?" if close else \
+                "; see timm.list_models() or torchvision.models.list_models() (prefix those with 'torchvision:')"
+            raise SeifyError(f"unknown model '{self.text}'{hint}")
+
+
+def check_known(spec: str) -> None:
+    Spec.parse(spec).check_known()
+
+
+def build(spec: str, pretrained: bool, num_classes: int | None, offline: bool = False) -> nn.Module:
+    """The architecture ``spec`` names, with fresh or pretrained weights.
+
+    ``offline``: never reach the network (rebuilding a file: an ``hf-hub:`` config must be in the local cache).
+    """
+    parsed = Spec.parse(spec)
+    try:
+        if parsed.library == "torchvision":
+            return _build_torchvision(parsed.name, pretrained, num_classes)
+        import timm
+        kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
+        with _hub_offline_unless_reachable(pretrained or parsed.hub, offline):
+            return timm.create_model(spec, pretrained=pretrained, **kwargs)
+    except SeifyError:
+        raise
+    except Exception as e:
+        reason = first_line(e).split(". ")[0]
+        if offline and parsed.hub:
+            raise SeifyError(f"{spec}: its configuration is not in the local Hugging Face cache, and seify does not "
+                             "go to the network to rebuild a file; convert it again where the hub is reachable"
+                             ) from e
+        if parsed.hub and not pretrained:
+            raise SeifyError(f"could not fetch the configuration of {spec} from the Hugging Face hub ({reason}); are "
+                             "you offline? Pass a timm name with {weights} instead", "weights") from e
+        if not pretrained:
+            raise
+        raise SeifyError(f"could not fetch pretrained weights for {spec} ({reason}); are you offline? "
+                         "Pass a local checkpoint as {weights} instead", "weights") from e
+
+
+@contextlib.contextmanager
+def _hub_offline_unless_reachable(needs_hub: bool, force_offline: bool = False):
+    """Without a network, let the Hugging Face hub use its cache at once instead of retrying for a minute."""
+    import huggingface_hub.constants as hub
+    offline = hub.HF_HUB_OFFLINE
+    if force_offline:
+        hub.HF_HUB_OFFLINE = True
+    elif needs_hub and not offline:
+        host = urllib.parse.urlparse(hub.ENDPOINT).hostname
+        try:
+            socket.create_connection((host, 443), timeout=3).close()
+        except OSError:
+            hub.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = offline
+
+
+def _build_torchvision(name: str, pretrained: bool, num_classes: int | None) -> nn.Module:
+    import torchvision
+    if not pretrained:
+        kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
+        builder = torchvision.models.get_model_builder(name)
+        if "weights_backbone" in inspect.signature(builder).parameters:
+            kwargs["weights_backbone"] = None  # detectors fetch ImageNet backbone weights unless told not to
+        return builder(weights=None, **kwargs)
+    model = torchvision.models.get_model(name, weights="DEFAULT")
+    if num_classes is not None and num_classes != num_classes_of(model):
+        reset_classifier(model, num_classes)
+    return model
+
+
+def data_config(model: nn.Module, spec: str) -> dict:
+    """Input size, normalisation and resize settings: timm's data config, or torchvision's weight transforms."""
+    parsed = Spec.parse(spec)
+    if parsed.library == "timm":
+        from timm.data import resolve_model_data_config
+        cfg = resolve_model_data_config(model)
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
+    import torchvision
+    config = {"input_size": [3, 224, 224], "interpolation": "bilinear", "mean": list(IMAGENET_MEAN),
+              "std": list(IMAGENET_STD), "crop_pct": 0.875, "crop_mode": "center"}
+    try:
+        t = torchvision.models.get_model_weights(parsed.name).DEFAULT.transforms()
+        crop = t.crop_size[0]
+        config.update(input_size=[3, crop, crop], interpolation=t.interpolation.value,
+                      mean=list(t.mean), std=list(t.std), crop_pct=round(crop / t.resize_size[0], 4))
+    except (ValueError, AttributeError, IndexError, TypeError):
+        pass
+    return config
