@@ -11,6 +11,7 @@ from .errors import SeifyError
 MAX_IMAGE_SIZE = 4096  # pixels a side
 MAX_CHANNELS = 64  # input channels
 MAX_BATCH_SIZE = 65536
+MAX_TIMED_BATCH = 4096  # profile's timed batches
 MAX_CLASSES = 1_000_000
 
 

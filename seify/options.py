@@ -15,11 +15,16 @@ VARIANTS = ("standard", "pre", "post", "identity", "3x3")
 SQUEEZES = ("avg", "max")
 GATES = ("sigmoid", "hard-sigmoid")
 INITS = ("identity", "paper")
+# The groups of a command's --help that options are shown in.
+SOURCE, SE_BLOCK, DATA, SCHEDULE = "Source", "SE block", "Data and augmentation", "Schedule"
+DEVICES, OUTPUT, COMPARISON = "Precision and devices", "Output and logging", "Comparison"
+DEVICE_HELP = "cpu or cuda[:N] (default: cuda if present)."
 
 
-def option(default, help: str, *flags: str):
-    """A dataclass field that the CLI turns into a flag (``flags`` overrides the flag's spelling)."""
-    return field(default=default, metadata={"help": help, "flags": flags})
+def option(default, help: str, *flags: str, panel: str = SE_BLOCK):
+    """A dataclass field that the CLI turns into a flag (``flags`` overrides the flag's spelling), shown in its
+    ``--help`` under ``panel``."""
+    return field(default=default, metadata={"help": help, "flags": flags, "panel": panel})
 
 
 @dataclass(frozen=True)
@@ -93,27 +98,31 @@ class SEOptions:
 
 def parse_pairs(text: str) -> dict:
     """``reduction=8:stages=4,5`` as {option name: value}, each name checked against ``SEOptions``'s fields."""
-    names = [f.name for f in fields(SEOptions)]
+    kinds = {f.name: str(f.type) for f in fields(SEOptions)}
     values = {}
     for pair in filter(None, text.split(":")):
         name, sep, value = pair.partition("=")
         name = name.strip().replace("-", "_")
-        if not sep or name not in names:
-            raise SeifyError(f"{pair!r} is not an SE option; write name=value with a name from {', '.join(names)}")
-        values[name] = parse_value(name, value.strip())
+        if not sep or name not in kinds:
+            raise SeifyError(f"{pair!r} is not an SE option; write name=value with a name from {', '.join(kinds)}")
+        values[name] = parse_value(kinds[name], name, value.strip())
     return values
 
 
-def parse_value(name: str, text: str):
-    """An option's value from its text form (as typed on a command line)."""
+def parse_value(kind: str, name: str, text: str):
+    """A value of an option declared as ``kind`` (its field's type), from its text as typed on a command line."""
     try:
-        if name == "reduction":
+        if kind.startswith("float"):
             return float(text)
-        if name in ("divisor", "min_channels"):
+        if kind.startswith("int"):
             return int(text)
-        if name == "stages":
+        if kind.startswith("tuple[int"):
             return tuple(int(v) for v in text.split(","))
+        if kind.startswith("tuple[float, float]"):
+            low, high = (float(v) for v in text.split(","))
+            return low, high
     except ValueError:
-        what = "comma-separated whole numbers" if name == "stages" else "a number"
+        what = {"tuple[int": "comma-separated whole numbers", "tuple[flo": "two comma-separated numbers"}.get(
+            kind[:9], "a number")
         raise SeifyError(f"{{{name}}} must be {what}, not {text!r}", name) from None
     return text

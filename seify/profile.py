@@ -17,6 +17,7 @@ from torch import nn
 
 from .device import check_device, describe_device
 from .errors import SeifyError, first_line
+from .limits import MAX_TIMED_BATCH, check_whole
 from .models import resolve
 from .options import SEOptions
 from .se import SqueezeExcite
@@ -186,6 +187,10 @@ def profile(spec: str, options: SEOptions = SEOptions(), *, input_size=None, num
             latency: bool = True, batch_sizes=(1,), device: str | None = None, repeats: int = 10,
             warmup: int = 3) -> Profile:
     """Count and (unless ``latency=False``) time ``spec`` against its SE conversion."""
+    check_whole(repeats, "repeats", 1, 10_000)
+    check_whole(warmup, "warmup", 0, 10_000)
+    for batch in batch_sizes:
+        check_whole(batch, "batch_size", 1, MAX_TIMED_BATCH)
     device = check_device(device)
     base, se, sites, placement, size = _count_pair(spec, options, input_size, num_classes)
     base_cost, _ = cost(base, size)

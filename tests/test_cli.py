@@ -94,7 +94,7 @@ def test_version_and_help(cli):
     code, stdout, _ = cli("--version")
     assert code == 0 and stdout.strip() == f"seify {seify.__version__}"
     code, stdout, _ = cli("convert", "--help")
-    assert code == 0 and "Example: seify convert resnet50" in stdout
+    assert code == 0 and "Examples:" in stdout and "  seify convert resnet50 --weights r50.safetensors -o" in stdout
 
 
 def test_help_does_not_import_torch():

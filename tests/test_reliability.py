@@ -373,7 +373,7 @@ def test_sigkill_with_loading_processes_alive_then_resume_at_once(cli, tmp_path,
 
     class OneStep(KillAt):
         at = 1
-    monkeypatch.setattr(seify.cli, "_run_log", lambda: OneStep)
+    monkeypatch.setattr(seify.cli.output, "run_log", lambda: OneStep)
     code, stdout, err = cli(*args, "--resume")
     assert code == 143, err  # it resumed and took a step, then stopped as told
     assert f"resuming {out}" in stdout and "in use" not in err

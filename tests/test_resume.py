@@ -96,7 +96,7 @@ def test_the_same_command_plus_resume_continues_and_other_values_are_refused(cli
 
     class TwoSteps(KillAt):
         at = 2
-    monkeypatch.setattr(seify.cli, "_run_log", lambda: TwoSteps)
+    monkeypatch.setattr(seify.cli.output, "run_log", lambda: TwoSteps)
     code, _, err = cli(*start)
     assert code == 143, err  # stopped after step 2, mid-run, as a scheduler would
     monkeypatch.undo()

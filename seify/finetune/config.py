@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..errors import SeifyError
 from ..limits import MAX_BATCH_SIZE, MAX_IMAGE_SIZE, check_choice, check_number, check_whole
-from ..options import SEOptions, option
+from ..options import DATA, DEVICE_HELP, DEVICES, OUTPUT, SCHEDULE, SEOptions, option
 
 # The options a resumed run may change, by name (the flag without its dashes): how it runs, where it writes and
 # reads, not what it computes. --epochs changes only with --extend, which re-plans the schedule.
@@ -39,47 +39,56 @@ def resolved_file(path: str | None) -> str | None:
 
 @dataclass
 class FinetuneConfig:
-    """A run's recipe and how it runs; each field is a ``seify finetune`` flag with this help."""
-    out: str = option("runs/seify", "Run folder for checkpoints, metrics and curves.")
-    epochs: int = option(10, "Epochs in all, warm-up included.")
-    batch_size: int = option(64, "Images per step and device.")
-    lr: float = option(1e-3, "Learning rate of what is new (SE blocks, a new head; everything for random weights).")
-    backbone_lr_scale: float = option(0.1, "Learning rate of trained layers = lr x this.")
-    weight_decay: float = option(0.05, "Weight decay (decoupled, as AdamW's).")
-    optimizer: str = option("adamw", "adamw or sgd.")
-    momentum: float = option(0.9, "SGD momentum (Nesterov).")
+    """How a run trains and where it writes; each field is a ``seify finetune`` flag with this help."""
+    epochs: int = option(10, "Epochs in all, the SE warm-up included.", panel=SCHEDULE)
+    batch_size: int = option(64, "Images per step and device.", panel=SCHEDULE)
+    lr: float = option(1e-3, "Learning rate of what is new (SE blocks, a new head; everything for random weights).",
+                       panel=SCHEDULE)
+    backbone_lr_scale: float = option(0.1, "Learning rate of trained layers = lr x this.", panel=SCHEDULE)
+    weight_decay: float = option(0.05, "Weight decay (decoupled, as AdamW's).", panel=SCHEDULE)
+    optimizer: str = option("adamw", "adamw or sgd.", panel=SCHEDULE)
+    momentum: float = option(0.9, "SGD momentum (Nesterov).", panel=SCHEDULE)
     warmup_epochs: float | None = option(None, "Linear learning-rate warm-up, then cosine (default: a tenth of "
-                                               "the epochs, at most 1).")
+                                               "the epochs, at most 1).", panel=SCHEDULE)
     se_warmup_epochs: int = option(1, "First train only what is new (SE blocks, a new head), the rest and its "
-                                      "BatchNorm statistics frozen.")
-    label_smoothing: float = option(0.1, "Label smoothing of the cross-entropy loss.")
-    clip_grad: float | None = option(1.0, "Gradient-norm clip (0: off).")
-    ema_decay: float | None = option(None, "Keep an EMA of weights (e.g. 0.999); validation and best use it.")
-    img_size: int | None = option(None, "Train and evaluate at N px (default: the model's).")
+                                      "BatchNorm statistics frozen.", panel=SCHEDULE)
+    label_smoothing: float = option(0.1, "Label smoothing of the cross-entropy loss.", panel=SCHEDULE)
+    clip_grad: float | None = option(1.0, "Gradient-norm clip (0: off).", panel=SCHEDULE)
+    ema_decay: float | None = option(None, "Keep an EMA of weights (e.g. 0.999); validation and best use it.",
+                                     panel=SCHEDULE)
+    new_head: bool = option(False, "A new classifier even where the trained one has one output per class.",
+                            panel=SCHEDULE)
+    img_size: int | None = option(None, "Train and evaluate at N px (default: the model's).", panel=DATA)
     aug: str = option("auto", "Augmentation preset: none, light (mild crops, flips), imagenet (timm's), auto "
-                              "(imagenet from 160 px, else light).")
+                              "(imagenet from 160 px, else light).", panel=DATA)
     crop_scale: tuple[float, float] | None = option(None, "Random-resized-crop area range MIN,MAX (default: "
-                                                          "the preset's).")
-    hflip: float | None = option(None, "Horizontal-flip probability (0: off; default: the preset's).")
-    new_head: bool = option(False, "A new classifier even where the trained one has one output per class.")
+                                                          "the preset's).", panel=DATA)
+    hflip: float | None = option(None, "Horizontal-flip probability (0: off; default: the preset's).", panel=DATA)
     val_split: float | None = option(None, "Split one DATA/<class> tree (or a train/ without val/) by this "
-                                           "fraction.")
-    strict_data: bool = option(False, "Fail on unreadable files instead of skipping them.")
-    seed: int = option(0, "Fixes data order, augmentation and initialisation.")
-    workers: int | None = option(None, "Data-loading processes (default: 1 on a CPU, up to 8 on a GPU).")
+                                           "fraction.", panel=DATA)
+    strict_data: bool = option(False, "Fail on unreadable files instead of skipping them.", panel=DATA)
+    seed: int = option(0, "Fixes data order, augmentation and initialisation.", panel=DATA)
+    workers: int | None = option(None, "Data-loading processes (default: 1 on a CPU, up to 8 on a GPU).",
+                                 panel=DATA)
     decode: str = option("auto", "Where JPEGs are decoded and augmented: gpu (nvJPEG, transforms on the GPU), cpu "
-                                 "(in the loading processes), auto (cpu until the GPU path is measured).")
-    threads: int | None = option(None, "CPU threads (default: the cores other processes leave free).")
-    device: str | None = option(None, "cpu or cuda (default: cuda if present).")
-    precision: str = option("auto", "auto (bf16 on CUDA, fp16 without bf16, fp32 on CPU), fp32, bf16, fp16.")
+                                 "(in the loading processes), auto (cpu until the GPU path is measured).",
+                         panel=DATA)
+    device: str | None = option(None, DEVICE_HELP, panel=DEVICES)
+    precision: str = option("auto", "auto (bf16 on CUDA, fp16 without bf16, fp32 on CPU), fp32, bf16, fp16.",
+                            panel=DEVICES)
     channels_last: bool | None = option(None, "channels_last memory format (default: on for CUDA).",
-                                        "--channels-last/--no-channels-last")
-    compile: bool = option(False, "torch.compile the model.")
-    save_every: int = option(0, "Also checkpoint every N steps (0: per epoch).")
-    log_every: int = option(50, "In logs, a line every N steps (0: per epoch).")
-    resume: bool = option(False, "Continue the run in --out with its own settings.")
-    extend: bool = option(False, "With --resume and another --epochs: re-plan the schedule for them.")
-    force: bool = option(False, "Start over in an --out that holds a run (the run's files go, nothing else).")
+                                        "--channels-last/--no-channels-last", panel=DEVICES)
+    compile: bool = option(False, "torch.compile the model.", panel=DEVICES)
+    threads: int | None = option(None, "CPU threads (default: the cores other processes leave free).",
+                                 panel=DEVICES)
+    out: str = option("runs/seify", "Run folder for checkpoints, metrics and curves.", panel=OUTPUT)
+    save_every: int = option(0, "Also checkpoint every N steps (0: per epoch).", panel=OUTPUT)
+    log_every: int = option(50, "In logs, a line every N steps (0: per epoch).", panel=OUTPUT)
+    resume: bool = option(False, "Continue the run in --out with its own settings.", panel=OUTPUT)
+    extend: bool = option(False, "With --resume and another --epochs: re-plan the schedule for them.",
+                          panel=OUTPUT)
+    force: bool = option(False, "Start over in an --out that holds a run (the run's files go, nothing else).",
+                         panel=OUTPUT)
 
     def check(self) -> None:
         """Refuse what cannot train (or would train into nonsense) before any model is built."""

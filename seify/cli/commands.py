@@ -1,0 +1,273 @@
+"""Each command: its flags, one call into the Python API, its output. Errors are one line with exit code 2 (a
+bug's exit code is 1); ``--debug``, anywhere on the line, shows the traceback."""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from .. import __version__
+from ..errors import SeifyError, first_line, flag
+from ..finetune.config import FinetuneConfig
+from ..options import COMPARISON, DATA, DEVICES, OUTPUT, SOURCE, SEOptions
+from . import output
+from .flags import (
+    Data,
+    Device,
+    Force,
+    Json,
+    Model,
+    NumClasses,
+    Pretrained,
+    Weights,
+    WithSE,
+    input_size,
+    passed,
+    whole_numbers,
+    with_options,
+)
+
+app = typer.Typer(
+    help="Add Squeeze-and-Excitation blocks to trained PyTorch CNNs without losing their accuracy.\n\n"
+         "Examples:\n\n  seify convert resnet50 --weights r50.safetensors -o r50-se.safetensors\n"
+         "  seify finetune r50-se.safetensors flowers --epochs 10 --out runs/fl\n\n"
+         "seify COMMAND --help shows a command's options.",
+    no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode="rich", add_completion=False)
+_state = {"debug": False}
+InputSize = Annotated[Optional[str], typer.Option("--input-size", help="C,H,W the model works at (default: the "
+                                                                       "size it was trained or converted at).",
+                                                  rich_help_panel=DATA)]
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"seify {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False,
+          debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors (also after the "
+                                                              "command).")] = False):
+    _state["debug"] = debug
+
+
+@app.command("convert")
+@with_options(SEOptions, "se")
+def convert_command(
+        model: Model, weights: Weights = None, pretrained: Pretrained = False, num_classes: NumClasses = None,
+        out: Annotated[Optional[str], typer.Option("--output", "-o", help="Where to write (default: "
+                                                   "MODEL-se.safetensors).", rich_help_panel=OUTPUT)] = None,
+        force: Force = False, size: InputSize = None,
+        dry_run: Annotated[bool, typer.Option("--dry-run", help="List the sites and write nothing.",
+                                              rich_help_panel=OUTPUT)] = False,
+        json_out: Json = False, se=None):
+    """Insert SE blocks into MODEL and save it as a seify .safetensors file.
+
+    Examples:
+
+      seify convert resnet50 --weights r50.safetensors -o r50-se.safetensors
+      seify convert torchvision:vgg16_bn --weights vgg16.pth --at activation
+      seify convert resnet50 --pretrained --reduction 8 --stages 3,4 --dry-run
+
+    Until it is trained, the converted model computes what the original did.
+    """
+    from .. import api
+    from ..checkpoint import check_writable
+    options, _ = se
+    out = out or api.default_output(model)
+    if not dry_run:
+        check_writable(out, force=force, inputs=(model, weights))
+    result = api.convert(model, options, weights=weights, pretrained=pretrained, num_classes=num_classes,
+                         input_size=input_size(size), dry_run=dry_run)
+    if not dry_run:
+        api.save(result, out, force=force, inputs=(model, weights))
+    output.document(result.report()) if json_out else output.conversion(result)
+
+
+@app.command("profile")
+@with_options(SEOptions, "se", skip=("init",))
+def profile_command(
+        models: Annotated[list[str], typer.Argument(help="One or more MODELs (names or seify files).")],
+        num_classes: NumClasses = None, size: InputSize = None,
+        batch_size: Annotated[str, typer.Option(help="Batch sizes to time, comma-separated.",
+                                                rich_help_panel=DEVICES)] = "1",
+        device: Device = None,
+        latency: Annotated[bool, typer.Option(help="Measure latency and memory (--no-latency: count only).",
+                                              rich_help_panel=DEVICES)] = True,
+        repeats: Annotated[int, typer.Option(help="Timed runs per model (median reported).",
+                                             rich_help_panel=DEVICES)] = 10,
+        warmup: Annotated[int, typer.Option(help="Untimed runs first.", rich_help_panel=DEVICES)] = 3,
+        json_out: Json = False,
+        csv_out: Annotated[bool, typer.Option("--csv", help="Print CSV rows instead of tables.",
+                                              rich_help_panel=OUTPUT)] = False,
+        se=None):
+    """Count what SE costs (parameters, MACs) and time it (latency, memory) against the base model.
+
+    Examples:
+
+      seify profile resnet50 resnet101 torchvision:vgg16 --no-latency
+      seify profile r50-se.safetensors --batch-size 1,32 --device cuda --json
+
+    MACs are multiply-adds, the paper's FLOPs.
+    """
+    from ..profile import profile
+    options, _ = se
+    if json_out and csv_out:
+        raise SeifyError("pass {json} or {csv}, not both", "json", "csv")
+    measured = [profile(m, options, input_size=input_size(size), num_classes=num_classes, latency=latency,
+                        batch_sizes=whole_numbers(batch_size, "batch_size"), device=device, repeats=repeats,
+                        warmup=warmup) for m in models]
+    if json_out:
+        reports = [p.to_dict() for p in measured]
+        output.document(reports[0] if len(reports) == 1 else {"models": reports})
+    elif csv_out:
+        output.profile_csv(measured)
+    elif len(measured) == 1:
+        output.profile(measured[0])
+    else:
+        output.profiles(measured)
+
+
+@app.command("finetune")
+@with_options(SEOptions, "se")
+@with_options(FinetuneConfig, "config")
+def finetune_command(ctx: typer.Context, model: Model, data: Data, weights: Weights = None,
+                     pretrained: Pretrained = False, with_se: WithSE = True, config=None, se=None):
+    """Fine-tune MODEL on an image folder, adding SE blocks first where it has none (--no-se: the baseline).
+
+    Examples:
+
+      seify finetune resnet50 --weights r50.safetensors flowers --out runs/fl
+      seify finetune r50-se.safetensors flowers --epochs 10 --out runs/fl
+      seify finetune r50-se.safetensors flowers --epochs 10 --out runs/fl --resume
+      torchrun --nproc_per_node 4 -m seify finetune r50-se.safetensors flowers
+
+    The command that started a run, plus --resume, continues it.
+    """
+    from ..finetune.loop import exit_code, finetune
+    settings, given = config
+    options, se_given = se
+    given |= se_given | passed(ctx, ("weights", "pretrained")) | ({"se"} if passed(ctx, ("with_se",)) else set())
+    result = finetune(model, data, settings, options if with_se else None, weights=weights, pretrained=pretrained,
+                      log=output.run_log(), explicit=given)
+    if result.main:
+        output.run(result)
+    raise typer.Exit(exit_code(result.stopped_by))
+
+
+@app.command("compare")
+@with_options(FinetuneConfig, "config", skip=("out", "resume", "force"))
+def compare_command(
+        model: Model, data: Data,
+        out: Annotated[str, typer.Option(help="Folder for every run (DIR/<arm>/seed-<n>) and the comparison.",
+                                         rich_help_panel=OUTPUT)],
+        weights: Weights = None, pretrained: Pretrained = False,
+        arms: Annotated[str, typer.Option(help="Arms to compare: plain (no SE), se, se:name=value[:...] (e.g. "
+                                               "se:reduction=8, se:variant=pre, se:stages=4,5).",
+                                          rich_help_panel=COMPARISON)] = "plain,se",
+        seeds: Annotated[int, typer.Option(help="Runs per arm, seeds --seed, --seed+1, ...",
+                                           rich_help_panel=COMPARISON)] = 3,
+        json_out: Json = False, config=None):
+    """Does SE pay on my data? Fine-tune each arm under one budget over several seeds and compare.
+
+    Examples:
+
+      seify compare resnet18 flowers --weights r18.pth --epochs 5 --out cmp
+      seify compare resnet50 flowers --arms plain,se,se:reduction=8 --out cmp8
+
+    Rerunning the same command skips finished runs and resumes a stopped one.
+    """
+    from ..compare import compare, parse_arms
+    from ..finetune.loop import exit_code
+    from ..finetune.progress import SilentLog
+    settings, _ = config
+    report = compare(model, data, parse_arms(arms), dataclasses.replace(settings, out=out), seeds=seeds,
+                     weights=weights, pretrained=pretrained, log=SilentLog if json_out else output.run_log(),
+                     say=(lambda text: None) if json_out else print)
+    if "stopped_by" in report:
+        if not json_out:
+            print("continue with the same command: finished runs are skipped and the stopped one resumes")
+        raise typer.Exit(exit_code(report["stopped_by"]))
+    output.document(report) if json_out else output.comparison(report, out)
+
+
+@app.command("evaluate")
+def evaluate_command(
+        model: Model,
+        data: Annotated[str, typer.Argument(help="DATA/train + DATA/val (val/ is scored), or one DATA/<class> "
+                                                 "tree.")],
+        weights: Weights = None,
+        batch_size: Annotated[int, typer.Option(help="Images per batch.", rich_help_panel=DEVICES)] = 64,
+        img_size: Annotated[Optional[int], typer.Option(help="Evaluate at N px (default: the size the model was "
+                                                             "trained at).", rich_help_panel=DATA)] = None,
+        val_split: Annotated[Optional[float], typer.Option(help="Score the part of a DATA/<class> tree that "
+                                                                "finetune --val-split F held out (default: the "
+                                                                "model's own split where it was fine-tuned on this "
+                                                                "tree).", rich_help_panel=DATA)] = None,
+        seed: Annotated[Optional[int], typer.Option(help="The --seed of that split (default: the run's, else 0).",
+                                                    rich_help_panel=DATA)] = None,
+        all_images: Annotated[bool, typer.Option("--all-images", help="Score every image of DATA, training "
+                                                                      "images included.", rich_help_panel=DATA)]
+        = False,
+        device: Device = None,
+        workers: Annotated[Optional[int], typer.Option(help="Data-loading processes.", rich_help_panel=DEVICES)]
+        = None,
+        json_out: Json = False):
+    """Top-1, top-5, loss, per-class accuracy and the confusion matrix of MODEL on an image folder.
+
+    Examples:
+
+      seify evaluate runs/fl/best.safetensors flowers --json
+      seify evaluate resnet18 flowers --weights r18-flowers.pth --val-split 0.1
+
+    Scores DATA/val, or the images a run held out with --val-split.
+    """
+    from ..finetune.evaluate import evaluate_folder
+    report = evaluate_folder(model, data, batch_size, img_size, device, workers, weights=weights,
+                             val_split=val_split, seed=seed, all_images=all_images)
+    output.document(report) if json_out else output.evaluation(report, model)
+
+
+@app.command("demo")
+def demo_command(
+        out: Annotated[Optional[str], typer.Option(help="Folder for the demo's data and results (default: a new "
+                                                        "temporary folder).", rich_help_panel=OUTPUT)] = None,
+        epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.", rich_help_panel=SOURCE)] = 5,
+        force: Annotated[bool, typer.Option("--force", help="Replace an earlier demo in --out.",
+                                            rich_help_panel=OUTPUT)] = False):
+    """Draw a small image dataset, then convert, profile, fine-tune and evaluate a resnet18 on it (no downloads).
+
+    Examples:
+
+      seify demo --out /tmp/seify-demo
+
+    Nothing is downloaded.
+    """
+    from ..demo import run
+    run(out, epochs=epochs, force=force, log=output.run_log())
+
+
+def main() -> None:
+    # --debug is the app's option; moved before the command, it is accepted anywhere on the line
+    args = sys.argv[1:]
+    sys.argv[1:] = ["--debug"] * ("--debug" in args) + [a for a in args if a != "--debug"]
+    try:
+        app(standalone_mode=True)
+    except SeifyError as e:
+        _fail(e, 2, e.render(flag))
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as e:  # an internal error still gets one line; --debug shows where
+        _fail(e, 1, f"{first_line(e)} (this is a seify bug; run with --debug for the traceback)")
+
+
+def _fail(e: Exception, code: int, message: str) -> None:
+    if _state["debug"]:
+        import traceback
+        traceback.print_exception(e)
+    print(f"error: {output.one_line(message)}", file=sys.stderr)
+    sys.exit(code)
