@@ -16,11 +16,10 @@ from .surgery import Conversion, add_se
 PRESERVATION_TOLERANCE = 1e-5  # max abs diff relative to the output's magnitude, fp32
 
 
-@dataclass
-class Converted:
+@dataclass(kw_only=True)
+class Converted(Conversion):
     """A conversion of a resolved model, with everything ``seify convert`` reports about it."""
     source: LoadedModel
-    conversion: Conversion
     input_size_given: bool = False
     dry_run: bool = False
     max_abs_diff: float | None = None
@@ -31,34 +30,6 @@ class Converted:
 
     def __post_init__(self):
         self.base_params = sum(p.numel() for p in self.source.model.parameters())
-
-    @property
-    def model(self) -> nn.Module:
-        return self.conversion.model
-
-    @property
-    def options(self) -> SEOptions:
-        return self.conversion.options
-
-    @property
-    def input_size(self) -> tuple[int, int, int]:
-        return self.conversion.input_size
-
-    @property
-    def sites(self) -> list:
-        return self.conversion.sites
-
-    @property
-    def skipped(self) -> list:
-        return self.conversion.skipped
-
-    @property
-    def placement(self) -> str:
-        return self.conversion.placement
-
-    @property
-    def added_params(self) -> int:
-        return self.conversion.added_params
 
     @property
     def params(self) -> int:
@@ -113,7 +84,7 @@ def convert_loaded(source: LoadedModel, options: SEOptions = SEOptions(), *,
     """``convert`` for a model already resolved (``seify.resolve``)."""
     size = tuple(input_size or source.data_config["input_size"])
     conversion = add_se(source.model, options, size)  # a dry run builds and checks it too
-    result = Converted(source, conversion, input_size is not None, dry_run)
+    result = Converted(**vars(conversion), source=source, input_size_given=input_size is not None, dry_run=dry_run)
     result.max_abs_diff, result.output_scale = output_difference(source.model, conversion.model, size)
     if conversion.scope:  # a detector's boxes depend on thresholds: compare the converted backbone's maps too
         part = output_difference(source.model.get_submodule(conversion.scope),
@@ -158,7 +129,7 @@ def save(result: Converted | Conversion, path: str | Path, *, model: str | None 
     (``seify.surgery.add_se(my_model, ...)``); for the latter, ``model`` names its architecture (a timm name, or
     ``torchvision:NAME``), which timm models record themselves.
     """
-    if isinstance(result, Conversion):
+    if not isinstance(result, Converted):
         return _save_conversion(result, path, model, force=force, inputs=inputs)
     if result.dry_run:
         raise SeifyError("a dry run has nothing to save")

@@ -85,12 +85,12 @@ class Profile:
         return self.se.params - self.base.params
 
     @property
-    def added_params_percent(self) -> float:
-        return 100 * self.added_params / self.base.params
-
-    @property
     def added_macs(self) -> int:
         return self.se.macs - self.base.macs
+
+    @property
+    def added_params_percent(self) -> float:
+        return 100 * self.added_params / self.base.params
 
     @property
     def added_macs_percent(self) -> float:

@@ -145,7 +145,7 @@ def test_detectors_and_segmenters_by_name_without_downloads(cli, monkeypatch):
 
 def test_segmentation_backbone_round_trip(tmp_path):
     result = seify.convert("torchvision:fcn_resnet50", input_size=SIZE)
-    assert result.conversion.scope == "backbone" and len(result.sites) == 16 and result.max_abs_diff == 0.0
+    assert result.scope == "backbone" and len(result.sites) == 16 and result.max_abs_diff == 0.0
     path = seify.save(result, tmp_path / "fcn-se.safetensors")
     reloaded = seify.load(path)
     x = torch.randn(1, *SIZE)
