@@ -1,6 +1,6 @@
 """The model a run trains: SE added (or not, for a plain baseline), the trained classifier kept where it fits.
 
-What starts untrained is recorded, because the recipe depends on it: the SE blocks just inserted and a new
+What starts untrained is recorded, because what trains when depends on it: the SE blocks just inserted and a new
 classifier are warmed up first with the rest frozen, and a model with random weights trains everything at once.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Benchmark: seify's converted resnet50 against timm's resnet50 and timm's own seresnet50.
 
-Run: python tests/bench/bench_se.py [--device cpu|cuda] [--quick]
+Run: python benchmarks/bench_se.py [--device cpu|cuda] [--quick]
 Measures in one process, the three models interleaved (seify.profile.interleaved_medians), and prints medians and
 ratios: inference at 224 px (batch 1 and 8), a training step (forward + backward) at batch 8 and 128 px, and, on
 CUDA, a bf16 channels_last training step at 224 px, eager and torch.compile'd. Also times `seify --help` and

@@ -1,7 +1,7 @@
 """Issue 11's measurement: seify's Triton SE path against its PyTorch path, timm's seresnet50 and resnet50.
 
-    PYTHONPATH=. python tests/gpu/se_triton.py | tee benchmarks/se_triton_<gpu>.log
-    PYTHONPATH=. python tests/gpu/se_triton.py --smoke     (the same code, tiny, on the CPU under TRITON_INTERPRET)
+    PYTHONPATH=. python benchmarks/gpu_se_triton.py | tee benchmarks/se_triton_<gpu>.log
+    PYTHONPATH=. python benchmarks/gpu_se_triton.py --smoke     (the same code, tiny, on the CPU under TRITON_INTERPRET)
 
 Everything is measured interleaved in one process and printed as ratios (bf16 autocast, channels_last):
 1. correctness on the device: a converted resnet50's outputs and gradients, Triton path against PyTorch path;

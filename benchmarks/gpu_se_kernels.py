@@ -1,6 +1,6 @@
 """Where SE's time goes on a GPU: one SE site (gate, scale, residual sum) forward + backward, in variants.
 
-    PYTHONPATH=. python tests/gpu/se_kernels.py
+    PYTHONPATH=. python benchmarks/gpu_se_kernels.py
 """
 import timm
 import torch
