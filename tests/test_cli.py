@@ -125,3 +125,13 @@ def test_debug_after_the_command_and_errors_without_colour(cli):
     assert code == 2 and "Traceback" in stderr
     from seify.cli import _one_line
     assert _one_line("\x1b[31mred\x1b[0m text\nsecond line") == "red text"
+
+
+def test_finetune_help_groups_its_options(cli):
+    code, stdout, _ = cli("finetune", "--help")
+    assert code == 0
+    for group in ("Source", "SE block", "Data and augmentation", "Schedule", "Precision and devices",
+                  "Output and logging"):
+        assert f"─ {group} ─" in stdout, group
+    examples = stdout[stdout.index("Examples:"):stdout.index("╭")]
+    assert len([line for line in examples.splitlines() if "seify finetune" in line]) >= 3  # one per line

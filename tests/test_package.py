@@ -74,3 +74,18 @@ def test_sibling_imports_live_at_the_top_except_in_the_cli():
     inside = [(p.name, m) for p in PACKAGE.rglob("*.py") if "cli" not in p.parts and "__init__" not in p.name
               for m, nested in _imports(p) if nested]
     assert inside == [], inside
+
+
+def test_rooms_stay_readable():
+    """No module over 400 lines, no class over 250, no function over 60 (the house issue's bounds)."""
+    too_big = []
+    for path in PACKAGE.rglob("*.py"):
+        text = path.read_text()
+        if len(text.splitlines()) > 400:
+            too_big.append(f"{path.name}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                limit = 250 if isinstance(node, ast.ClassDef) else 60
+                if node.end_lineno - node.lineno + 1 > limit:
+                    too_big.append(f"{path.name}:{node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert not too_big, too_big
