@@ -18,6 +18,7 @@ INITS = ("identity", "paper")
 # The groups of a command's --help that options are shown in.
 SOURCE, SE_BLOCK, DATA, SCHEDULE = "Source", "SE block", "Data and augmentation", "Schedule"
 DEVICES, OUTPUT, COMPARISON = "Precision and devices", "Output and logging", "Comparison"
+EXPORTER = "Exporter"
 DEVICE_HELP = "cpu or cuda[:N] (default: cuda if present)."
 
 

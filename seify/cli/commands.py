@@ -11,7 +11,7 @@ import typer
 from .. import __version__
 from ..errors import SeifyError, first_line, flag
 from ..finetune.config import FinetuneConfig
-from ..options import COMPARISON, DATA, DEVICES, OUTPUT, SOURCE, SEOptions
+from ..options import COMPARISON, DATA, DEVICES, EXPORTER, OUTPUT, SOURCE, SEOptions
 from . import output
 from .flags import (
     Data,
@@ -230,6 +230,40 @@ def evaluate_command(
     report = evaluate_folder(model, data, batch_size, img_size, device, workers, weights=weights,
                              val_split=val_split, seed=seed, all_images=all_images)
     output.document(report) if json_out else output.evaluation(report, model)
+
+
+@app.command("export")
+def export_command(
+        model: Model,
+        out: Annotated[str, typer.Option("--output", "-o", help="Where to write: a file (onnx, pt2) or a folder "
+                                                                "(timm, folder).", rich_help_panel=OUTPUT)],
+        format: Annotated[str, typer.Option(help="onnx, pt2 (torch.export), timm (a folder timm loads without "
+                                                 "seify), folder (a hub folder seify.load opens).",
+                                            rich_help_panel=OUTPUT)] = "onnx",
+        weights: Weights = None, pretrained: Pretrained = False, size: InputSize = None,
+        opset: Annotated[Optional[int], typer.Option(help="ONNX opset (default: the exporter's).",
+                                                     rich_help_panel=EXPORTER)] = None,
+        legacy: Annotated[bool, typer.Option("--legacy", help="The TorchScript-based ONNX exporter instead of "
+                                                              "dynamo.", rich_help_panel=EXPORTER)] = False,
+        dynamic_size: Annotated[bool, typer.Option("--dynamic-size", help="Dynamic height and width too (the "
+                                                                          "batch always is).",
+                                                   rich_help_panel=EXPORTER)] = False,
+        force: Force = False, json_out: Json = False):
+    """Write MODEL as ONNX, a torch.export program, or a hub folder, and prove it computes the same.
+
+    Examples:
+
+      seify export runs/fl/best.safetensors -o flowers.onnx
+      seify export runs/fl/best.safetensors -o flowers.pt2 --format pt2
+      seify export runs/fl/best.safetensors -o flowers-timm --format timm
+      seify export runs/fl/best.safetensors -o flowers-se --format folder
+
+    The written model is run against MODEL before it is kept; a difference is an error.
+    """
+    from ..export import export
+    result = export(model, out, format, weights=weights, pretrained=pretrained, input_size=input_size(size),
+                    opset=opset, legacy=legacy, dynamic_size=dynamic_size, force=force)
+    output.document(result.to_dict()) if json_out else output.exported(result)
 
 
 @app.command("demo")

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the commands import these when they run: --help stays free of torch
     from ..api import Converted
+    from ..export import Exported
     from ..finetune.loop import RunResult
     from ..profile import Profile, Timing
 
@@ -195,3 +196,15 @@ def evaluation(report: dict, model: str) -> None:
     print(f"top-1 {report['top1']:.2f}%  top-5 {report['top5']:.2f}%  loss {report['loss']:.4f}  "
           f"({report['images']} images: {report['scored']}" +
           (f"; {len(skipped)} unreadable file(s) skipped, first {skipped[0]})" if skipped else ")"))
+
+
+def exported(result: Exported) -> None:
+    for note in result.notes:
+        print(note)
+    shapes = ", ".join("x".join(map(str, shape)) for shape in result.inputs)
+    print(f"checked: max |model - {result.format}| = {result.max_abs_diff:.3g} on {shapes} (outputs up to "
+          f"{result.output_scale:.3g}; allowed {result.tolerance:.3g})")
+    for key, value in result.details.items():
+        print(f"{key}: {value}")
+    for path in result.files:
+        print(f"wrote {path}")

@@ -16,6 +16,7 @@ off, SE keeps its PyTorch path; state_dicts are the same either way.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
@@ -54,6 +55,17 @@ def _register() -> bool:
     for name in _OPS:
         importlib.import_module(f".{name}", __name__)
     return True
+
+
+@contextlib.contextmanager
+def disabled():
+    """The PyTorch path for a while, whatever ``use`` said: what export writes must run without seify's ops."""
+    global _ACTIVE
+    was, _ACTIVE = _ACTIVE, False
+    try:
+        yield
+    finally:
+        _ACTIVE = was
 
 
 def usable_for(x: torch.Tensor) -> bool:

@@ -19,7 +19,7 @@ from ..limits import MAX_CLASSES, check_whole
 from ..se import SqueezeExcite
 from .classifier import classifier_keys, classifier_name, num_classes_of, reorder_classifier, reset_classifier
 from .files import freeze_batchnorm, from_recipe, has_frozen_batchnorm, load_strict, model_of, rebuild
-from .spec import build, check_known, data_config
+from .spec import build, check_known, data_config, seify_file
 
 __all__ = ["LoadedModel", "resolve", "load", "build", "check_known", "data_config", "from_recipe", "model_of",
            "freeze_batchnorm", "has_frozen_batchnorm", "classifier_keys", "classifier_name", "num_classes_of",
@@ -66,18 +66,19 @@ def resolve(spec: str, *, weights: str | None = None, pretrained: bool = False, 
     if num_classes is not None:
         check_whole(num_classes, "num_classes", 1, MAX_CLASSES)
     meta = torch.device(device).type == "meta" if device is not None else False
-    recipe = read_recipe(spec) if spec.endswith(".safetensors") and Path(spec).is_file() else None
+    file = seify_file(spec)
+    recipe = read_recipe(file) if file is not None else None
     with torch.device(device) if device is not None else contextlib.nullcontext():
-        if recipe is not None:
+        if file is not None and recipe is not None:
             if pretrained or weights:
                 raise SeifyError(f"{spec} is a seify file and carries its own weights; drop {{pretrained}}/"
                                  "{weights}", "pretrained", "weights")
-            model, base = rebuild(spec, recipe, meta)
+            model, base = rebuild(file, recipe, meta)
             return LoadedModel(model, spec, recipe["data_config"], [], recipe,
-                               weights=recipe.get("weights") or Path(spec).name, base=base)
+                               weights=recipe.get("weights") or Path(file).name, base=base)
         if pretrained and weights:
             raise SeifyError("pass either {pretrained} or {weights}, not both", "pretrained", "weights")
-        if Path(spec).suffix in (".safetensors", ".pth", ".pt", ".bin") or Path(spec).exists():
+        if ":" not in spec and (Path(spec).suffix in (".safetensors", ".pth", ".pt", ".bin") or Path(spec).exists()):
             raise SeifyError(f"{spec} is not a seify file; to load a checkpoint pass the architecture and the "
                              f"file as {{weights}} (resnet50 --weights {spec})", "weights")
         check_known(spec)

@@ -6,17 +6,21 @@ from __future__ import annotations
 import contextlib
 import difflib
 import inspect
+import json
 import socket
 import urllib.parse
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from ..checkpoint import read_recipe
 from ..errors import SeifyError, first_line
 from .classifier import num_classes_of, reset_classifier
 
-TORCHVISION, HUB = "torchvision:", "hf-hub:"
+TORCHVISION, HUB, LOCAL = "torchvision:", "hf-hub:", "local-dir:"
+WEIGHTS = "model.safetensors"  # the weights of a hub folder (timm's and seify's)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -39,11 +43,16 @@ class Spec:
         """An ``hf-hub:`` id: its configuration comes from the Hugging Face hub, weights or not."""
         return self.text.startswith(HUB)
 
+    @property
+    def folder(self) -> Path | None:
+        """The folder a ``local-dir:`` spec names (timm's or seify's hub layout), else None."""
+        return Path(self.text[len(LOCAL):]) if self.text.startswith(LOCAL) else None
+
     def check_known(self) -> None:
         """Refuse a name neither library has, suggesting the nearest ones."""
         import timm
         import torchvision
-        if self.hub:
+        if self.hub or self.folder is not None:
             return
         if self.library == "torchvision":
             name, known, prefix = self.name, torchvision.models.list_models(), TORCHVISION
@@ -71,7 +80,7 @@ def build(spec: str, pretrained: bool, num_classes: int | None, offline: bool = 
             return _build_torchvision(parsed.name, pretrained, num_classes)
         import timm
         kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
-        with _hub_offline_unless_reachable(pretrained or parsed.hub, offline):
+        with _hub_offline_unless_reachable((pretrained and parsed.folder is None) or parsed.hub, offline):
             return timm.create_model(spec, pretrained=pretrained, **kwargs)
     except SeifyError:
         raise
@@ -121,6 +130,33 @@ def _build_torchvision(name: str, pretrained: bool, num_classes: int | None) -> 
     if num_classes is not None and num_classes != num_classes_of(model):
         reset_classifier(model, num_classes)
     return model
+
+
+def seify_file(spec: str) -> str | None:
+    """The seify file a spec names: a path, a ``local-dir:`` folder that ``seify export --format folder`` wrote, or
+    such a folder uploaded to the Hugging Face hub (``hf-hub:ORG/NAME``, fetched once); None for anything else."""
+    parsed = Spec.parse(spec)
+    if parsed.folder is not None:
+        weights = parsed.folder / WEIGHTS
+        return str(weights) if weights.is_file() and read_recipe(weights) is not None else None
+    if parsed.hub:
+        return _hub_seify_file(spec)
+    return spec if spec.endswith(".safetensors") and Path(spec).is_file() else None
+
+
+def _hub_seify_file(spec: str) -> str | None:
+    from huggingface_hub import hf_hub_download
+    repo, _, revision = spec[len(HUB):].partition("@")
+    with _hub_offline_unless_reachable(True):
+        try:
+            config = json.loads(Path(hf_hub_download(repo, "config.json", revision=revision or None)).read_text())
+            if not isinstance(config, dict) or config.get("library_name") != "seify":
+                return None  # a timm model on the hub: timm builds it
+            return hf_hub_download(repo, WEIGHTS, revision=revision or None)
+        except (OSError, ValueError) as e:  # the hub's errors are OSErrors; a damaged config a ValueError
+            reason = first_line(e).split(". ")[0]
+            raise SeifyError(f"could not fetch the configuration of {spec} from the Hugging Face hub ({reason}); "
+                             "are you offline? Pass a timm name with {weights} instead", "weights") from e
 
 
 def data_config(model: nn.Module, spec: str) -> dict:
