@@ -217,3 +217,14 @@ def test_export_json(cli, tmp_path, se_file):
     report = json.loads(stdout)
     assert report["files"] == [str(tmp_path / "r.onnx")] and report["inputs"] == [[1, 3, 32, 32], [3, 3, 32, 32]]
     assert report["max_abs_diff"] <= report["tolerance"] and report["details"]["exporter"] == "torchscript"
+
+
+def test_timm_folders_for_byobnet_twins_and_a_clear_no_for_res2net(tmp_path):
+    byob = seify.save(seify.convert("resnext26ts", SEOptions(variant="3x3"), input_size=(3, 64, 64)),
+                      tmp_path / "rx.safetensors")
+    result = export(str(byob), tmp_path / "rx-timm", "timm")
+    assert result.details["architecture"] == "seresnext26ts" and result.max_abs_diff <= result.tolerance
+    res2 = seify.save(seify.convert("res2net50_26w_4s", input_size=(3, 64, 64)), tmp_path / "r2.safetensors")
+    with pytest.raises(SeifyError, match="timm cannot build .* with its SE blocks itself .* format folder"):
+        export(str(res2), tmp_path / "r2-timm", "timm")
+    assert not (tmp_path / "r2-timm").exists()
