@@ -13,7 +13,7 @@ from .errors import SeifyError
 PLACEMENTS = ("auto", "residual", "module", "activation")
 VARIANTS = ("standard", "pre", "post", "identity", "3x3")
 SQUEEZES = ("avg", "max")
-GATES = ("sigmoid", "hard-sigmoid")
+GATES = ("sigmoid", "hard-sigmoid", "tanh", "relu")
 INITS = ("identity", "paper")
 # The groups of a command's --help that options are shown in.
 SOURCE, SE_BLOCK, DATA, SCHEDULE = "Source", "SE block", "Data and augmentation", "Schedule"
@@ -41,7 +41,7 @@ class SEOptions:
     divisor: int = option(8, "Round the hidden width to a multiple of this (timm: 8).")
     min_channels: int = option(8, "Smallest hidden width.")
     squeeze: str = option("avg", "Squeeze pooling: avg or max.")
-    gate: str = option("sigmoid", "Excitation gate: sigmoid or hard-sigmoid.")
+    gate: str = option("sigmoid", "Excitation gate: sigmoid, hard-sigmoid, tanh or relu (the paper's Table 12).")
     stages: tuple[int, ...] | None = option(None, "Only these stages, paper numbering: 2,3,4 is conv2_x..conv4_x "
                                                    "(a stage's number is log2 of its stride).")
     include: str | None = option(None, "Only sites whose SE module path matches this regex.")

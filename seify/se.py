@@ -13,7 +13,10 @@ from torch import nn
 from . import kernels
 from .options import SQUEEZES
 
-GATE_LAYERS = {"sigmoid": nn.Sigmoid, "hard-sigmoid": nn.Hardsigmoid}
+GATE_LAYERS = {"sigmoid": nn.Sigmoid, "hard-sigmoid": nn.Hardsigmoid, "tanh": nn.Tanh, "relu": nn.ReLU}
+# The fc2 bias at which each gate is exactly 0.5 (float32): with fc2's weights zero, a fresh block halves its input
+# whatever it is, and surgery's x2 makes it the identity (tanh and ReLU are the paper's Table 12 alternatives).
+HALF_AT = {"sigmoid": 0.0, "hard-sigmoid": 0.0, "tanh": 0.5493061542510986, "relu": 0.5}
 
 
 def reduced_channels(channels: int, reduction: float = 16, divisor: int = 8, min_channels: int = 8) -> int:
@@ -75,7 +78,8 @@ class SqueezeExcite(nn.Module):
     @torch.jit.unused
     def _takes_kernels(self, x: torch.Tensor) -> bool:
         """Whether this call runs on seify's Triton kernels (``SEIFY_KERNELS=triton``, CUDA tensors)."""
-        return kernels.usable_for(x) and isinstance(self.bn, nn.Identity) and isinstance(self.act, nn.ReLU)
+        return kernels.usable_for(x) and isinstance(self.bn, nn.Identity) and isinstance(self.act, nn.ReLU) and \
+            isinstance(self.gate, (nn.Sigmoid, nn.Hardsigmoid))  # the gates the kernels implement
 
     @torch.jit.unused
     def _fused(self, x: torch.Tensor, shortcut: Optional[torch.Tensor], factor: Optional[torch.Tensor]
@@ -89,13 +93,26 @@ class SqueezeExcite(nn.Module):
                                       "hard-sigmoid" if isinstance(self.gate, nn.Hardsigmoid) else "sigmoid")
 
     def init_identity(self) -> None:
-        """Zero the last layer so the gate is a constant 0.5 (exactly) whatever the input.
+        """Zero the last layer's weights and set its bias so that the gate is a constant 0.5 (exactly) whatever
+        the input.
 
         fc1 keeps its random initialisation: fc2's gradient is non-zero from the first step, and fc1's follows.
         """
         nn.init.zeros_(self.fc2.weight)
         if self.fc2.bias is not None:
-            nn.init.zeros_(self.fc2.bias)
+            nn.init.constant_(self.fc2.bias, HALF_AT[self.gate_name])
+
+    @property
+    def gate_name(self) -> str:
+        return next(name for name, layer in GATE_LAYERS.items() if type(self.gate) is layer)
+
+    def constant_gate(self) -> Optional[torch.Tensor]:
+        """The per-channel multiplier, (C,), where the gate does not depend on the input (fc2's weights are all
+        zero), else None."""
+        if self.fc2.weight.count_nonzero() or self.fc2.bias is None:
+            return None
+        with torch.no_grad():
+            return self.gate(self.fc2.bias.detach().clone()) * self.scale
 
     def extra_repr(self) -> str:
         return f"squeeze={self.squeeze}, scale={self.scale}" if self.scale != 1.0 else f"squeeze={self.squeeze}"

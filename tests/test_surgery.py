@@ -158,7 +158,7 @@ def test_bad_options_speak_the_api_and_render_as_flags():
     assert e.value.render(lambda name: f"--{name}").startswith("--variant pre")
     assert e.value.render(lambda name: f"--{name}").endswith("needs --at residual")
     with pytest.raises(SeifyError, match="^gate must be one of"):
-        SEOptions(gate="tanh")
+        SEOptions(gate="softmax")
     for bad in (dict(reduction=0.0005), dict(reduction="8"), dict(divisor=0), dict(stages=(2, "x")),
                 dict(min_channels=2.5)):
         with pytest.raises(SeifyError, match=f"^{next(iter(bad))} must be"):
@@ -226,3 +226,13 @@ def test_converted_models_script_where_the_original_does(spec):
         converted.train()
         torch.manual_seed(0)
         assert torch.allclose(trained, converted(x), atol=1e-5)  # drop-path's factor drawn alike
+
+
+@pytest.mark.parametrize("gate", ["tanh", "relu", "hard-sigmoid"])
+def test_every_gate_starts_as_the_identity(resnet18, gate):
+    """The paper's Table 12 gates: with fc2's bias where the gate is 0.5, a fresh conversion computes the original."""
+    result = convert(resnet18, SEOptions(gate=gate), SIZE)
+    block = result.model.layer1[0].se
+    assert type(block.gate).__name__ == {"tanh": "Tanh", "relu": "ReLU", "hard-sigmoid": "Hardsigmoid"}[gate]
+    assert torch.equal(block.constant_gate(), torch.full((64,), 0.5))
+    assert preserved(resnet18, result.model)
