@@ -51,10 +51,14 @@ def _scalable_params(node: fx.Node, root: nn.Module, calls: Counter) -> list[str
     return None
 
 
-def _fold_backward(site: Site, root: nn.Module, calls: Counter) -> list[str] | None:
-    if site.producer is None or not set(site.producer.users) <= set(site.consumers) | {site.slot}:
+def fold_backward(producer: fx.Node | None, readers: list[fx.Node], root: nn.Module, calls: Counter
+                  ) -> list[str] | None:
+    """The parameters of the layer that makes ``producer``'s value, reached back through ops that pass a positive
+    per-channel scale (ReLU, pooling, dropout): scaled along their first dimension, they scale that value exactly.
+    None where ``producer`` has readers besides ``readers`` or no such layer is found."""
+    if producer is None or not set(producer.users) <= set(readers):
         return None
-    node: fx.Node | None = site.producer
+    node: fx.Node | None = producer
     while node is not None:
         params = _scalable_params(node, root, calls)
         if params:
@@ -67,19 +71,21 @@ def _fold_backward(site: Site, root: nn.Module, calls: Counter) -> list[str] | N
     return None
 
 
-def _fold_forward(site: Site, root: nn.Module, calls: Counter) -> list[str] | None:
-    """Consumers that are all plain linear layers: doubling their weights undoes halving their input."""
+def fold_forward(value: fx.Node | None, consumers: list[fx.Node], root: nn.Module, calls: Counter
+                 ) -> list[str] | None:
+    """The weights of ``consumers`` where all are plain linear layers reading ``value``: scaled along their input
+    dimension, they undo a scale of ``value``."""
     params = []
-    for c in site.consumers:
+    for c in consumers:
         m = g.called_module(root, c)
-        if type(m) not in L.LINEAR_LAYERS or calls[c.target] != 1 or \
-                L.feature_input(c) not in (site.producer, site.slot):
+        if type(m) not in L.LINEAR_LAYERS or calls[c.target] != 1 or L.feature_input(c) is not value:
             return None
         params.append(f"{c.target}.weight")
     return params
 
 
-def _tensor(model: nn.Module, name: str) -> torch.Tensor:
+def tensor_of(model: nn.Module, name: str) -> torch.Tensor:
+    """A parameter, or a frozen norm's buffer, by its full name."""
     try:
         return model.get_parameter(name)
     except AttributeError:
@@ -91,12 +97,14 @@ def compensate(model: nn.Module, gm_whole: fx.GraphModule, sites: list[Site], sc
     calls = Counter(n.target for n in gm_whole.graph.nodes if n.op in ("call_module", "get_attr"))
     scaled: set[str] = set()
     for site in sites:
-        for fold in (_fold_backward, _fold_forward):
-            params = fold(site, gm_whole, calls)
+        readers = site.consumers + [site.slot] if site.slot is not None else site.consumers
+        value = site.slot if site.slot is not None else site.producer
+        for params in (fold_backward(site.producer, readers, gm_whole, calls),
+                       fold_forward(value, site.consumers, gm_whole, calls)):
             if params and not scaled & set(params):
                 with torch.no_grad():
                     for name in params:
-                        _tensor(model, name).mul_(2.0)
+                        tensor_of(model, name).mul_(2.0)
                 scaled.update(params)
                 owners = {p.rsplit(".", 1)[0] if p.endswith((".weight", ".bias")) else p for p in params}
                 site.compensation = "x2 folded into " + ", ".join(sorted(join(scope, o) for o in owners))

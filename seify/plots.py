@@ -100,3 +100,44 @@ def comparison(arms: list[dict]) -> Figure:
 
 def save_png(fig: Figure, path) -> None:
     fig.savefig(path, format="png", dpi=100)
+
+
+def excitations(sites: list, classes: list[str], shown_classes: int = 4, panels: int = 6) -> Figure:
+    """The paper's Fig. 6 for your data: per site, the mean gate of each channel for a few classes and over all
+    images; ``panels`` sites spread from the first to the last."""
+    picked = sorted({round(i * (len(sites) - 1) / max(panels - 1, 1)) for i in range(min(panels, len(sites)))})
+    columns = min(3, len(picked))
+    rows = -(-len(picked) // columns)
+    fig = _figure(figsize=(5.2 * columns, 3.4 * rows), layout="constrained")
+    axes = fig.subplots(rows, columns, squeeze=False).flatten()
+    for ax, index in zip(axes, picked, strict=False):
+        site = sites[index]
+        channels = range(site.channels)
+        for k, name in enumerate(classes[:shown_classes]):
+            ax.plot(channels, site.class_mean[k].tolist(), linewidth=0.8, label=name)
+        ax.plot(channels, site.mean.tolist(), color="black", linewidth=1.2, label="all")
+        ax.set_title(f"{site.path} (stage {site.stage})", fontsize=9)
+        ax.set_xlabel("channel index")
+        ax.set_ylabel("mean gate")
+        ax.grid(True, alpha=0.3)
+    for ax in axes[len(picked):]:
+        ax.set_visible(False)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Mean excitation per channel, by class (the paper's Fig. 6)")
+    return fig
+
+
+def gate_summary(sites: list) -> Figure:
+    """Class specificity and saturation of every site against its depth."""
+    fig = _figure(figsize=(12, 4), layout="constrained")
+    specificity, saturation = fig.subplots(1, 2)
+    depth = range(1, len(sites) + 1)
+    specificity.plot(depth, [min(s.specificity, 1e6) for s in sites], marker="o")
+    specificity.set_yscale("symlog", linthresh=0.01)
+    specificity.set_title("class specificity (between-class / within-class spread)")
+    saturation.plot(depth, [100 * s.saturation for s in sites], marker="o", color="tab:red")
+    saturation.set_title("saturation (% of gates within 0.05 of 0 or 1)")
+    for ax in (specificity, saturation):
+        ax.set_xlabel("SE site, input to output")
+        ax.grid(True, alpha=0.3)
+    return fig

@@ -43,6 +43,7 @@ class SqueezeExcite(nn.Module):
         self.bn = nn.Identity()
         self.act = nn.ReLU(inplace=True)
         self.fc2 = nn.Conv2d(rd_channels, channels, kernel_size=1, bias=True)
+        self.gate_kind = gate
         self.gate = GATE_LAYERS[gate]()
 
     def excite(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,11 +101,7 @@ class SqueezeExcite(nn.Module):
         """
         nn.init.zeros_(self.fc2.weight)
         if self.fc2.bias is not None:
-            nn.init.constant_(self.fc2.bias, HALF_AT[self.gate_name])
-
-    @property
-    def gate_name(self) -> str:
-        return next(name for name, layer in GATE_LAYERS.items() if type(self.gate) is layer)
+            nn.init.constant_(self.fc2.bias, HALF_AT[self.gate_kind])
 
     def constant_gate(self) -> Optional[torch.Tensor]:
         """The per-channel multiplier, (C,), where the gate does not depend on the input (fc2's weights are all

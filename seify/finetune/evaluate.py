@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -11,7 +13,7 @@ from torch import nn
 from ..device import check_device
 from ..errors import SeifyError
 from ..limits import MAX_BATCH_SIZE, MAX_IMAGE_SIZE, check_number, check_whole
-from ..models import resolve
+from ..models import LoadedModel, resolve
 from .data import (
     EpochSampler,
     ImageDataset,
@@ -63,22 +65,25 @@ def evaluate(model: nn.Module, batches, device: torch.device, num_classes: int, 
             "confusion": confusion.tolist(), "undecodable": [list(f) for f in failures]}
 
 
-def evaluate_folder(model_spec: str, data: str, batch_size: int = 64, img_size: int | None = None,
-                    device: str | None = None, workers: int | None = None, weights: str | None = None,
-                    val_split: float | None = None, seed: int | None = None, all_images: bool = False) -> dict:
-    """``seify evaluate``: any MODEL (a seify file, or a name with ``weights``) on an image folder, at the size the
-    model was trained at unless ``img_size`` says otherwise.
+@dataclass
+class Scored:
+    """The images a command runs a model over, labelled in the model's class order."""
+    classes: list[str]
+    dataset: ImageDataset
+    where: str  # which images these are, in words
+    skipped: list[str]  # files of DATA that are not readable images
+    notes: list[str]
 
-    The images scored: DATA/val where DATA has train/ and val/; the held-out part of a DATA/<class> tree when
-    ``val_split`` says so, or when the model was fine-tuned on this tree with ``--val-split`` (it records the split,
-    and the same images are held out again); every image of DATA otherwise, or with ``all_images``.
-    """
-    _check_limits(batch_size, img_size, workers, val_split, seed)
+
+def scored_images(loaded: LoadedModel, data: str, img_size: int | None = None, val_split: float | None = None,
+                  seed: int | None = None, all_images: bool = False, max_images: int | None = None) -> Scored:
+    """The images of DATA to score ``loaded`` on: DATA/val where DATA has train/ and val/; the held-out part of a
+    DATA/<class> tree when ``val_split`` says so, or when the model was fine-tuned on this tree with
+    ``--val-split`` (it records the split, and the same images are held out again); every image of DATA otherwise,
+    or with ``all_images``. ``max_images`` takes a fixed random subset of them."""
     if all_images and val_split is not None:
         raise SeifyError("pass {val_split} to score a held-out part or {all_images} to score every image, not both",
                          "val_split", "all_images")
-    dev = torch.device(check_device(device))
-    loaded = resolve(model_spec, weights=weights)
     folder_classes, samples, where = _images(data, (loaded.recipe or {}).get("finetune") or {}, val_split, seed,
                                              all_images)
     notes = []
@@ -90,18 +95,38 @@ def evaluate_folder(model_spec: str, data: str, batch_size: int = 64, img_size: 
     if unknown:
         raise SeifyError(f"{data} has classes the model was not trained on: {', '.join(unknown[:5])}")
     if loaded.num_classes != len(classes):
-        raise SeifyError(f"{model_spec} has {loaded.num_classes} outputs but {data} has {len(classes)} classes; "
-                         "evaluate a model trained on these classes (seify finetune gives one)")
+        raise SeifyError(f"{loaded.spec} has {loaded.num_classes} outputs but {data} has {len(classes)} classes; "
+                         "use a model trained on these classes (seify finetune gives one)")
     index = {name: i for i, name in enumerate(classes)}
     items = [(path, index[folder_classes[label]]) for path, label in samples.items]
-    dataset = ImageDataset(items, transforms(loaded.data_config, img_size))
-    batches = loader(dataset, batch_size, EpochSampler(len(dataset), shuffle=False),
-                     default_workers(dev) if workers is None else workers, dev.type == "cuda", training=False)
-    result = evaluate(loaded.model.to(dev), batches, dev, len(classes))
+    if max_images is not None and len(items) > max_images:
+        chosen = sorted(random.Random(0).sample(range(len(items)), max_images))
+        items, where = [items[i] for i in chosen], f"{max_images} of the {len(items)} {where}"
+    return Scored(list(classes), ImageDataset(items, transforms(loaded.data_config, img_size)), where,
+                  samples.skipped, notes)
+
+
+def batches_of(dataset: ImageDataset, batch_size: int, device: torch.device, workers: int | None = None):
+    """The images in order, for scoring (no augmentation, nothing dropped)."""
+    return loader(dataset, batch_size, EpochSampler(len(dataset), shuffle=False),
+                  default_workers(device) if workers is None else workers, device.type == "cuda", training=False)
+
+
+def evaluate_folder(model_spec: str, data: str, batch_size: int = 64, img_size: int | None = None,
+                    device: str | None = None, workers: int | None = None, weights: str | None = None,
+                    val_split: float | None = None, seed: int | None = None, all_images: bool = False) -> dict:
+    """``seify evaluate``: any MODEL (a seify file, or a name with ``weights``) on the images ``scored_images``
+    chooses, at the size the model was trained at unless ``img_size`` says otherwise."""
+    _check_limits(batch_size, img_size, workers, val_split, seed)
+    dev = torch.device(check_device(device))
+    loaded = resolve(model_spec, weights=weights)
+    images = scored_images(loaded, data, img_size, val_split, seed, all_images)
+    result = evaluate(loaded.model.to(dev), batches_of(images.dataset, batch_size, dev, workers), dev,
+                      len(images.classes))
     size = img_size or loaded.data_config["input_size"][-1]
-    skipped = samples.skipped + [path for path, _ in result["undecodable"]]
-    return {"model": model_spec, "weights": weights, "data": str(data), "scored": where, "img_size": size,
-            "classes": list(classes), "skipped": skipped, "notes": notes, **result}
+    skipped = images.skipped + [path for path, _ in result["undecodable"]]
+    return {"model": model_spec, "weights": weights, "data": str(data), "scored": images.where, "img_size": size,
+            "classes": images.classes, "skipped": skipped, "notes": images.notes, **result}
 
 
 def _check_limits(batch_size: int, img_size: int | None, workers: int | None, val_split: float | None,
