@@ -125,7 +125,7 @@ def _stats(path: str, s: dict, block: SqueezeExcite, site: dict) -> GateStats:
     seen = counts > 0
     between = (counts[seen, None] * (class_mean[seen] - mean) ** 2).sum() / n
     within = (s["class_sq"][seen].sum(0) - (counts[seen, None] * class_mean[seen] ** 2).sum(0)).clamp(min=0).sum() / n
-    specificity = float(between / within) if within > 0 else (0.0 if between == 0 else math.inf)
+    specificity = float(between / (within + 1e-12))  # finite where a class decides a gate alone
     params = sum(p.numel() for p in block.parameters())
     return GateStats(path, site.get("stage"), len(mean), params, site.get("macs"), n, mean.float(),
                      variance.sqrt().float(), class_mean.float(), counts.float(), specificity,

@@ -11,7 +11,7 @@ import typer
 from .. import __version__
 from ..errors import SeifyError, first_line, flag
 from ..finetune.config import FinetuneConfig
-from ..options import COMPARISON, DATA, DEVICES, EXPORTER, OUTPUT, SOURCE, SEOptions
+from ..options import COMPARISON, DATA, DEVICES, EXPORTER, OUTPUT, SE_BLOCK, SOURCE, SEOptions
 from . import output
 from .flags import (
     Data,
@@ -264,6 +264,69 @@ def export_command(
     result = export(model, out, format, weights=weights, pretrained=pretrained, input_size=input_size(size),
                     opset=opset, legacy=legacy, dynamic_size=dynamic_size, force=force)
     output.document(result.to_dict()) if json_out else output.exported(result)
+
+
+@app.command("analyze")
+def analyze_command(
+        model: Model, data: Data, weights: Weights = None,
+        out: Annotated[Optional[str], typer.Option(help="Folder for analysis.json, gates.safetensors and the "
+                                                        "pictures (default: MODEL-analysis).",
+                                                   rich_help_panel=OUTPUT)] = None,
+        max_images: Annotated[Optional[int], typer.Option(help="A fixed random subset of this many images "
+                                                               "(default: all).", rich_help_panel=DATA)] = None,
+        val_split: Annotated[Optional[float], typer.Option(help="The part of a DATA/<class> tree to use, as "
+                                                                "evaluate --val-split (default: the run's split).",
+                                                           rich_help_panel=DATA)] = None,
+        device: Device = None, force: Force = False, json_out: Json = False):
+    """What did SE learn? Every SE gate over DATA's images: per site and class, its specificity and saturation.
+
+    Examples:
+
+      seify analyze runs/fl/best.safetensors flowers --out fl-analysis
+      seify analyze runs/fl/best.safetensors flowers --max-images 500 --json
+
+    Sites are ranked by how little their gates move per parameter they cost: candidates for seify fold.
+    """
+    from ..analyze import analyze
+    result = analyze(model, data, weights=weights, out=out, max_images=max_images, device=device,
+                     val_split=val_split, force=force)
+    output.document(result.to_dict()) if json_out else output.analysis(result)
+
+
+@app.command("fold")
+def fold_command(
+        model: Model,
+        data: Annotated[Optional[str], typer.Argument(help="Images to measure the gates on (without: only gates "
+                                                           "that are constant by their weights are folded).")]
+        = None,
+        out: Annotated[str, typer.Option("--output", "-o", help="Where to write the folded seify file.",
+                                         rich_help_panel=OUTPUT)] = "",
+        weights: Weights = None,
+        max_gate_std: Annotated[float, typer.Option(help="With DATA: fold a block whose gate varies by at most "
+                                                         "this over the images, in every channel.",
+                                                    rich_help_panel=SE_BLOCK)] = 0.01,
+        include: Annotated[Optional[str], typer.Option(help="Only blocks whose path matches this regex.",
+                                                       rich_help_panel=SE_BLOCK)] = None,
+        exclude: Annotated[Optional[str], typer.Option(help="Keep blocks whose path matches this regex.",
+                                                       rich_help_panel=SE_BLOCK)] = None,
+        max_images: Annotated[Optional[int], typer.Option(help="A fixed random subset of DATA's images.",
+                                                          rich_help_panel=DATA)] = 512,
+        device: Device = None, force: Force = False, json_out: Json = False):
+    """Take SE blocks out where they do nothing: a constant gate folded into the layer before it, for free.
+
+    Examples:
+
+      seify fold r50-se.safetensors -o r50-again.safetensors
+      seify fold runs/fl/best.safetensors flowers -o fl-folded.safetensors --max-gate-std 0.02
+
+    Without DATA the result computes exactly what MODEL did; with DATA the change is measured and reported.
+    """
+    from ..fold import fold
+    if not out:
+        raise SeifyError("name the folded file with {output}", "output")
+    result = fold(model, out, data, weights=weights, max_gate_std=max_gate_std, include=include, exclude=exclude,
+                  max_images=max_images, device=device, force=force)
+    output.document(result.to_dict()) if json_out else output.folded(result)
 
 
 @app.command("demo")

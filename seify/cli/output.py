@@ -9,9 +9,11 @@ import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the commands import these when they run: --help stays free of torch
+    from ..analyze import Analysis
     from ..api import Converted
     from ..export import Exported
     from ..finetune.loop import RunResult
+    from ..fold import Folded
     from ..profile import Profile, Timing
 
 
@@ -208,3 +210,34 @@ def exported(result: Exported) -> None:
         print(f"{key}: {value}")
     for path in result.files:
         print(f"wrote {path}")
+
+
+def analysis(result: Analysis) -> None:
+    for note in result.notes:
+        print(note)
+    rows = [[s.path, str(s.stage), str(s.channels), f"{s.params:,}", f"{s.macs:,}" if s.macs is not None else "",
+             f"{float(s.mean.mean()):.3f}", f"{float(s.std.mean()):.2g}", f"{s.specificity:.3g}",
+             f"{100 * s.saturation:.1f}%"] for s in result.ranked()]
+    table(f"SE gates of {result.model} over {result.where}, least input-dependent per parameter first",
+          ["site", "stage", "channels", "params", "MACs", "mean gate", "spread", "specificity", "saturated"], rows)
+    print("spread: the gates' standard deviation over images (mean over channels); specificity: how far the "
+          "class means stand apart, over the spread within classes")
+    for path in result.files:
+        print(f"wrote {path}")
+
+
+def folded(result: Folded) -> None:
+    rows = [[s.path, ", ".join(sorted({p.rsplit(".", 1)[0] for p in s.into})),
+             f"{s.multiplier_min:.3g}..{s.multiplier_max:.3g}",
+             "constant" if s.gate_std_max is None else f"{s.gate_std_max:.2g}",
+             f"{s.max_output_change:.3g}" if s.max_output_change is not None else ""] for s in result.folded]
+    table(f"SE blocks folded in {result.model}", ["site", "into", "multiplier", "gate spread", "output change"],
+          rows)
+    for kept in result.kept:
+        print(f"kept {kept['path']}: {kept['why']}")
+    where = f" over {result.images}" if result.images else " on a random probe"
+    print(f"{len(result.folded)} blocks folded, {result.params_saved:,} parameters saved; outputs change by up to "
+          f"{result.max_output_change:.3g}{where}")
+    if result.top1_before is not None:
+        print(f"top-1 {result.top1_before:.2f}% before, {result.top1_after:.2f}% after")
+    print(f"wrote {result.output}")

@@ -9,7 +9,7 @@ from torch import nn
 from ..checkpoint import read_state_dict
 from ..errors import SeifyError
 from ..options import SEOptions
-from ..surgery import Conversion, add_se
+from ..surgery import Conversion, add_se, remove_se
 from .spec import build, check_known
 
 
@@ -26,12 +26,25 @@ def from_recipe(recipe: dict) -> tuple[nn.Module, Conversion | None]:
     if recipe.get("options") is None:
         return base, None
     conversion = add_se(base, SEOptions.from_dict(recipe["options"]), tuple(recipe["input_size"]))
-    built = [s.path for s in conversion.sites]
+    folded = list(recipe.get("folded") or [])  # blocks seify fold took out again
+    built = [s.path for s in conversion.sites if s.path not in folded]
     recorded = [s["path"] for s in recipe["sites"]]
-    if built != recorded:
+    if built != recorded or not set(folded) <= {s.path for s in conversion.sites}:
         raise SeifyError(f"this file was written by seify {recipe['seify_version']} with SE sites that this "
                          f"version places differently ({len(recorded)} recorded, {len(built)} now); convert again")
+    if folded:
+        slots = {p for p in folded if isinstance(module_or_none(base, p), nn.Identity)}
+        remove_se(conversion.model, folded, slots)
+        conversion.sites = [s for s in conversion.sites if s.path not in folded]
     return base, conversion
+
+
+def module_or_none(model: nn.Module, path: str) -> nn.Module | None:
+    """The submodule at ``path``, or None where there is none."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def model_of(recipe: dict) -> nn.Module:

@@ -1,0 +1,177 @@
+"""seify analyze and seify fold: what SE learned, checked by hand on a few images, and taking it back exactly."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+import seify
+from conftest import ARCH, config, realistic, save_weights
+from seify.analyze import analyze
+from seify.checkpoint import read_recipe
+from seify.finetune import data as fdata
+from seify.finetune.loop import finetune
+from seify.finetune.progress import SilentLog
+from seify.fold import fold
+from seify.profile import cost
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny):
+    """test_resnet converted and fine-tuned one epoch with its SE blocks training from the first step."""
+    out = tmp_path_factory.mktemp("run") / "run"
+    finetune(ARCH, str(tiny), config(out, epochs=1, se_warmup_epochs=0, lr=5e-3), log=SilentLog)
+    return out / "best.safetensors"
+
+
+def _gates_by_hand(path, folder):
+    """Every image of ``folder`` through the file's model, the gates read off each SE block's gate module."""
+    model = seify.load(path)
+    recipe = read_recipe(path)
+    transform = fdata.transforms(recipe["data_config"], None)
+    classes = recipe["classes"]
+    seen = {}
+    hooks = [m.gate.register_forward_hook(lambda mod, a, out, name=name: seen.setdefault(name, []).append(out))
+             for name, m in model.named_modules() if isinstance(m, seify.SqueezeExcite)]
+    labels = []
+    with torch.no_grad():
+        for k, name in enumerate(classes):
+            for file in sorted((folder / name).iterdir()):
+                model(transform(Image.open(file).convert("RGB"))[None])
+                labels.append(k)
+    for h in hooks:
+        h.remove()
+    return {name: torch.cat(v).double() for name, v in seen.items()}, np.array(labels), classes
+
+
+def test_analyze_matches_a_hand_computation(tmp_path, tiny, trained):
+    result = analyze(str(trained), str(tiny), out=tmp_path / "a")
+    gates, labels, classes = _gates_by_hand(trained, tiny / "val")
+    from safetensors.torch import load_file
+    saved = load_file(str(tmp_path / "a" / "gates.safetensors"))
+    report = json.loads((tmp_path / "a" / "analysis.json").read_text())
+    assert [s["path"] for s in report["sites"]] == list(gates) and report["classes"] == classes
+    for site in report["sites"]:
+        g = gates[site["path"]]
+        assert torch.allclose(saved[f"{site['path']}.mean"].double(), g.mean(0), atol=1e-6)
+        assert torch.allclose(saved[f"{site['path']}.std"].double(), g.std(0, unbiased=False), atol=1e-6)
+        for k, name in enumerate(classes):
+            by_class = g[torch.from_numpy(labels == k)]
+            assert torch.allclose(saved[f"{site['path']}.class_mean"][k].double(), by_class.mean(0), atol=1e-6)
+            assert site["classes"][name]["images"] == len(by_class)
+        means = torch.stack([g[torch.from_numpy(labels == k)].mean(0) for k in range(len(classes))])
+        counts = torch.tensor([(labels == k).sum() for k in range(len(classes))], dtype=torch.float64)
+        between = (counts[:, None] * (means - g.mean(0)) ** 2).sum() / len(g)
+        within = sum(((g[torch.from_numpy(labels == k)] - means[k]) ** 2).sum() for k in range(len(classes))) / len(g)
+        assert site["specificity"] == pytest.approx(float(between / within), rel=1e-4)
+        assert site["saturation"] == pytest.approx(float(((g <= 0.05) | (g >= 0.95)).double().mean()))
+    assert result.files[2].endswith("excitations.png") and Image.open(result.files[2]).size[0] > 800
+
+
+def _colours(root):
+    """Two classes that differ in colour only: red images and blue images, with noise."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 4), ("val", 6)):
+        for name, colour in (("blue", (0, 0, 220)), ("red", (220, 0, 0))):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(np.array(colour) + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def test_a_gate_driven_by_the_class_shows_as_class_specific(tmp_path):
+    data = _colours(tmp_path / "colours")
+    model = realistic(timm.create_model(ARCH, num_classes=2))
+    weights = save_weights(model, tmp_path / "w.safetensors")
+    result = seify.convert(ARCH, weights=weights, input_size=(3, 32, 32))
+    se_model = result.model
+    first = se_model.layer1[0].se
+    transform = fdata.transforms(result.recipe()["data_config"], None)
+    inputs = {}
+    hook = first.register_forward_pre_hook(lambda m, args: inputs.setdefault("x", []).append(args[0]))
+    with torch.no_grad():
+        for name in ("blue", "red"):
+            se_model(torch.stack([transform(Image.open(f).convert("RGB")) for f in sorted((data / "val" / name)
+                                                                                        .iterdir())]))
+    hook.remove()
+    blue, red = (x.mean((2, 3)) for x in inputs["x"])  # each image's squeeze, per channel
+    k = int((red.mean(0) - blue.mean(0)).abs().argmax())
+    sign = 1.0 if red[:, k].mean() > blue[:, k].mean() else -1.0
+    with torch.no_grad():  # hidden unit 0 fires for red images only; gate channel 0 reads it, hard
+        first.fc1.weight.zero_()
+        first.fc1.weight[0, k] = sign
+        first.fc1.bias.zero_()
+        first.fc1.bias[0] = -sign * float((red[:, k].mean() + blue[:, k].mean()) / 2)
+        first.fc2.weight[0, 0] = 50.0 / float((red[:, k].mean() - blue[:, k].mean()).abs())
+    seify.save(result, tmp_path / "driven.safetensors")
+    report = analyze(str(tmp_path / "driven.safetensors"), str(data), out=tmp_path / "a").to_dict()
+    by_path = {s["path"]: s for s in report["sites"]}
+    assert by_path["layer1.0.se"]["specificity"] > 10
+    assert all(s["specificity"] == 0 for p, s in by_path.items() if p != "layer1.0.se")  # constant gates
+
+
+def test_fold_of_a_fresh_conversion_is_the_original_model(tmp_path, cli):
+    model = realistic(timm.create_model("resnet18"))
+    weights = save_weights(model, tmp_path / "w.safetensors")
+    converted = seify.save(seify.convert("resnet18", weights=weights, input_size=(3, 64, 64)),
+                           tmp_path / "se.safetensors")
+    code, stdout, err = cli("fold", converted, "-o", tmp_path / "folded.safetensors", "--json")
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert len(report["folded"]) == 8 and report["max_output_change"] == 0.0 and report["params_saved"] == 90_112
+    folded = seify.load(tmp_path / "folded.safetensors")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(folded(x), model.eval()(x))
+    assert cost(folded, (3, 64, 64))[0] == cost(model, (3, 64, 64))[0]  # parameters and MACs
+    assert not any(isinstance(m, seify.SqueezeExcite) for m in folded.modules())
+    recipe = read_recipe(tmp_path / "folded.safetensors")
+    assert len(recipe["folded"]) == 8 and recipe["sites"] == []
+    from seify.profile import profile
+    assert profile(str(tmp_path / "folded.safetensors"), latency=False).added_params == 0
+    code, _, err = cli("fold", tmp_path / "folded.safetensors", "-o", tmp_path / "again.safetensors")
+    assert code == 2 and "no SE blocks to fold" in err and err.count("\n") == 1
+
+
+def test_fold_with_data_keeps_the_outputs_within_what_it_reports(tmp_path, tiny, trained):
+    result = fold(str(trained), tmp_path / "f.safetensors", str(tiny), max_gate_std=1.0)
+    assert result.folded and result.images.endswith("val")
+    original, folded = seify.load(trained), seify.load(tmp_path / "f.safetensors")
+    scored = fdata.ImageDataset(fdata.discover(tiny)[2].items, fdata.transforms(read_recipe(trained)["data_config"],
+                                                                                  None))
+    with torch.no_grad():
+        x = torch.stack([scored[i][0] for i in range(len(scored))])
+        change = (original(x) - folded(x)).abs().max().item()
+    assert change == pytest.approx(result.max_output_change, abs=1e-6)
+    assert result.max_output_change >= max(s.max_output_change for s in result.folded) - 1e-6
+    from seify.finetune.evaluate import evaluate_folder
+    assert result.top1_before == pytest.approx(evaluate_folder(str(trained), str(tiny), workers=0)["top1"])
+    assert result.top1_after == pytest.approx(evaluate_folder(str(tmp_path / "f.safetensors"), str(tiny),
+                                                              workers=0)["top1"])
+    partial = fold(str(trained), tmp_path / "p.safetensors", str(tiny), max_gate_std=1.0, include="layer[34]")
+    assert {s.path for s in partial.folded} == {"layer3.0.se", "layer4.0.se"}
+
+
+def test_analyze_and_fold_refuse_bad_input_in_one_line(cli, tmp_path, tiny, trained, plain4):
+    cases = [(["analyze", ARCH, tiny, "--weights", plain4], "has no SE blocks to analyze"),
+             (["fold", trained, "-o", tmp_path / "x.safetensors"], "nothing to fold in"),
+             (["fold", trained, tiny, "-o", tmp_path / "x.safetensors", "--max-gate-std", "-1"],
+              "--max-gate-std must be a finite number >= 0"),
+             (["fold", trained, tiny, "-o", tmp_path / "x.safetensors", "--max-gate-std", "nan"],
+              "--max-gate-std must be a finite number"),
+             (["fold", trained, "-o", tmp_path / "x.safetensors", "--include", "nothing-like-this"],
+              "no SE block of"),
+             (["analyze", trained, tmp_path / "other", "--out", tmp_path / "a"], "has classes the model was not"),
+             (["fold", trained, tmp_path / "other", "-o", tmp_path / "x.safetensors"], "has classes the model was")]
+    other = tmp_path / "other"
+    for name in ("cats", "dogs"):
+        shutil.copytree(tiny / "val" / "gradient", other / name)
+    for args, message in cases:
+        code, _, err = cli(*args)
+        assert code == 2 and message in err and err.count("\n") == 1, (args, err)
+    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "a").exists()
