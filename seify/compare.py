@@ -10,8 +10,9 @@ import csv
 import dataclasses
 import io
 import json
+import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .checkpoint import atomic_write
@@ -25,6 +26,7 @@ from .finetune.resume import given_options
 from .finetune.state import RunFolder
 from .models import resolve
 from .options import SEOptions, parse_pairs
+from .paper import PREFIX, TABLES, figures
 from .plots import comparison, save_png
 from .profile import cost
 
@@ -44,14 +46,16 @@ class Arm:
 
 
 def parse_arms(text: str) -> list[Arm]:
-    """``plain,se,se:reduction=8,se:stages=4,5``: a piece that starts with neither ``plain`` nor ``se`` continues
-    the previous arm's value (``stages=4,5``)."""
+    """``plain,se,se:reduction=8,se:stages=4,5``: a piece that starts with neither ``plain``, ``se`` nor
+    ``paper`` continues the previous arm's value (``stages=4,5``); ``paper:NAME`` is the arms of one of the
+    paper's tables (``paper:reduction`` is Table 10's: r = 2, 4, 8, 16, 32 and no SE)."""
     pieces: list[str] = []
     for piece in (p.strip() for p in text.split(",")):
-        if piece.split(":", 1)[0] in ("plain", "se") or not pieces:
+        if piece.split(":", 1)[0] in ("plain", "se", "paper") or not pieces:
             pieces.append(piece)
         else:
             pieces[-1] += "," + piece
+    pieces = [arm for piece in pieces for arm in _preset(piece)]
     arms = []
     for piece in pieces:
         kind, _, rest = piece.partition(":")
@@ -69,6 +73,16 @@ def parse_arms(text: str) -> list[Arm]:
     if len(arms) < 2:
         raise SeifyError("{arms} needs at least two arms to compare, for example plain,se", "arms")
     return arms
+
+
+def _preset(piece: str) -> list[str]:
+    if not piece.startswith(PREFIX):
+        return [piece]
+    table = TABLES.get(piece[len(PREFIX):])
+    if table is None:
+        raise SeifyError(f"{piece!r} is not one of the paper's tables; use {', '.join(PREFIX + t for t in TABLES)}",
+                         "arms")
+    return [a.arm for a in table.arms]
 
 
 def compare(spec: str, data_dir: str, arms: list[Arm], config: FinetuneConfig, *, seeds: int = 3,
@@ -144,7 +158,8 @@ def _run_record(out: Path) -> dict | None:
             "seconds": sum(r["seconds"] for r in trained),
             "images_per_sec": sum(r["images_per_sec"] * r["seconds"] for r in full) / full_seconds
             if full_seconds else None,
-            "complete": state["progress"]["epoch"] >= state["config"]["epochs"]}
+            "complete": state["progress"]["epoch"] >= state["config"]["epochs"],
+            "val_correct": state["progress"].get("val_correct") or None}
 
 
 def _stats(values: list[float]) -> dict:
@@ -176,14 +191,52 @@ def summarize(root: Path, arms: list[Arm], seeds: list[int], spec: str) -> dict:
                         "best_top1": _stats([r["best_top1"] for r in runs]),
                         "images_per_sec": statistics.median(rates) if rates else None,
                         **_arm_cost(runs)})
-    reference = next((a for a in summary if a["options"] is None), summary[0])
+    reference = next((a for a in summary if a["options"] is None), None) or \
+        next((a for a in summary if a["name"] == "se"), summary[0])
     verdicts = [_verdict(arm, reference) for arm in summary if arm is not reference]
+    for entry in summary:  # the per-image record served the test; the document keeps its counts
+        for run in entry["runs"]:
+            run.pop("val_correct")
+        paper = figures(entry["name"])
+        entry["paper"] = asdict(paper) if paper else None
     return {"model": spec, "seeds": seeds, "metric": "final val top-1 (%)", "reference": reference["name"],
             "arms": summary, "verdicts": verdicts}
 
 
+def mcnemar(only_first: int, only_second: int) -> float:
+    """McNemar's exact test: the two-sided p-value that two models are equally often right, from the images only
+    the first got right and those only the second did (a binomial test of the discordant pairs at one half)."""
+    n, k = only_first + only_second, min(only_first, only_second)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+
+
+def _paired(arm: dict, reference: dict, seeds: list[int]) -> dict | None:
+    """McNemar's test per seed and pooled over seeds, on the validation images both arms' final models judged."""
+    ours = {r["seed"]: r.get("val_correct") for r in arm["runs"]}
+    theirs = {r["seed"]: r.get("val_correct") for r in reference["runs"]}
+    per_seed = []
+    for seed in seeds:
+        a, b = theirs.get(seed), ours.get(seed)
+        if not a or not b or len(a) != len(b):
+            return None  # a run from before seify recorded its predictions, or other images
+        only_reference = sum(x and not y for x, y in zip(a, b, strict=True))
+        only_arm = sum(y and not x for x, y in zip(a, b, strict=True))
+        per_seed.append({"seed": seed, "only_reference": only_reference, "only_arm": only_arm,
+                         "p_value": mcnemar(only_reference, only_arm)})
+    if not per_seed:
+        return None
+    b, c = sum(s["only_reference"] for s in per_seed), sum(s["only_arm"] for s in per_seed)
+    return {"per_seed": per_seed, "pooled": {"only_reference": b, "only_arm": c, "p_value": mcnemar(b, c)}}
+
+
+SIGNIFICANCE = 0.05
+
+
 def _verdict(arm: dict, reference: dict) -> dict:
-    """The paired difference in final top-1 over the seeds both arms finished, and the step-time ratio."""
+    """The paired difference in final top-1 over the seeds both arms finished, McNemar's test on the same images,
+    and the step-time ratio. The words "better" and "worse" are kept for what the test can tell."""
     ours = {r["seed"]: r["final_top1"] for r in arm["runs"] if r["complete"]}
     theirs = {r["seed"]: r["final_top1"] for r in reference["runs"] if r["complete"]}
     seeds = sorted(set(ours) & set(theirs))
@@ -191,20 +244,29 @@ def _verdict(arm: dict, reference: dict) -> dict:
     stats = _stats(diffs)
     ratio = reference["images_per_sec"] / arm["images_per_sec"] \
         if arm["images_per_sec"] and reference["images_per_sec"] else None
-    better = sum(d > 0 for d in diffs)
+    higher = sum(d > 0 for d in diffs)
+    paired = _paired(arm, reference, seeds)
+    name, against = arm["name"], reference["name"]
     if diffs:
         spread = f" +/- {stats['std']:.1f}" if stats["std"] is not None else ""
-        text = (f"{arm['name']}: {stats['mean']:+.1f}{spread} points over {reference['name']}, better in {better} "
-                f"of {len(diffs)} seed{'s' if len(diffs) > 1 else ''}")
+        text = (f"{name}: {stats['mean']:+.1f}{spread} points over {against} (higher in {higher} of {len(diffs)} "
+                f"seed{'s' if len(diffs) > 1 else ''})")
     else:
-        text = f"{arm['name']}: no seed finished in both it and {reference['name']} yet"
+        text = f"{name}: no seed finished in both it and {against} yet"
+    if paired is not None:
+        pooled = paired["pooled"]
+        tells = pooled["p_value"] < SIGNIFICANCE
+        judged = (f"{name} is {'better' if pooled['only_arm'] > pooled['only_reference'] else 'worse'}" if tells
+                  else "the test cannot tell them apart")
+        text += (f"; on the same images {against} alone was right {pooled['only_reference']} times and {name} alone "
+                 f"{pooled['only_arm']} (McNemar p = {pooled['p_value']:.2g}): {judged}")
     if ratio is not None:
-        text += f", {ratio:.2f}x step time"
+        text += f"; {ratio:.2f}x step time"
     else:  # e.g. --epochs 1 with a warm-up: one arm trained its new parts only, the other everything
         text += "; step time not comparable (no epoch in which both trained every layer)"
-    return {"arm": arm["name"], "against": reference["name"], "seeds": seeds, "differences": diffs,
-            "mean_difference": stats["mean"], "std_difference": stats["std"], "better_in": better,
-            "step_time_ratio": ratio, "text": text}
+    return {"arm": name, "against": against, "seeds": seeds, "differences": diffs,
+            "mean_difference": stats["mean"], "std_difference": stats["std"], "higher_in": higher,
+            "mcnemar": paired, "step_time_ratio": ratio, "text": text}
 
 
 def _write(root: Path, document: dict) -> None:

@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+import torch
 from PIL import Image
 
 from conftest import ARCH, rows_of
@@ -37,11 +38,12 @@ def test_verdict_pairs_seeds():
     se, plain = _arm("se", [91.0, 92.5, 90.0], 80.0), _arm("plain", [90.0, 92.0, 90.5], 100.0)
     v = _verdict(se, plain)
     diffs = [1.0, 0.5, -0.5]
-    assert v["differences"] == diffs and v["better_in"] == 2
+    assert v["differences"] == diffs and v["higher_in"] == 2
     assert v["mean_difference"] == pytest.approx(statistics.fmean(diffs))
     assert v["std_difference"] == pytest.approx(statistics.stdev(diffs))
     assert v["step_time_ratio"] == pytest.approx(1.25)
-    assert v["text"] == "se: +0.3 +/- 0.8 points over plain, better in 2 of 3 seeds, 1.25x step time"
+    assert v["text"] == "se: +0.3 +/- 0.8 points over plain (higher in 2 of 3 seeds); 1.25x step time"
+    assert v["mcnemar"] is None  # these runs recorded no per-image predictions
     unfinished = _arm("se", [91.0], 80.0)
     unfinished["runs"][0]["complete"] = False
     assert "no seed finished in both" in _verdict(unfinished, plain)["text"]
@@ -129,6 +131,65 @@ def test_one_epoch_compare_rows_threads_and_step_time(tmp_path, tiny, plain4, mo
         assert float(row["seconds"]) == pytest.approx(sum(r["seconds"] for r in rows))
         assert row["folder"] == str(out / row["arm"] / f"seed-{row['seed']}")
         assert (row["images_per_sec"] == "") == (row["arm"] == "se")  # no epoch that trains every layer
+    # the paired test counts what the runs' final models got right on the same images, read back here on our own
+    import seify
+    from seify.checkpoint import read_recipe
+    from seify.finetune import data as fdata
+    _, _, val = fdata.discover(tiny)
+    transform = fdata.transforms(read_recipe(out / "plain" / "seed-0" / "last.safetensors")["data_config"], None)
+    x = torch.stack([transform(Image.open(path).convert("RGB")) for path, _ in val.items])
+    labels = torch.tensor([label for _, label in val.items])
+
+    def right(arm, seed):
+        with torch.no_grad():
+            return seify.load(out / arm / f"seed-{seed}" / "last.safetensors")(x).argmax(1) == labels
+    for seed, counted in zip((0, 1), verdict["mcnemar"]["per_seed"], strict=True):
+        p_right, s_right = right("plain", seed), right("se", seed)
+        assert counted["only_reference"] == int((p_right & ~s_right).sum())
+        assert counted["only_arm"] == int((s_right & ~p_right).sum())
+    assert 0 <= verdict["mcnemar"]["pooled"]["p_value"] <= 1
     monkeypatch.setattr(dist, "busy_cores", lambda seconds=0.25: 1.6)  # a rerun under load keeps the count
     from seify.compare import _threads
     assert _threads(out, parse_arms("plain,se"), [0, 1], config(out, threads=None)) == 2
+
+
+def test_mcnemar_is_the_exact_binomial_test_of_the_discordant_images():
+    from seify.compare import mcnemar
+    # 2 images only plain got right, 8 only se: P(X <= 2 | n=10, 1/2) = (1 + 10 + 45) / 1024, doubled
+    assert mcnemar(2, 8) == pytest.approx(2 * 56 / 1024) == mcnemar(8, 2)
+    assert mcnemar(0, 0) == 1.0 and mcnemar(5, 5) == 1.0
+    assert mcnemar(0, 12) == pytest.approx(2 / 4096)
+
+
+def test_the_verdict_says_better_only_when_the_test_can_tell():
+    def arm(name, correct_by_seed):
+        return {"name": name, "images_per_sec": 10.0,
+                "runs": [{"seed": s, "final_top1": 100.0 * sum(c) / len(c), "complete": True, "val_correct": c}
+                         for s, c in enumerate(correct_by_seed)]}
+    plain = arm("plain", [[1] * 50 + [0] * 50, [1] * 50 + [0] * 50])
+    close = arm("se", [[1] * 52 + [0] * 48, [1] * 49 + [0] * 51])
+    v = _verdict(close, plain)
+    assert v["mcnemar"]["pooled"] == {"only_reference": 1, "only_arm": 2, "p_value": pytest.approx(1.0)}
+    assert "cannot tell them apart" in v["text"] and "better" not in v["text"] and "worse" not in v["text"]
+    assert [s["only_arm"] for s in v["mcnemar"]["per_seed"]] == [2, 0]
+    far = arm("se", [[1] * 70 + [0] * 30, [1] * 75 + [0] * 25])
+    v = _verdict(far, plain)
+    assert v["mcnemar"]["pooled"]["only_arm"] == 45 and v["mcnemar"]["pooled"]["p_value"] < 1e-6
+    assert "se is better" in v["text"]
+
+
+def test_paper_presets_expand_to_the_papers_arms():
+    from seify.paper import TABLES
+    assert [a.name for a in parse_arms("paper:reduction")] == [
+        "se:reduction=2", "se:reduction=4", "se:reduction=8", "se", "se:reduction=32", "plain"]
+    assert [a.options.reduction for a in parse_arms("paper:reduction")[:5]] == [2, 4, 8, 16, 32]
+    assert [a.options.squeeze for a in parse_arms("paper:squeeze")] == ["max", "avg"]
+    assert [a.options.gate for a in parse_arms("paper:gate")] == ["relu", "tanh", "sigmoid"]
+    assert [a.options.stages if a.options else "plain" for a in parse_arms("paper:stages")] == [
+        "plain", (2,), (3,), (4,), None]
+    assert [a.options.variant for a in parse_arms("paper:integration")] == ["standard", "pre", "post", "identity"]
+    assert [a.options.variant for a in parse_arms("paper:3x3")] == ["standard", "3x3"]
+    assert [a.name for a in parse_arms("paper:squeeze,se:gate=tanh")] == ["se:squeeze=max", "se", "se:gate=tanh"]
+    assert TABLES["reduction"].arms[0].top1_error == 22.29 and TABLES["gate"].arms[1].top5_error == 6.38
+    with pytest.raises(SeifyError, match="not one of the paper's tables"):
+        parse_arms("paper:dropout")

@@ -173,18 +173,36 @@ def run(result: RunResult) -> None:
 def comparison(report: dict, out: str) -> None:
     def mean_std(stats: dict) -> str:
         return f"{stats['mean']:.2f}" + (f" +/- {stats['std']:.2f}" if stats["std"] is not None else "")
-    rows = [[arm["name"], str(len(arm["runs"])), mean_std(arm["final_top1"]), mean_std(arm["best_top1"]),
-             f"{arm['params'] / 1e6:.2f}M (+{arm['added_params']:,})",
-             f"{arm['macs'] / 1e9:.4g} G (+{100 * arm['added_macs'] / arm['base_macs']:.2f}%)",
-             f"{arm['images_per_sec']:.1f}" if arm["images_per_sec"] else ""] for arm in report["arms"]]
-    table(f"{report['model']}: {report['metric']} over seeds {', '.join(map(str, report['seeds']))}",
-          ["arm", "runs", "final top-1", "best top-1", "params (added)", "MACs (added)", "train img/s"], rows)
+    tests = {v["arm"]: v["mcnemar"]["pooled"]["p_value"] for v in report["verdicts"] if v["mcnemar"]}
+    paper = any(arm["paper"] for arm in report["arms"])
+    rows = []
+    for arm in report["arms"]:
+        row = [arm["name"], str(len(arm["runs"])), mean_std(arm["final_top1"]), mean_std(arm["best_top1"]),
+               f"{tests[arm['name']]:.2g}" if arm["name"] in tests else "",
+               f"{arm['params'] / 1e6:.2f}M (+{arm['added_params']:,})",
+               f"{arm['macs'] / 1e9:.4g} G (+{100 * arm['added_macs'] / arm['base_macs']:.2f}%)",
+               f"{arm['images_per_sec']:.1f}" if arm["images_per_sec"] else ""]
+        if paper:
+            row.append(_paper_cell(arm["paper"]))
+        rows.append(row)
+    columns = ["arm", "runs", "final top-1", "best top-1", f"McNemar p vs {report['reference']}", "params (added)",
+               "MACs (added)", "train img/s"] + (["paper: ImageNet top-1/top-5 error"] if paper else [])
+    table(f"{report['model']}: {report['metric']} over seeds {', '.join(map(str, report['seeds']))}", columns, rows)
     for verdict in report["verdicts"]:
         print(verdict["text"])
+    if paper:
+        print("paper: SE-ResNet-50 on ImageNet (Hu et al., TPAMI, Tables 10-15), beside your runs")
     skipped = report.get("skipped_files") or []
     if skipped:
         print(f"skipped {len(skipped)} unreadable file(s) of DATA (first: {skipped[0]})")
     print(f"wrote {out}/compare.json, compare.csv and compare.png")
+
+
+def _paper_cell(paper: dict | None) -> str:
+    if not paper:
+        return ""
+    top5 = f"{paper['top5_error']:.2f}" if paper["top5_error"] is not None else "-"
+    return f"{paper['label']}: {paper['top1_error']:.2f}/{top5}"
 
 
 def evaluation(report: dict, model: str) -> None:

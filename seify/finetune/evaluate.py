@@ -31,12 +31,13 @@ from .dist import Dist
 
 def evaluate(model: nn.Module, batches, device: torch.device, num_classes: int, autocast=contextlib.nullcontext,
              dist: Dist | None = None, channels_last: bool = False) -> dict:
-    """Metrics over every batch (summed over ranks when distributed)."""
+    """Metrics over every batch (summed over ranks when distributed); ``correct`` says per image, in order, whether
+    the top-1 prediction was right (this rank's images only when distributed)."""
     dist = dist or Dist()
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     loss_sum = top5 = 0.0
-    failures = []
+    failures, correct = [], []
     with torch.inference_mode():
         for images, labels, failed in batches:
             failures += failed
@@ -53,6 +54,7 @@ def evaluate(model: nn.Module, batches, device: torch.device, num_classes: int, 
             k = min(5, num_classes)
             top5 += (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1).sum().item()
             pred = logits.argmax(dim=1)
+            correct += (pred == labels).int().tolist()
             confusion += torch.bincount(labels.cpu() * num_classes + pred.cpu(),
                                         minlength=num_classes ** 2).view(num_classes, num_classes)
     totals = dist.all_sum([loss_sum, top5] + confusion.flatten().tolist(), device)
@@ -62,7 +64,8 @@ def evaluate(model: nn.Module, batches, device: torch.device, num_classes: int, 
     per_class = (confusion.diag().double() / confusion.sum(dim=1).clamp(min=1)).tolist()
     return {"images": n, "loss": loss_sum / max(n, 1), "top1": 100.0 * int(confusion.diag().sum()) / max(n, 1),
             "top5": 100.0 * top5 / max(n, 1), "per_class": [100.0 * a for a in per_class],
-            "confusion": confusion.tolist(), "undecodable": [list(f) for f in failures]}
+            "confusion": confusion.tolist(), "undecodable": [list(f) for f in failures],
+            "correct": correct if not dist.enabled else None}
 
 
 @dataclass

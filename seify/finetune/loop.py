@@ -331,6 +331,7 @@ class Trainer:
                "images_per_sec": epoch.seen * training.dist.world / max(epoch.seconds, 1e-9),
                "seconds": epoch.seconds, "undecodable": len(failures)}
         p.history.append(row)
+        p.val_correct = metrics["correct"] or []
         p.epoch, p.batch_in_epoch, p.partial = p.epoch + 1, 0, [0.0, 0.0, 0.0]
         improved = metrics["top1"] > p.best_top1
         if improved:

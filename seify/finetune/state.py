@@ -52,6 +52,9 @@ class Progress:
     best_epoch: int = 0  # counts from 1
     history: list[dict] = field(default_factory=list)
     resumes: list[float] = field(default_factory=list)  # where in epochs (fractional) the run was resumed
+    # per validation image, 1 where the judged model was right after the last finished epoch (one process only):
+    # what compare pairs two arms on
+    val_correct: list[int] = field(default_factory=list)
 
     def position(self, steps_per_epoch: int) -> float:
         return self.epoch + self.batch_in_epoch / max(steps_per_epoch, 1)
