@@ -299,8 +299,8 @@ def fold_command(
         data: Annotated[Optional[str], typer.Argument(help="Images to measure the gates on (without: only gates "
                                                            "that are constant by their weights are folded).")]
         = None,
-        out: Annotated[str, typer.Option("--output", "-o", help="Where to write the folded seify file.",
-                                         rich_help_panel=OUTPUT)] = "",
+        *, out: Annotated[str, typer.Option("--output", "-o", help="Where to write the folded seify file.",
+                                            rich_help_panel=OUTPUT)],
         weights: Weights = None,
         max_gate_std: Annotated[float, typer.Option(help="With DATA: fold a block whose gate varies by at most "
                                                          "this over the images, in every channel.",
@@ -317,13 +317,11 @@ def fold_command(
     Examples:
 
       seify fold r50-se.safetensors -o r50-again.safetensors
-      seify fold runs/fl/best.safetensors flowers -o fl-folded.safetensors --max-gate-std 0.02
+      seify fold best.safetensors flowers -o folded.safetensors --max-gate-std 0.02
 
     Without DATA the result computes exactly what MODEL did; with DATA the change is measured and reported.
     """
     from ..fold import fold
-    if not out:
-        raise SeifyError("name the folded file with {output}", "output")
     result = fold(model, out, data, weights=weights, max_gate_std=max_gate_std, include=include, exclude=exclude,
                   max_images=max_images, device=device, force=force)
     output.document(result.to_dict()) if json_out else output.folded(result)
