@@ -16,6 +16,7 @@ model is exported, so no exported graph holds them.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import os
 import re
@@ -164,7 +165,6 @@ def _onnx(module: nn.Module, tmp: str, size, opset: int | None, legacy: bool, dy
 
 
 def _first_argument(module: nn.Module) -> str:
-    import inspect
     return next(iter(inspect.signature(module.forward).parameters))
 
 

@@ -196,11 +196,12 @@ def _change(a: nn.Module, b: nn.Module, images: Scored | None, loaded: LoadedMod
     if images is None:
         return output_difference(a, b, tuple(loaded.data_config["input_size"]))[0]
     worst = 0.0
+    a, b = a.to(device), b.to(device)
     with torch.no_grad():
         for x, _, _ in batches_of(images.dataset, batch_size, device):
             if x is not None:
                 x = x.to(device)
-                worst = max(worst, (a.to(device)(x) - b.to(device)(x)).abs().max().item())
+                worst = max(worst, (a(x) - b(x)).abs().max().item())
     return worst
 
 

@@ -39,7 +39,8 @@ def resumed_config(state: dict, source: Source, config: FinetuneConfig, given: s
     ``state`` is the committed checkpoint's; ``given`` names the options the user passed (None: those that
     differ from their defaults).
     """
-    names = (given_options(source, config) if given is None else set(given)) - CHANGEABLE_ON_RESUME
+    asked = given_options(source, config) if given is None else set(given)
+    names = asked - CHANGEABLE_ON_RESUME
     saved = state["source"]
     saved_config = FinetuneConfig.from_dict(state["config"])
     if not _same_file(source.model, saved["model"], saved.get("model_file")):
@@ -48,8 +49,7 @@ def resumed_config(state: dict, source: Source, config: FinetuneConfig, given: s
     for name in sorted(names - {"model"}):
         _check_same(name, source, config, saved, saved_config)
     merged = dataclasses.replace(saved_config, resume=True, force=False, extend=config.extend)
-    changed = (given_options(source, config) if given is None else set(given)) & CHANGEABLE_ON_RESUME
-    for name in sorted(changed & CONFIG_OPTIONS - {"resume", "force", "extend"}):
+    for name in sorted(asked & CHANGEABLE_ON_RESUME & CONFIG_OPTIONS - {"resume", "force", "extend"}):
         setattr(merged, name, getattr(config, name))
     return merged
 
