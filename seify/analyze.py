@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from . import kernels
-from .checkpoint import atomic_write, check_folder_writable
+from .checkpoint import atomic_write, check_output_folder
 from .device import check_device
 from .errors import SeifyError
 from .finetune.evaluate import batches_of, scored_images
@@ -164,8 +164,8 @@ def analyze(model: str, data: str, *, weights: str | None = None, out: str | Pat
     if not se_blocks(loaded.model):
         raise SeifyError(f"{model} has no SE blocks to analyze; convert it first (seify convert), or fine-tune it "
                          "(seify finetune adds them)")
-    folder = Path(out) if out is not None else Path(f"{Path(model).name.removesuffix('.safetensors')}-analysis")
-    _check_folder(folder, force)
+    default = f"{Path(model).name.removesuffix('.safetensors')}-analysis"
+    folder = check_output_folder(out if out is not None else default, force=force)
     images = scored_images(loaded, data, val_split=val_split, seed=seed, max_images=max_images)
     stats = record_gates(loaded.model, batches_of(images.dataset, batch_size, dev), len(images.classes), dev,
                          _sites(loaded))
@@ -185,16 +185,6 @@ def _sites(loaded: LoadedModel) -> dict[str, dict]:
     for path, macs in per_block.items():
         sites.setdefault(path, {})["macs"] = macs
     return sites
-
-
-def _check_folder(folder: Path, force: bool) -> None:
-    if folder.exists() and not folder.is_dir():
-        raise SeifyError(f"{folder} is a file; {{out}} names a folder", "out")
-    if folder.is_dir() and any(folder.iterdir()) and not force:
-        raise SeifyError(f"{folder} already exists; pass {{force}} to replace what analyze writes there, or "
-                         "choose another {out}", "force", "out")
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    check_folder_writable(existing)
 
 
 def _write(folder: Path, result: Analysis) -> list[str]:

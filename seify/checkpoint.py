@@ -116,6 +116,18 @@ def check_writable(path: str | Path, *, force: bool = False, inputs: tuple = ())
     return path
 
 
+def check_output_folder(folder: str | Path, *, force: bool = False) -> Path:
+    """Refuse, before any work is done, an output folder that is a file, or one that holds something (unless
+    ``force``), or one that cannot be created where it would go."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise SeifyError(f"{folder} is a file; name a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not force:
+        raise SeifyError(f"{folder} already exists; pass {{force}} to replace it or choose another path", "force")
+    check_folder_writable(next(p for p in (folder, *folder.parents) if p.exists()))
+    return folder
+
+
 def check_folder_writable(folder: Path) -> None:
     """Create and remove a file there: the one test that also catches read-only and special file systems."""
     try:

@@ -32,8 +32,9 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from . import __version__, kernels
-from .checkpoint import atomic_write, check_folder_writable, check_writable, save, umask, write_error
+from .checkpoint import atomic_write, check_output_folder, check_writable, save, umask, write_error
 from .errors import SeifyError, first_line
+from .limits import check_choice, check_whole
 from .models import LoadedModel, load, resolve
 from .models.files import set_pretrained_cfg
 from .surgery import convertible_scope
@@ -65,8 +66,9 @@ def export(model: str | nn.Module, path: str | Path, format: str = "onnx", *, we
            pretrained: bool = False, input_size: tuple[int, int, int] | None = None, opset: int | None = None,
            legacy: bool = False, dynamic_size: bool = False, force: bool = False) -> Exported:
     """Export ``model`` (any spec seify takes, or a module you hold) to ``path`` and check what was written."""
-    if format not in FORMATS:
-        raise SeifyError(f"{{format}} must be one of {', '.join(FORMATS)}, not {format!r}", "format")
+    check_choice(format, "format", FORMATS)
+    if opset is not None:
+        check_whole(opset, "opset", 7, 30)
     if (legacy or opset is not None or dynamic_size) and format != "onnx":
         raise SeifyError("{legacy}, {opset} and {dynamic_size} are options of {format} onnx", "legacy", "opset",
                          "dynamic_size", "format")
@@ -95,14 +97,8 @@ def export(model: str | nn.Module, path: str | Path, format: str = "onnx", *, we
 def _check_output(path: Path, format: str, force: bool, inputs: tuple) -> None:
     if format in ("onnx", "pt2"):
         check_writable(path, force=force, inputs=inputs)
-        return
-    if path.exists() and not path.is_dir():
-        raise SeifyError(f"{path} is a file; {{format}} {format} writes a folder", "format")
-    if path.exists() and any(path.iterdir()) and not force:
-        raise SeifyError(f"{path} already exists; pass {{force}} to replace it or choose another path", "force")
-    if not path.parent.is_dir():
-        raise SeifyError(f"cannot write {path}: {path.parent} is not an existing folder")
-    check_folder_writable(path.parent)
+    else:
+        check_output_folder(path, force=force)
 
 
 def _need(*modules: str) -> None:

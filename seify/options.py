@@ -9,6 +9,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 
 from .errors import SeifyError
+from .limits import check_choice
 
 PLACEMENTS = ("auto", "residual", "module", "activation")
 VARIANTS = ("standard", "pre", "post", "identity", "3x3")
@@ -52,9 +53,7 @@ class SEOptions:
     def __post_init__(self):
         for name, allowed in (("at", PLACEMENTS), ("variant", VARIANTS), ("squeeze", SQUEEZES),
                               ("gate", GATES), ("init", INITS)):
-            if getattr(self, name) not in allowed:
-                raise SeifyError(f"{{{name}}} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}",
-                                 name)
+            check_choice(getattr(self, name), name, allowed)
         for name, low, high in (("reduction", 1, 4096), ("divisor", 1, 1024), ("min_channels", 1, 4096)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:

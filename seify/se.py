@@ -91,7 +91,7 @@ class SqueezeExcite(nn.Module):
         per_sample = factor.flatten() if shortcut is not None and factor is not None else None
         return kernels.squeeze_excite(x, self.fc1.weight.flatten(1), bias1, self.fc2.weight.flatten(1), bias2,
                                       shortcut, per_sample, self.scale, self.squeeze,
-                                      "hard-sigmoid" if isinstance(self.gate, nn.Hardsigmoid) else "sigmoid")
+                                      self.gate_kind)
 
     def init_identity(self) -> None:
         """Zero the last layer's weights and set its bias so that the gate is a constant 0.5 (exactly) whatever

@@ -175,3 +175,10 @@ def test_analyze_and_fold_refuse_bad_input_in_one_line(cli, tmp_path, tiny, trai
         code, _, err = cli(*args)
         assert code == 2 and message in err and err.count("\n") == 1, (args, err)
     assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "a").exists()
+
+
+def test_split_and_opset_values_are_checked_wherever_they_go(cli, tmp_path, trained, tiny):
+    code, _, err = cli("analyze", trained, tiny / "train", "--val-split", "1.5", "--out", tmp_path / "a")
+    assert code == 2 and "--val-split must be a finite number > 0 and < 1" in err
+    code, _, err = cli("export", trained, "-o", tmp_path / "m.onnx", "--opset", "-3")
+    assert code == 2 and "--opset must be a whole number from 7 to 30" in err and not (tmp_path / "m.onnx").exists()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -52,7 +52,7 @@ class Data:
     device_transform: device_data.DeviceTransform | None  # --decode gpu
     skipped: list[str]  # files of DATA that are not readable images
     batch_size: int
-    steps_per_epoch: int = 0  # whole batches of a full epoch (the sampler's length shrinks mid-epoch)
+    steps_per_epoch: int = field(init=False)  # whole batches of a full epoch (the sampler shrinks mid-epoch)
 
     def __post_init__(self):
         self.steps_per_epoch = len(self.train_sampler) // self.batch_size

@@ -13,6 +13,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import SeifyError, first_line
+from ..limits import check_choice
 from .config import AUGMENTATIONS
 from .rng import seed_worker
 
@@ -227,8 +228,7 @@ class Augmentation:
     @classmethod
     def choose(cls, preset: str, img_size: int, crop_scale=None, hflip=None) -> "Augmentation":
         """``auto`` is ``imagenet`` from 160 px up and ``light`` below; explicit values override the preset's."""
-        if preset not in AUGMENTATIONS:
-            raise SeifyError(f"{{aug}} must be one of {', '.join(AUGMENTATIONS)}, not {preset!r}", "aug")
+        check_choice(preset, "aug", AUGMENTATIONS)
         if preset == "auto":
             preset = "imagenet" if img_size >= SMALL_IMAGE else "light"
         # Small images hold little beyond their object: a crop must keep most of it, and flips (a prior of natural

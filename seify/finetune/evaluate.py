@@ -84,6 +84,10 @@ def scored_images(loaded: LoadedModel, data: str, img_size: int | None = None, v
     DATA/<class> tree when ``val_split`` says so, or when the model was fine-tuned on this tree with
     ``--val-split`` (it records the split, and the same images are held out again); every image of DATA otherwise,
     or with ``all_images``. ``max_images`` takes a fixed random subset of them."""
+    if val_split is not None:
+        check_number(val_split, "val_split", 0, 1, low_open=True, high_open=True)
+    if seed is not None:
+        check_whole(seed, "seed", 0, None)
     if all_images and val_split is not None:
         raise SeifyError("pass {val_split} to score a held-out part or {all_images} to score every image, not both",
                          "val_split", "all_images")
@@ -120,7 +124,7 @@ def evaluate_folder(model_spec: str, data: str, batch_size: int = 64, img_size: 
                     val_split: float | None = None, seed: int | None = None, all_images: bool = False) -> dict:
     """``seify evaluate``: any MODEL (a seify file, or a name with ``weights``) on the images ``scored_images``
     chooses, at the size the model was trained at unless ``img_size`` says otherwise."""
-    _check_limits(batch_size, img_size, workers, val_split, seed)
+    _check_limits(batch_size, img_size, workers)
     dev = torch.device(check_device(device))
     loaded = resolve(model_spec, weights=weights)
     images = scored_images(loaded, data, img_size, val_split, seed, all_images)
@@ -132,18 +136,13 @@ def evaluate_folder(model_spec: str, data: str, batch_size: int = 64, img_size: 
             "classes": images.classes, "skipped": skipped, "notes": images.notes, **result}
 
 
-def _check_limits(batch_size: int, img_size: int | None, workers: int | None, val_split: float | None,
-                  seed: int | None) -> None:
+def _check_limits(batch_size: int, img_size: int | None, workers: int | None) -> None:
     """The limits fine-tuning has, so that a value refused there is refused here."""
     check_whole(batch_size, "batch_size", 1, MAX_BATCH_SIZE)
     if img_size is not None:
         check_whole(img_size, "img_size", 8, MAX_IMAGE_SIZE)
     if workers is not None:
         check_whole(workers, "workers", 0, 256)
-    if val_split is not None:
-        check_number(val_split, "val_split", 0, 1, low_open=True, high_open=True)
-    if seed is not None:
-        check_whole(seed, "seed", 0, None)
 
 
 def _images(data: str, trained: dict, val_split: float | None, seed: int | None, all_images: bool):

@@ -21,7 +21,6 @@ from .state import Progress, RunFolder
 
 SE_OPTIONS = frozenset(f.name for f in dataclasses.fields(SEOptions))
 CONFIG_OPTIONS = frozenset(f.name for f in dataclasses.fields(FinetuneConfig))
-SOURCE_OPTIONS = frozenset({"model", "weights", "pretrained", "se"})
 
 
 def given_options(source: Source, config: FinetuneConfig) -> set[str]:

@@ -91,8 +91,7 @@ def build(spec: str, pretrained: bool, num_classes: int | None, offline: bool = 
                              "go to the network to rebuild a file; convert it again where the hub is reachable"
                              ) from e
         if parsed.hub and not pretrained:
-            raise SeifyError(f"could not fetch the configuration of {spec} from the Hugging Face hub ({reason}); are "
-                             "you offline? Pass a timm name with {weights} instead", "weights") from e
+            raise _hub_unreachable(spec, e) from e
         if not pretrained:
             raise
         raise SeifyError(f"could not fetch pretrained weights for {spec} ({reason}); are you offline? "
@@ -154,9 +153,13 @@ def _hub_seify_file(spec: str) -> str | None:
                 return None  # a timm model on the hub: timm builds it
             return hf_hub_download(repo, WEIGHTS, revision=revision or None)
         except (OSError, ValueError) as e:  # the hub's errors are OSErrors; a damaged config a ValueError
-            reason = first_line(e).split(". ")[0]
-            raise SeifyError(f"could not fetch the configuration of {spec} from the Hugging Face hub ({reason}); "
-                             "are you offline? Pass a timm name with {weights} instead", "weights") from e
+            raise _hub_unreachable(spec, e) from e
+
+
+def _hub_unreachable(spec: str, e: Exception) -> SeifyError:
+    reason = first_line(e).split(". ")[0]
+    return SeifyError(f"could not fetch the configuration of {spec} from the Hugging Face hub ({reason}); are you "
+                      "offline? Pass a timm name with {weights} instead", "weights")
 
 
 def data_config(model: nn.Module, spec: str) -> dict:
