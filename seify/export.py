@@ -74,8 +74,13 @@ def export(model: str | nn.Module, path: str | Path, format: str = "onnx", *, we
                          "dynamic_size", "format")
     path = Path(path)
     _check_output(path, format, force, inputs=(model, weights) if isinstance(model, str) else ())
-    loaded = resolve(model, weights=weights, pretrained=pretrained) if isinstance(model, str) else None
-    module, notes = _exported_part(loaded.model if loaded is not None else model)
+    loaded: LoadedModel | None = None
+    if isinstance(model, nn.Module):
+        network = model
+    else:
+        loaded = resolve(model, weights=weights, pretrained=pretrained)
+        network = loaded.model
+    module, notes = _exported_part(network)
     size = tuple(input_size or (loaded.data_config["input_size"] if loaded else (3, 224, 224)))
     with kernels.disabled():
         if format == "onnx":
@@ -107,10 +112,9 @@ def _need(*modules: str) -> None:
         raise SeifyError(f"exporting to ONNX needs {', '.join(missing)}, which are not installed: {INSTALL}")
 
 
-def _exported_part(model: nn.Module | str) -> tuple[nn.Module, list[str]]:
+def _exported_part(model: nn.Module) -> tuple[nn.Module, list[str]]:
     """A detector's SE backbone (its heads take lists of images, which neither exporter handles as a graph),
     else the whole model."""
-    assert isinstance(model, nn.Module)
     scope = convertible_scope(model)
     if scope and type(model).__module__.startswith("torchvision.models.detection"):
         return model.get_submodule(scope).eval(), [f"exported the detector's backbone ({scope}), where the SE blocks "

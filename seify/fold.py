@@ -15,7 +15,7 @@ import copy
 import math
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -57,7 +57,6 @@ class Folded:
     top1_before: float | None = None
     top1_after: float | None = None
     params_saved: int = 0
-    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -131,7 +130,7 @@ def _plans(model: nn.Module, chosen: dict, stats: dict, max_gate_std: float):
     plans, kept = {}, []
     for path, block in chosen.items():
         multiplier, why = _multiplier(block, stats.get(path), max_gate_std)
-        target = _target(traced, path, calls, multiplier, taken) if multiplier is not None else None
+        target = _target(traced, path, calls, taken) if multiplier is not None else None
         if multiplier is not None and target is None:
             why = "no layer next to it takes a per-channel scale exactly"
         if target is None:
@@ -157,7 +156,7 @@ def _multiplier(block, stats, max_gate_std: float) -> tuple[torch.Tensor | None,
     return stats.mean * block.scale, ""
 
 
-def _target(traced: fx.GraphModule, path: str, calls: Counter, multiplier: torch.Tensor, taken: set[str]):
+def _target(traced: fx.GraphModule, path: str, calls: Counter, taken: set[str]):
     """(parameter names, channel dimension) where this block's multiplier folds exactly, or None."""
     node = next(n for n in traced.graph.nodes if n.op == "call_module" and n.target == path)
     producer = node.all_input_nodes[0]
