@@ -10,10 +10,11 @@ import csv
 import dataclasses
 import io
 import json
-import math
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import torch
 
 from .checkpoint import atomic_write
 from .device import check_device
@@ -118,7 +119,6 @@ def _threads(root: Path, arms: list[Arm], seeds: list[int], config: FinetuneConf
             info = RunFolder(root / arm.folder / f"seed-{seed}").read_info()
             if info and isinstance(info.get("threads"), int):
                 return info["threads"]
-    import torch
     device = torch.device(check_device(config.device))
     return choose_threads(None, device, 1)[0]
 
@@ -207,9 +207,11 @@ def mcnemar(only_first: int, only_second: int) -> float:
     """McNemar's exact test: the two-sided p-value that two models are equally often right, from the images only
     the first got right and those only the second did (a binomial test of the discordant pairs at one half)."""
     n, k = only_first + only_second, min(only_first, only_second)
-    if n == 0:
-        return 1.0
-    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+    tail, term = 0, 1  # sum of C(n, i) for i <= k, each term from the last: exact integers, linear in k
+    for i in range(k + 1):
+        tail += term
+        term = term * (n - i) // (i + 1)
+    return min(1.0, 2 * tail / 2 ** n)
 
 
 def _paired(arm: dict, reference: dict, seeds: list[int]) -> dict | None:
