@@ -147,7 +147,7 @@ def _data(prepared: Prepared, classes, train, val, data_dir: str, config: Finetu
         transform = device_data.DeviceTransform.from_config(cfg, img_size, augmentation, config.seed)
         train_set, val_set = device_data.EncodedDataset(train.items), device_data.EncodedDataset(val.items)
     else:
-        train_set = data.ImageDataset(train.items, data.transforms(cfg, img_size, augmentation))
+        train_set = data.ImageDataset(train.items, data.transforms(cfg, img_size, augmentation), config.seed)
         val_set = data.ImageDataset(val.items, data.transforms(cfg, img_size))
     cuda = device.type == "cuda"
     images = Data(classes, img_size, augmentation, train_set, val_set,

@@ -15,7 +15,7 @@ from PIL import Image, UnidentifiedImageError
 from ..errors import SeifyError, first_line
 from ..limits import check_choice
 from .config import AUGMENTATIONS
-from .rng import seed_worker
+from .rng import loading_process, sample_draws, sample_seed
 
 
 @dataclass
@@ -177,8 +177,11 @@ def _split(samples: Samples, fraction: float, seed: int) -> tuple[Samples, Sampl
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    def __init__(self, items: list[tuple[str, int]], transform):
-        self.items, self.transform = items, transform
+    """Decoded, transformed images. With a ``seed`` (training), each image's random augmentation is drawn from
+    (seed, epoch, index) alone: what a loading process drew ahead before a stop is drawn the same after it."""
+
+    def __init__(self, items: list[tuple[str, int]], transform, seed: int | None = None):
+        self.items, self.transform, self.seed, self.epoch = items, transform, seed, 0
 
     def __len__(self) -> int:
         return len(self.items)
@@ -190,7 +193,10 @@ class ImageDataset(torch.utils.data.Dataset):
         rgb, reason = read_rgb(path)
         if rgb is None:
             return None, (path, reason)
-        return self.transform(rgb), label
+        if self.seed is None:
+            return self.transform(rgb), label
+        with sample_draws(sample_seed(self.seed, self.epoch, i)):
+            return self.transform(rgb), label
 
 
 def fill_failed(good: list, failures: list, size: int, fill: bool) -> list | None:
@@ -297,13 +303,13 @@ class EpochSampler(torch.utils.data.Sampler):
 
 def loader(dataset, batch_size: int, sampler: EpochSampler, workers: int, pin: bool, training: bool,
            collate_fn=None):
-    """Batches of (images, labels, failures) for the sampler's current epoch; the augmentation's random draws
-    depend on (seed, epoch) only. Training drops the last incomplete batch."""
-    seed = sampler.seed * 100_003 + sampler.epoch
+    """Batches of (images, labels, failures) for the sampler's current epoch. Training drops the last incomplete
+    batch. The loader is made anew each epoch, so its processes get a dataset that knows the epoch."""
+    dataset.epoch = sampler.epoch
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin, drop_last=training,
         collate_fn=collate_fn or functools.partial(collate, fill=training),
-        generator=torch.Generator().manual_seed(seed), worker_init_fn=seed_worker if workers else None)
+        worker_init_fn=loading_process if workers else None)
 
 
 def usable_cores() -> int:

@@ -19,6 +19,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from ..errors import first_line
 from .data import Augmentation, fill_failed, read_rgb
+from .rng import sample_seed
 
 JPEG_START = (0xFF, 0xD8)
 RGB = io.ImageReadMode.RGB
@@ -118,7 +119,7 @@ class DeviceTransform:
         outs = []
         for image, index in zip(images, indices, strict=True):
             if training and self.augmentation is not None:
-                generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+                generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
                 outs.append(self._training(image, generator))
             else:
                 outs.append(self._evaluation(image))

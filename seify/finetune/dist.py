@@ -33,6 +33,14 @@ class Dist:
         dist.all_reduce(t)
         return t.tolist()
 
+    def gather(self, obj) -> list:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        if not self.enabled:
+            return [obj]
+        gathered: list = [None] * self.world
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()

@@ -280,6 +280,8 @@ class Trainer:
                 log.line(self.replanned)
             if self.resumed:
                 log.line(f"resuming {self.out} at epoch {p.epoch + 1}, batch {p.batch_in_epoch} (step {p.step})")
+            elif config.resume:
+                log.line(f"the run in {self.out} stopped before its first checkpoint: starting it from the beginning")
             for line in describe(self.training, self.source, config, self.data_dir,
                                  f"{self.threads} CPU threads ({self.threads_why})"):
                 log.line(line)
@@ -340,12 +342,14 @@ class Trainer:
         self.log.epoch_end(row)
 
     def _commit(self, best_changed: bool = False, epoch_end: bool = False) -> None:
-        """Commit a checkpoint (rank 0); at the end of an epoch also redraw the metrics table and curves."""
+        """Commit a checkpoint (rank 0, with every rank's random state); at the end of an epoch also redraw the
+        metrics table and curves."""
+        random_states = self.dist.gather(rng.capture(self.device))
         if not self.dist.main:
             return
         recipe, p = self.prepared.recipe, self.progress
         best = (self.training.judged, {**recipe, "top1": p.best_top1, "epoch": p.best_epoch}) if best_changed else None
-        state = state_of(self.training, p, self.config, self.source, self.threads)
+        state = state_of(self.training, p, self.config, self.source, self.threads, random_states)
         folder = self.folder.commit(self.model, recipe, best, state, p.history, advice=unstable(self.training))
         self._publish(folder, views=epoch_end)
 

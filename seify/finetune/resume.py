@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ..errors import SeifyError, flag, shown
 from ..options import SEOptions
 from . import rng
@@ -127,10 +129,12 @@ def open_folder(folder: RunFolder, config: FinetuneConfig, source: Source, main:
     committed = folder.committed()
     outputs = folder.holds_outputs()
     if config.resume:
-        if committed is None:
-            hint = "the run there stopped before its first checkpoint; start it again with {force}" \
-                if outputs else "start without {resume}"
-            raise SeifyError(f"nothing to resume in {out}: {hint}", "force", "resume")
+        if committed is None and not outputs:
+            raise SeifyError(f"nothing to resume in {out}: start without {{resume}}", "resume")
+        if committed is None:  # stopped before its first checkpoint: nothing to lose, so it starts over
+            if main:
+                folder.clear()
+            return None
         state, rows = folder.read(committed)
         return Saved(state, rows, committed)
     if outputs:
@@ -150,10 +154,12 @@ def _check_not_an_input(out: Path, source: Source) -> None:
                              "{out}", "out")
 
 
-def state_of(training: Training, progress: Progress, config: FinetuneConfig, source: Source, threads: int) -> dict:
-    """What a checkpoint holds besides the weights: enough to continue bit for bit."""
+def state_of(training: Training, progress: Progress, config: FinetuneConfig, source: Source, threads: int,
+             random_states: list[dict]) -> dict:
+    """What a checkpoint holds besides the weights: enough to continue bit for bit (``random_states``: every
+    rank's, in rank order)."""
     state = {"progress": dataclasses.asdict(progress), "optimizer": training.optimizer.state_dict(),
-             "scheduler": training.scheduler.state_dict(), "rng": rng.capture(training.device),
+             "scheduler": training.scheduler.state_dict(), "rng": random_states,
              "config": config.to_dict(), "source": source.to_dict(), "fresh": sorted(training.prepared.fresh),
              "steps_per_epoch": training.data.steps_per_epoch, "threads": threads, "workers": training.data.workers}
     if training.ema is not None:
@@ -177,10 +183,18 @@ def restore(training: Training, saved: Saved, config: FinetuneConfig) -> tuple[P
         training.ema.load_state_dict(state["ema"])
     if training.precision.scaler is not None and "scaler" in state:
         training.precision.scaler.load_state_dict(state["scaler"])
-    rng.restore(state["rng"], training.device)
+    _restore_random_state(state["rng"], training.dist.rank, training.device)
     planned = state["config"]["epochs"]
     replanned = _replan(training, progress, config, planned) if config.epochs != planned else None
     return progress, replanned
+
+
+def _restore_random_state(saved: list | dict, rank: int, device: torch.device) -> None:
+    """This rank's random state; 0.1.0 kept rank 0's alone (a dict), which other ranks must not take."""
+    if isinstance(saved, dict):
+        saved = [saved]
+    if rank < len(saved):
+        rng.restore(saved[rank], device)
 
 
 def _replan(training: Training, progress: Progress, config: FinetuneConfig, planned: int) -> str:
