@@ -136,3 +136,17 @@ def test_a_run_killed_before_its_first_checkpoint_starts_over_on_resume(tmp_path
     assert any("stopped before its first checkpoint: starting it from the beginning" in line for line in lines)
     fresh = finetune(se_file, str(tiny), config(tmp_path / "fresh", epochs=1))
     assert same_weights(fresh.out, out)
+
+
+def test_a_checkpoint_holds_numpys_random_state_too():
+    import random
+
+    import numpy
+
+    from seify.finetune import rng
+    saved = rng.capture(torch.device("cpu"))
+    drawn = numpy.random.rand(3), random.random(), torch.rand(3)
+    numpy.random.seed(99)
+    rng.restore(saved, torch.device("cpu"))
+    again = numpy.random.rand(3), random.random(), torch.rand(3)
+    assert numpy.array_equal(drawn[0], again[0]) and drawn[1] == again[1] and torch.equal(drawn[2], again[2])

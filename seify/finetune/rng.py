@@ -44,9 +44,9 @@ def loading_process(worker_id: int) -> None:
 def capture(device: torch.device) -> dict:
     """This process's random state. Every rank has its own (each was seeded with seed + rank)."""
     version, state, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = numpy.random.get_state()
+    kind, keys, pos, has_gauss, cached = numpy.random.get_state(legacy=True)
     captured = {"torch": torch.get_rng_state(), "python": list(state), "python_version": version,
-                "python_gauss": gauss, "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype("int64")),
+                "python_gauss": gauss, "numpy": {"kind": kind, "keys": torch.from_numpy(numpy.asarray(keys, "int64")),
                                                  "pos": pos, "has_gauss": has_gauss, "cached": cached}}
     if device.type == "cuda":
         captured["cuda"] = torch.cuda.get_rng_state(device)
