@@ -5,15 +5,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from . import checkpoint
+from .equivalence import compare
 from .errors import SeifyError, first_line
 from .models import LoadedModel, check_known, data_config, has_frozen_batchnorm, model_of, num_classes_of, resolve
 from .options import SEOptions
 from .surgery import Conversion, add_se
-
-PRESERVATION_TOLERANCE = 1e-5  # max abs diff relative to the output's magnitude, fp32
 
 
 @dataclass(kw_only=True)
@@ -72,7 +70,7 @@ def convert(model: str, options: SEOptions = SEOptions(), *, weights: str | None
     """Load ``model`` (any spec seify takes) and insert SE blocks; with ``dry_run``, only find the sites.
 
     Raises SeifyError on bad input, and if, with the default identity initialisation, the result's outputs
-    differ from the original's by more than ``PRESERVATION_TOLERANCE`` of their magnitude (a dry run builds and
+    differ from the original's by more than ``equivalence.TOLERANCE`` of their magnitude (a dry run builds and
     checks the model too, but ``save`` refuses it).
     """
     source = resolve(model, pretrained=pretrained, weights=weights, num_classes=num_classes)
@@ -85,40 +83,15 @@ def convert_loaded(source: LoadedModel, options: SEOptions = SEOptions(), *,
     size = tuple(input_size or source.data_config["input_size"])
     conversion = add_se(source.model, options, size)  # a dry run builds and checks it too
     result = Converted(**vars(conversion), source=source, input_size_given=input_size is not None, dry_run=dry_run)
-    result.max_abs_diff, result.output_scale = output_difference(source.model, conversion.model, size)
+    checked = compare(source.model, conversion.model, size)
     if conversion.scope:  # a detector's boxes depend on thresholds: compare the converted backbone's maps too
-        part = output_difference(source.model.get_submodule(conversion.scope),
-                                 conversion.model.get_submodule(conversion.scope), size)
-        result.max_abs_diff, result.output_scale = max(result.max_abs_diff, part[0]), max(result.output_scale,
-                                                                                          part[1])
-    if options.init == "identity" and result.max_abs_diff > PRESERVATION_TOLERANCE * result.output_scale:
-        raise SeifyError(f"converting {source.spec} did not keep its function: outputs differ by "
-                         f"{result.max_abs_diff:.3g} (up to {result.output_scale:.3g}); seify cannot convert this "
-                         "model exactly yet, please report it")
+        checked = checked | compare(source.model.get_submodule(conversion.scope),
+                                    conversion.model.get_submodule(conversion.scope), size)
+    result.max_abs_diff, result.output_scale = checked.max_abs, checked.scale
+    if options.init == "identity" and not checked.agrees:
+        raise SeifyError(f"converting {source.spec} did not keep its function: {checked.why()}; seify cannot "
+                         "convert this model exactly yet, please report it")
     return result
-
-
-def output_difference(a: nn.Module, b: nn.Module, input_size, batch: int = 2, seed: int = 0):
-    """(max |a(x) - b(x)|, max |a(x)|) in eval mode on a fixed random probe x, over every tensor the models
-    return (a detector's boxes, scores and labels; a backbone's feature maps); inf where their shapes differ."""
-    x = torch.randn((batch, *input_size), generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        ya, yb = _tensors(a.eval()(x)), _tensors(b.eval()(x))
-    if [t.shape for t in ya] != [t.shape for t in yb]:
-        return float("inf"), max((t.abs().max().item() for t in ya if t.numel()), default=0.0)
-    pairs = [(p.float(), q.float()) for p, q in zip(ya, yb, strict=True) if p.numel()]
-    return (max(((p - q).abs().max().item() for p, q in pairs), default=0.0),
-            max((p.abs().max().item() for p, _ in pairs), default=0.0))
-
-
-def _tensors(out) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for key in sorted(out, key=str) for t in _tensors(out[key])]
-    if isinstance(out, (list, tuple)):
-        return [t for item in out for t in _tensors(item)]
-    return []
 
 
 def save(result: Converted | Conversion, path: str | Path, *, model: str | None = None, force: bool = False,

@@ -29,10 +29,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_leaves
 
 from . import __version__, kernels
-from .checkpoint import atomic_write, check_output_folder, check_writable, save, umask, write_error
+from .checkpoint import check_output_folder, check_writable, save, umask, write_error
+from .equivalence import Difference, compare, difference, probe
 from .errors import SeifyError, first_line
 from .limits import check_choice, check_whole
 from .models import LoadedModel, load, resolve
@@ -40,9 +40,12 @@ from .models.files import set_pretrained_cfg
 from .surgery import convertible_scope
 
 FORMATS = ("onnx", "pt2", "timm", "folder")
-TOLERANCE = 1e-4  # largest difference allowed, relative to the outputs' magnitude (fp32 kernels differ in order)
 INSTALL = "pip install 'seify[export]'"
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
+MANIFEST = ".seify-export.json"  # what an export wrote in a folder: all that a later --force may replace
+DYNAMO_MIN_OPSET = 18  # the dynamo exporter writes 18 and newer (and silently 18 for older ones)
+MIN_DYNAMIC = 32  # --dynamic-size exports heights and widths from here to 4096
+EMBEDDED_BYTES = 2_000_000_000  # protobuf's limit: larger models keep their weights in NAME.onnx.data
 
 
 @dataclass
@@ -54,7 +57,7 @@ class Exported:
     inputs: list[list[int]]  # the input shapes the written model was run at
     max_abs_diff: float
     output_scale: float
-    tolerance: float  # the largest difference allowed: TOLERANCE of the outputs' magnitude, at least of 1
+    tolerance: float  # the largest difference allowed: equivalence.TOLERANCE of the outputs' magnitude
     details: dict = field(default_factory=dict)  # exporter, opset, dynamic axes; timm's architecture and args
     notes: list[str] = field(default_factory=list)
 
@@ -65,15 +68,16 @@ class Exported:
 def export(model: str | nn.Module, path: str | Path, format: str = "onnx", *, weights: str | None = None,
            pretrained: bool = False, input_size: tuple[int, int, int] | None = None, opset: int | None = None,
            legacy: bool = False, dynamic_size: bool = False, force: bool = False) -> Exported:
-    """Export ``model`` (any spec seify takes, or a module you hold) to ``path`` and check what was written."""
+    """Export ``model`` (any spec seify takes, or a module you hold) to ``path`` and check what was written.
+
+    ``force`` replaces only what an earlier seify export wrote there; nothing else is ever removed."""
     check_choice(format, "format", FORMATS)
-    if opset is not None:
-        check_whole(opset, "opset", 7, 30)
     if (legacy or opset is not None or dynamic_size) and format != "onnx":
         raise SeifyError("{legacy}, {opset} and {dynamic_size} are options of {format} onnx", "legacy", "opset",
                          "dynamic_size", "format")
     path = Path(path)
-    _check_output(path, format, force, inputs=(model, weights) if isinstance(model, str) else ())
+    inputs = _input_files(model, weights)
+    _check_output(path, format, force, inputs)
     loaded: LoadedModel | None = None
     if isinstance(model, nn.Module):
         network = model
@@ -81,29 +85,98 @@ def export(model: str | nn.Module, path: str | Path, format: str = "onnx", *, we
         loaded = resolve(model, weights=weights, pretrained=pretrained)
         network = loaded.model
     module, notes = _exported_part(network)
-    size = tuple(input_size or (loaded.data_config["input_size"] if loaded else (3, 224, 224)))
+    size = _input_size(module, input_size, loaded, dynamic_size)
     with kernels.disabled():
         if format == "onnx":
+            legacy, opset_notes = _exporter(opset, legacy)
+            notes += opset_notes
             _need("onnx", "onnxruntime", "onnxscript") if not legacy else _need("onnx", "onnxruntime")
-            result = _write_file(path, force, lambda tmp: _onnx(module, tmp, size, opset, legacy, dynamic_size))
+            result = _write_files(path, force, lambda tmp: _onnx(module, tmp, size, opset, legacy, dynamic_size))
         elif format == "pt2":
-            result = _write_file(path, force, lambda tmp: _pt2(module, tmp, size))
+            result = _write_files(path, force, lambda tmp: _pt2(module, tmp, size))
         else:
             if loaded is None or loaded.recipe is None:
                 raise SeifyError(f"{{format}} {format} writes a seify file (what convert and finetune write): "
                                  f"convert {model if isinstance(model, str) else 'the model'} first, or save it with "
                                  "seify.save", "format")
             writer = _timm_folder if format == "timm" else _seify_folder
-            result = _write_folder(path, force, lambda tmp: writer(loaded, tmp, size))
+            result = _write_folder(path, format, lambda tmp: writer(loaded, tmp, size))
     result.notes = notes + result.notes
     return result
 
 
-def _check_output(path: Path, format: str, force: bool, inputs: tuple) -> None:
+def _input_files(model: str | nn.Module, weights: str | None) -> list[Path]:
+    """The files (or folders) the export reads: never written over, never inside a folder it replaces."""
+    named = [model.removeprefix("local-dir:") if isinstance(model, str) else None, weights]
+    return [Path(p) for p in named if p and Path(p).exists()]
+
+
+def _check_output(path: Path, format: str, force: bool, inputs: list[Path]) -> None:
     if format in ("onnx", "pt2"):
-        check_writable(path, force=force, inputs=inputs)
-    else:
-        check_output_folder(path, force=force)
+        check_writable(path, force=force, inputs=tuple(inputs))
+        sidecar = _sidecar(path)
+        if sidecar.exists() and not force:
+            raise SeifyError(f"{sidecar} already exists; pass {{force}} to replace it with {path} or choose another "
+                             "path", "force")
+        return
+    check_output_folder(path, force=force)
+    if not path.parent.is_dir():
+        raise SeifyError(f"cannot write {path}: {path.parent} is not an existing folder; create it first")
+    for source in inputs:
+        if source.resolve() == path.resolve() or path.resolve() in source.resolve().parents:
+            raise SeifyError(f"{path} holds the input {source}, which {{force}} would remove; export to another "
+                             "folder", "force")
+    if path.is_dir() and any(path.iterdir()):
+        foreign = sorted(set(os.listdir(path)) - _written_before(path))
+        if foreign:
+            raise SeifyError(f"{path} holds files an earlier seify export did not write ({', '.join(foreign[:3])}"
+                             f"{', ...' if len(foreign) > 3 else ''}); {{force}} replaces only such an export: "
+                             "choose another folder", "force")
+
+
+def _written_before(folder: Path) -> set[str]:
+    """What an earlier seify export wrote in ``folder`` (its manifest lists it), the manifest included."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        return {*manifest["files"], MANIFEST}
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+
+
+def _input_size(module: nn.Module, given, loaded: LoadedModel | None, dynamic_size: bool) -> tuple[int, ...]:
+    """The size the model is exported and checked at; a channel count the model does not take, or a size below
+    what ``dynamic_size`` exports, named before anything is traced."""
+    size = tuple(given or (loaded.data_config["input_size"] if loaded else (3, 224, 224)))
+    first = next((m for m in module.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    if first is not None and size[0] != first.in_channels:
+        raise SeifyError(f"{{input_size}} {','.join(map(str, size))} has {size[0]} channel(s), but the model's first "
+                         f"convolution takes {first.in_channels}", "input_size")
+    if dynamic_size and min(size[1:]) < MIN_DYNAMIC:
+        raise SeifyError(f"{{dynamic_size}} exports sizes from {MIN_DYNAMIC} px up, and {{input_size}} "
+                         f"{','.join(map(str, size))} is below that; use at least {MIN_DYNAMIC} px", "dynamic_size",
+                         "input_size")
+    return size
+
+
+def _exporter(opset: int | None, legacy: bool) -> tuple[bool, list[str]]:
+    """(whether the TorchScript-based exporter writes it, notes): each exporter only at the opsets it writes."""
+    if opset is None:
+        return legacy, []
+    import torch.onnx._constants as constants
+    legacy_max, dynamo_max = constants.ONNX_MAX_OPSET, _newest_opset()
+    check_whole(opset, "opset", constants.ONNX_MIN_OPSET, legacy_max if legacy else dynamo_max)
+    if not legacy and opset < DYNAMO_MIN_OPSET:
+        return True, [f"opset {opset} is older than the dynamo exporter writes ({DYNAMO_MIN_OPSET} on): exported "
+                      "with the TorchScript-based exporter"]
+    return legacy, []
+
+
+def _newest_opset() -> int:
+    try:
+        import onnx
+        return int(onnx.defs.onnx_opset_version())
+    except ImportError:
+        return DYNAMO_MIN_OPSET
 
 
 def _need(*modules: str) -> None:
@@ -125,10 +198,6 @@ def _exported_part(model: nn.Module) -> tuple[nn.Module, list[str]]:
 # ---------------------------------------------------------------- the formats
 
 
-def _probe(size, batch: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn((batch, *size), generator=torch.Generator().manual_seed(seed))
-
-
 def _shapes(size, dynamic_size: bool) -> list[tuple[int, ...]]:
     """The inputs a check runs: two batch sizes, and with dynamic H and W a second size too."""
     shapes = [(1, *size), (3, *size)]
@@ -136,8 +205,10 @@ def _shapes(size, dynamic_size: bool) -> list[tuple[int, ...]]:
 
 
 def _onnx(module: nn.Module, tmp: str, size, opset: int | None, legacy: bool, dynamic_size: bool) -> Exported:
-    example = (_probe(size, 2),)
+    """One self-contained .onnx; past protobuf's 2 GB limit its weights go to NAME.onnx.data beside it."""
+    example = (probe(size, 2),)
     axes = {0: "batch", **({2: "height", 3: "width"} if dynamic_size else {})}
+    external = sum(t.numel() * t.element_size() for t in module.state_dict().values()) > EMBEDDED_BYTES
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -145,22 +216,36 @@ def _onnx(module: nn.Module, tmp: str, size, opset: int | None, legacy: bool, dy
                 torch.onnx.export(module, example, tmp, dynamo=False, opset_version=opset, input_names=["input"],
                                   dynamic_axes={"input": axes})
             else:
-                dims = {i: torch.export.Dim(name, min=1 if i == 0 else 32, max=4096) for i, name in axes.items()}
+                dims = {i: torch.export.Dim(name, min=1 if i == 0 else MIN_DYNAMIC, max=4096)
+                        for i, name in axes.items()}
                 torch.onnx.export(module, example, tmp, dynamo=True, opset_version=opset, verbose=False,
-                                  dynamic_shapes={_first_argument(module): dims}, report=False)
+                                  dynamic_shapes={_first_argument(module): dims}, report=False,
+                                  external_data=external)
     except SeifyError:
         raise
     except Exception as e:
-        raise _export_error(e, "ONNX", legacy) from e
+        raise _export_error(e, "ONNX", legacy, dynamic_size) from e
+    written = _opset(tmp)
+    if opset is not None and written != opset:
+        raise SeifyError(f"asked for {{opset}} {opset}, the exporter wrote opset {written}; nothing was written",
+                         "opset")
     import onnxruntime as ort
-    session = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise SeifyError(f"onnxruntime {ort.__version__} cannot run the exported model ({first_line(e)[:160]}); try "
+                         "another {opset}; nothing was written", "opset") from e
     name = session.get_inputs()[0].name
 
     def run(x: torch.Tensor) -> list:
         return [torch.from_numpy(y) for y in session.run(None, {name: x.numpy()})]
     result = _checked("onnx", module, run, _shapes(size, dynamic_size))
-    result.details = {"exporter": "torchscript" if legacy else "dynamo", "opset": _opset(tmp),
-                      "dynamic": list(axes.values()), "runtime": f"onnxruntime {ort.__version__}"}
+    result.details = {"exporter": "torchscript" if legacy else "dynamo", "opset": written,
+                      "dynamic": list(axes.values()), "runtime": f"onnxruntime {ort.__version__}",
+                      "weights": "in NAME.onnx.data (over 2 GB)" if external else "embedded"}
+    if external:
+        result.notes.append(f"the weights are over protobuf's 2 GB limit: they are in {Path(tmp).name}.data, which "
+                            "must stay beside the .onnx file")
     return result
 
 
@@ -174,9 +259,13 @@ def _opset(path: str) -> int | None:
     return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
-def _export_error(e: Exception, target: str, legacy: bool = False) -> SeifyError:
+def _export_error(e: Exception, target: str, legacy: bool = False, dynamic_size: bool = False) -> SeifyError:
     """One line that names the operator the exporter could not translate, and what to try instead."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    if dynamic_size and re.search(r"Constraints violated|guard|specializ|Dim\(", text):
+        return SeifyError(f"the model does not run at every size from {MIN_DYNAMIC} to 4096 px, which "
+                          "{dynamic_size} exports (a size it needs is fixed or bounded in its graph); export a fixed "
+                          "size without {dynamic_size}", "dynamic_size")
     op = re.search(r"aten(?:::|\.)([A-Za-z0-9_]+)", text)
     what = f"operator aten::{op.group(1)} has no {target} translation" if op else first_line(e)
     other = "--format pt2" if legacy else "{legacy} (the TorchScript-based exporter) or {format} pt2"
@@ -188,7 +277,7 @@ def _export_error(e: Exception, target: str, legacy: bool = False) -> SeifyError
 def _pt2(module: nn.Module, tmp: str, size) -> Exported:
     try:
         batch = torch.export.Dim("batch", min=1, max=4096)
-        program = torch.export.export(module, (_probe(size, 2),),
+        program = torch.export.export(module, (probe(size, 2),),
                                       dynamic_shapes={_first_argument(module): {0: batch}})
         with open(tmp, "wb") as f:  # as a file object: torch's loader wants names that end in .pt2
             torch.export.save(program, f)
@@ -196,7 +285,7 @@ def _pt2(module: nn.Module, tmp: str, size) -> Exported:
         raise _export_error(e, "pt2") from e
     with open(tmp, "rb") as f:
         reloaded = torch.export.load(f).module()
-    result = _checked("pt2", module, lambda x: tree_leaves(reloaded(x)), _shapes(size, False))
+    result = _checked("pt2", module, reloaded, _shapes(size, False))
     result.details = {"exporter": "torch.export", "dynamic": ["batch"], "torch": torch.__version__}
     return result
 
@@ -211,7 +300,7 @@ def _timm_folder(loaded: LoadedModel, tmp: str, size) -> Exported:
     config = {"label_names": recipe["classes"]} if recipe.get("classes") else {}
     save_for_hf(twin, tmp, model_config=config, model_args=model_args, safe_serialization=True, data_config=data)
     rebuilt = timm.create_model(f"local-dir:{tmp}", pretrained=True).eval()
-    result = _checked("timm", loaded.model, lambda x: tree_leaves(rebuilt(x)), _shapes(size, False))
+    result = _checked("timm", loaded.model, rebuilt, _shapes(size, False))
     result.details = {"architecture": architecture, "model_args": model_args,
                       "load": "timm.create_model('local-dir:PATH', pretrained=True)"}
     return result
@@ -228,19 +317,16 @@ def _timm_twin(loaded: LoadedModel) -> tuple[nn.Module, str, dict]:
     base = name.split(".", 1)[0]
     candidates: list[tuple[str, dict[str, Any]]] = [(base, {"block_args": {"attn_layer": "se"}}), (f"se{base}", {})]
     tried = []
-    x = _probe(tuple(recipe["input_size"]), 2)
-    with torch.no_grad():
-        expected = tree_leaves(loaded.model(x))
+    size = tuple(recipe["input_size"])
     for architecture, args in candidates:
         if not timm.is_model(architecture):
             continue
         try:
             twin = timm.create_model(architecture, num_classes=recipe["num_classes"], **args).eval()
             twin.load_state_dict(loaded.model.state_dict(), strict=True)
-            with torch.no_grad():
-                if _difference(expected, tree_leaves(twin(x)))[0] <= TOLERANCE * max(1.0, _scale(expected)):
-                    set_pretrained_cfg(twin, recipe)
-                    return twin, architecture, args
+            if compare(loaded.model, twin, size).agrees:
+                set_pretrained_cfg(twin, recipe)
+                return twin, architecture, args
             tried.append(f"{architecture}: other outputs")
         except Exception as e:  # timm cannot build it this way: try the next
             tried.append(f"{architecture}: {first_line(e)[:80]}")
@@ -261,7 +347,7 @@ def _seify_folder(loaded: LoadedModel, tmp: str, size) -> Exported:
               "pretrained_cfg": dict(getattr(loaded.model, "pretrained_cfg", {}) or {}), "se": recipe["options"]}
     (Path(tmp) / CONFIG).write_text(json.dumps(config, indent=2, default=list) + "\n")
     rebuilt = load(f"local-dir:{tmp}")
-    result = _checked("folder", loaded.model, lambda x: tree_leaves(rebuilt(x)), _shapes(size, False))
+    result = _checked("folder", loaded.model, rebuilt, _shapes(size, False))
     result.details = {"load": "seify.load('local-dir:PATH'), or seify.load('hf-hub:ORG/NAME') once uploaded"}
     return result
 
@@ -270,65 +356,74 @@ def _seify_folder(loaded: LoadedModel, tmp: str, size) -> Exported:
 
 
 def _checked(format: str, module: nn.Module, run, shapes) -> Exported:
-    """Run the written model and ``module`` on the same inputs: the largest difference must be within tolerance."""
-    worst, scale = 0.0, 0.0
+    """Run the written model and ``module`` on the same inputs: they must agree (``seify.equivalence``)."""
+    checked = Difference()
     for k, shape in enumerate(shapes):
-        x = _probe(shape[1:], shape[0], seed=k + 1)
+        x = probe(shape[1:], shape[0], seed=k + 1)
         with torch.no_grad():
-            expected = tree_leaves(module(x))
-            got = run(x)
-        difference, magnitude = _difference(expected, got)
-        worst, scale = max(worst, difference), max(scale, magnitude)
-    allowed = TOLERANCE * max(1.0, scale)
-    if worst > allowed:
-        raise SeifyError(f"the {format} export computes something else: outputs differ by up to {worst:.3g} (they "
-                         f"reach {scale:.3g}; allowed {allowed:.3g}); nothing was written")
-    return Exported(format, "", [], [list(s) for s in shapes], worst, scale, allowed)
+            checked = checked | difference(module(x), run(x))
+    if not checked.agrees:
+        raise SeifyError(f"the {format} export does not compute what the model does: {checked.why()}; nothing was "
+                         "written")
+    return Exported(format, "", [], [list(s) for s in shapes], checked.max_abs, checked.scale, checked.allowed)
 
 
-def _difference(expected: list, got: list) -> tuple[float, float]:
-    expected = [t for t in expected if isinstance(t, torch.Tensor)]
-    got = [torch.as_tensor(t) for t in got]
-    if [t.shape for t in expected] != [t.shape for t in got]:
-        return float("inf"), _scale(expected)
-    return max(((a.float() - b.float()).abs().max().item() for a, b in zip(expected, got, strict=True)
-                if a.numel()), default=0.0), _scale(expected)
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".data")
 
 
-def _scale(tensors: list) -> float:
-    return max((t.abs().max().item() for t in tensors if isinstance(t, torch.Tensor) and t.numel()), default=0.0)
-
-
-def _write_file(path: Path, force: bool, write) -> Exported:
-    results = []
-    atomic_write(path, lambda tmp: results.append(write(tmp)), force=force)
+def _write_files(path: Path, force: bool, write) -> Exported:
+    """``write(tmp)`` a file (and any sidecar beside it) in a temporary folder beside ``path``; once checked, move
+    them into place, and remove a sidecar of the file replaced that the new one does not have."""
+    def move(tmp: str) -> list[Path]:
+        result = write(str(Path(tmp) / path.name))
+        written = sorted(Path(tmp).iterdir(), key=lambda p: p == Path(tmp) / path.name)  # the file itself last
+        if force and _sidecar(path).name not in {f.name for f in written}:
+            _sidecar(path).unlink(missing_ok=True)
+        for f in written:
+            os.chmod(f, 0o666 & ~umask())
+            os.replace(f, path.parent / f.name)
+        results.append(result)
+        return [path.parent / f.name for f in written]
+    results: list[Exported] = []
+    files = _in_temporary_folder(path, move)
     result = results[0]
-    result.path, result.files = str(path), [str(path)]
+    result.path, result.files = str(path), sorted(str(f) for f in files)
     return result
 
 
-def _write_folder(path: Path, force: bool, write) -> Exported:
-    """Write into a temporary folder beside ``path``; rename it into place once checked."""
-    tmp = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        try:
-            result = write(tmp)
-        except Exception as e:
-            problem = write_error(e, path)
-            if problem is None:
-                raise
-            raise SeifyError(f"{problem}; nothing there was changed") from e
+def _write_folder(path: Path, format: str, write) -> Exported:
+    """Write into a temporary folder beside ``path`` with a manifest of what was written; rename it into place once
+    checked (``_check_output`` has made sure that what it replaces is an earlier export and nothing else)."""
+    def fill(tmp: str) -> Exported:
+        result = write(tmp)
+        written = sorted(os.listdir(tmp))
+        (Path(tmp) / MANIFEST).write_text(json.dumps({"seify_version": __version__, "format": format,
+                                                      "files": written}, indent=2) + "\n")
         os.chmod(tmp, 0o777 & ~umask())
         if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            os.replace(path, old)
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / path.name)
             os.replace(tmp, path)
             shutil.rmtree(old)
         else:
             os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    result.path, result.files = str(path), sorted(str(p) for p in path.iterdir())
+        return result
+    result = _in_temporary_folder(path, fill)
+    result.path, result.files = str(path), sorted(str(p) for p in path.iterdir() if p.name != MANIFEST)
     return result
 
 
+def _in_temporary_folder(path: Path, work):
+    """``work(tmp)`` with a temporary folder beside ``path``, removed afterwards whatever happens; a full disk or
+    another OS error is one line, and leaves nothing."""
+    tmp = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        return work(tmp)
+    except Exception as e:
+        problem = write_error(e, path)
+        if problem is None:
+            raise
+        raise SeifyError(f"{problem}; nothing there was changed") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -24,10 +24,10 @@ from torch import nn
 
 from . import graph as g
 from .analyze import record_gates, se_blocks
-from .api import output_difference
 from .checkpoint import check_writable, save
 from .compensation import fold_backward, fold_forward, tensor_of
 from .device import check_device
+from .equivalence import Difference, compare, difference
 from .errors import SeifyError
 from .finetune.evaluate import Scored, batches_of, evaluate, scored_images
 from .limits import check_number, check_whole
@@ -193,15 +193,15 @@ def _folded_copy(model: nn.Module, plans: dict, loaded: LoadedModel) -> nn.Modul
 def _change(a: nn.Module, b: nn.Module, images: Scored | None, loaded: LoadedModel, device, batch_size: int) -> float:
     """The largest change of the outputs: over DATA's images, or on a random probe at the trained size."""
     if images is None:
-        return output_difference(a, b, tuple(loaded.data_config["input_size"]))[0]
-    worst = 0.0
-    a, b = a.to(device), b.to(device)
+        return compare(a, b, tuple(loaded.data_config["input_size"])).max_abs
+    checked = Difference()
+    a, b = a.to(device).eval(), b.to(device).eval()
     with torch.no_grad():
         for x, _, _ in batches_of(images.dataset, batch_size, device):
             if x is not None:
                 x = x.to(device)
-                worst = max(worst, (a(x) - b(x)).abs().max().item())
-    return worst
+                checked = checked | difference(a(x), b(x))
+    return checked.max_abs
 
 
 def _top1(model: nn.Module, images: Scored, device, batch_size: int) -> float:

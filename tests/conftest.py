@@ -142,6 +142,21 @@ def se_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def gated_file(tmp_path_factory, se_file):
+    """``se_file`` with every SE block's fc2 drawn at random: gates that vary with the input, as after training
+    (a fresh conversion's gates are constant, and would hide a broken squeeze or excitation)."""
+    import seify
+    from seify.se import SqueezeExcite
+    model = seify.load(se_file)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for block in (m for m in model.modules() if isinstance(m, SqueezeExcite)):
+            block.fc2.weight.copy_(torch.randn(block.fc2.weight.shape, generator=g))
+    recipe = seify.checkpoint.read_recipe(se_file)
+    return str(seify.checkpoint.save(model, tmp_path_factory.mktemp("g") / "gated.safetensors", recipe))
+
+
+@pytest.fixture(scope="session")
 def plain4(tmp_path_factory):
     """A plain 4-class checkpoint, as a user who trained one on the same classes has it."""
     import timm
