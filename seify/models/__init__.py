@@ -19,7 +19,8 @@ from ..limits import MAX_CLASSES, check_whole
 from ..se import SqueezeExcite
 from .classifier import classifier_keys, classifier_name, num_classes_of, reorder_classifier, reset_classifier
 from .files import freeze_batchnorm, from_recipe, has_frozen_batchnorm, load_strict, model_of, rebuild
-from .spec import build, check_known, data_config, seify_file
+from .folders import build_folder
+from .spec import Spec, build, check_known, data_config, seify_file
 
 __all__ = ["LoadedModel", "resolve", "load", "build", "check_known", "data_config", "from_recipe", "model_of",
            "freeze_batchnorm", "has_frozen_batchnorm", "classifier_keys", "classifier_name", "num_classes_of",
@@ -78,6 +79,13 @@ def resolve(spec: str, *, weights: str | None = None, pretrained: bool = False, 
                                weights=recipe.get("weights") or Path(file).name, base=base)
         if pretrained and weights:
             raise SeifyError("pass either {pretrained} or {weights}, not both", "pretrained", "weights")
+        folder = Spec.parse(spec).folder
+        if folder is not None:
+            if pretrained or weights:
+                raise SeifyError(f"{spec} carries its own weights; drop {{pretrained}}/{{weights}}", "pretrained",
+                                 "weights")
+            model = build_folder(folder, meta)
+            return LoadedModel(model, spec, data_config(model, spec), [], weights=f"{folder.name}/model.safetensors")
         if ":" not in spec and (Path(spec).suffix in (".safetensors", ".pth", ".pt", ".bin") or Path(spec).exists()):
             raise SeifyError(f"{spec} is not a seify file; to load a checkpoint pass the architecture and the "
                              f"file as {{weights}} (resnet50 --weights {spec})", "weights")

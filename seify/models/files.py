@@ -73,7 +73,7 @@ def load_strict(model: nn.Module, state_dict: dict, what: str, advice: str, fres
     the version of their saved form (torchvision's MNASNet) need.
     """
     expected = model.state_dict()
-    loaded = {t.data_ptr() for k, t in expected.items() if k in state_dict}
+    loaded = {t.data_ptr() for k, t in expected.items() if k in state_dict and not t.is_meta}
     missing = [k for k in expected if k not in state_dict and k not in fresh and expected[k].data_ptr() not in loaded]
     unexpected = [k for k in state_dict if k not in expected]
     wrong = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
