@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -97,15 +97,18 @@ def se_blocks(model: nn.Module) -> dict[str, SqueezeExcite]:
 
 
 def record_gates(model: nn.Module, batches, classes: int, device: torch.device,
-                 sites: dict[str, dict] | None = None) -> dict[str, GateStats]:
+                 sites: dict[str, dict] | None = None, failed: list | None = None) -> dict[str, GateStats]:
     """Run ``model`` over ``batches`` of (images, labels, failures) and summarise every SE gate; ``sites`` (the
-    recipe's, by path) adds each site's stage, parameters and MACs."""
+    recipe's, by path) adds each site's stage, parameters and MACs; ``failed`` collects the (path, reason) of the
+    images that could not be decoded."""
     blocks = se_blocks(model)
     recorder = _Recorder(blocks, classes)
     model = model.to(device).eval()
     try:
         with torch.inference_mode(), kernels.disabled():  # the fused kernels never call the gate module
-            for images, labels, _ in batches:
+            for images, labels, failures in batches:
+                if failed is not None:
+                    failed += failures
                 if images is None:
                     continue
                 recorder.labels = labels.cpu()
@@ -117,15 +120,22 @@ def record_gates(model: nn.Module, batches, classes: int, device: torch.device,
 
 
 def _stats(path: str, s: dict, block: SqueezeExcite, site: dict) -> GateStats:
+    """Per channel: the mean and the sample standard deviation (n - 1) over images. Class specificity is a one-way
+    ANOVA's F ratio over all channels: the between-class mean square over the within-class one (each summed over
+    channels, with its degrees of freedom, k - 1 and n - k), so that gates that do not depend on the class score about 1
+    whatever the number of images and classes (0 where every gate is constant); NaN with fewer than two classes
+    or no image beyond one per class."""
     n = s["n"]
     mean = s["sum"] / n
-    variance = (s["sq"] / n - mean * mean).clamp(min=0)
+    variance = ((s["sq"] - n * mean * mean) / max(n - 1, 1)).clamp(min=0)
     counts = s["class_n"]
     class_mean = s["class_sum"] / counts[:, None]  # NaN where a class has no image
     seen = counts > 0
-    between = (counts[seen, None] * (class_mean[seen] - mean) ** 2).sum() / n
-    within = (s["class_sq"][seen].sum(0) - (counts[seen, None] * class_mean[seen] ** 2).sum(0)).clamp(min=0).sum() / n
-    specificity = float(between / (within + 1e-12))  # finite where a class decides a gate alone
+    k = int(seen.sum())
+    between = (counts[seen, None] * (class_mean[seen] - mean) ** 2).sum() / max(k - 1, 1)
+    within = (s["class_sq"][seen].sum(0) - (counts[seen, None] * class_mean[seen] ** 2).sum(0)).clamp(min=0).sum() / \
+        max(n - k, 1)
+    specificity = float(between / (within + 1e-12)) if 1 < k < n else math.nan  # finite where a class decides a gate
     params = sum(p.numel() for p in block.parameters())
     return GateStats(path, site.get("stage"), len(mean), params, site.get("macs"), n, mean.float(),
                      variance.sqrt().float(), class_mean.float(), counts.float(), specificity,
@@ -141,10 +151,12 @@ class Analysis:
     sites: list[GateStats]
     files: list[str]
     notes: list[str]
+    skipped: list[str] = field(default_factory=list)  # files of DATA that could not be read as images
 
     def to_dict(self) -> dict:
         return {"model": self.model, "data": self.data, "images": self.where, "classes": self.classes,
-                "sites": [s.summary(self.classes) for s in self.sites], "files": self.files, "notes": self.notes}
+                "sites": [s.summary(self.classes) for s in self.sites], "files": self.files, "notes": self.notes,
+                "skipped": self.skipped}
 
     def ranked(self) -> list[GateStats]:
         """Sites by how little they do for what they cost: the gates' spread over images per parameter, least
@@ -167,9 +179,13 @@ def analyze(model: str, data: str, *, weights: str | None = None, out: str | Pat
     default = f"{Path(model).name.removesuffix('.safetensors')}-analysis"
     folder = check_output_folder(out if out is not None else default, force=force)
     images = scored_images(loaded, data, val_split=val_split, seed=seed, max_images=max_images)
+    failed: list = []
     stats = record_gates(loaded.model, batches_of(images.dataset, batch_size, dev), len(images.classes), dev,
-                         _sites(loaded))
-    result = Analysis(model, str(data), images.where, images.classes, list(stats.values()), [], images.notes)
+                         _sites(loaded), failed)
+    skipped = images.skipped + [path for path, _ in failed]
+    notes = images.notes + ([f"skipped {len(skipped)} unreadable file(s): {', '.join(skipped[:3])}"
+                             f"{', ...' if len(skipped) > 3 else ''}"] if skipped else [])
+    result = Analysis(model, str(data), images.where, images.classes, list(stats.values()), [], notes, skipped)
     result.files = _write(folder, result)
     return result
 

@@ -10,10 +10,13 @@ import csv
 import dataclasses
 import io
 import json
+import math
 import statistics
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy
 import torch
 
 from .checkpoint import atomic_write
@@ -30,6 +33,7 @@ from .options import SEOptions, parse_pairs
 from .paper import PREFIX, TABLES, figures
 from .plots import comparison, save_png
 from .profile import cost
+from .sites import find_sites
 
 REPORT, TABLE, FIGURE = "compare.json", "compare.csv", "compare.png"
 
@@ -94,6 +98,9 @@ def compare(spec: str, data_dir: str, arms: list[Arm], config: FinetuneConfig, *
         raise SeifyError(f"{{seeds}} must be from 1 to 100, not {seeds}", "seeds")
     config.check()
     root = Path(config.out)
+    arms, notes = _without_twins(spec, arms, config.img_size, weights)
+    for note in notes:
+        say(note)
     split = data.discover(data_dir, config.val_split, config.seed, config.strict_data)
     seed_list = [config.seed + k for k in range(seeds)]
     config = dataclasses.replace(config, threads=_threads(root, arms, seed_list, config))
@@ -105,8 +112,33 @@ def compare(spec: str, data_dir: str, arms: list[Arm], config: FinetuneConfig, *
                 return {"stopped_by": result.stopped_by, "out": str(root)}
     document = summarize(root, arms, seed_list, spec)
     document["skipped_files"] = split[1].skipped + split[2].skipped
+    document["notes"] = notes
     _write(root, document)
     return document
+
+
+def _without_twins(spec: str, arms: list[Arm], img_size: int | None, weights: str | None
+                   ) -> tuple[list[Arm], list[str]]:
+    """(the arms, what was said): an SE-3x3 arm on a model whose blocks end in their 3x3 convolution (ResNet's
+    basic block) puts SE exactly where the standard arm does, and would train the same model twice: it is dropped."""
+    twins = [a for a in arms if a.options is not None and a.options.variant == "3x3"]
+    if not twins:
+        return arms, []
+    loaded = resolve(spec, weights=weights, device="meta")
+    size = (3, img_size, img_size) if img_size else tuple(loaded.data_config["input_size"])
+    kept, notes = list(arms), []
+    for arm in twins:
+        assert arm.options is not None
+        standard = next((a for a in arms if a.options == dataclasses.replace(arm.options, variant="standard")), None)
+        if standard is None or standard.options is None:
+            continue
+        places = [[(s.owner, s.after) for s in find_sites(loaded.model, options, size)[2]]
+                  for options in (arm.options, standard.options)]
+        if places[0] == places[1]:
+            kept.remove(arm)
+            notes.append(f"{arm.name} puts SE where {standard.name} does in {spec} (its blocks end in their 3x3 "
+                         f"convolution): the two arms would be the same model, so {arm.name} is left out")
+    return kept, notes
 
 
 def _threads(root: Path, arms: list[Arm], seeds: list[int], config: FinetuneConfig) -> int:
@@ -214,11 +246,43 @@ def mcnemar(only_first: int, only_second: int) -> float:
     return min(1.0, 2 * tail / 2 ** n)
 
 
+def per_image_test(differences: list[int]) -> float:
+    """The exact two-sided p-value that, image by image, neither arm is right more often: a sign-flip
+    (randomisation) test of the per-image differences in correct counts over seeds, the image being the unit.
+
+    Under the null hypothesis each image's difference is as likely to have either sign, whatever its size, so the
+    statistic (their sum) is distributed as a sum of independent +-|d| over the images with d != 0; that
+    distribution is computed exactly up to float rounding (a product of binomials, by FFT). With one seed it is
+    McNemar's exact test."""
+    sizes = Counter(abs(d) for d in differences if d)
+    if not sizes:
+        return 1.0
+    total = sum(size * n for size, n in sizes.items())  # W = sum of size x (images of that size with d > 0)
+    length = 1 << (total + 1).bit_length()
+    spectrum = numpy.ones(length // 2 + 1, dtype=complex)
+    for size, n in sizes.items():
+        pmf = numpy.zeros(length)
+        pmf[: size * n + 1: size] = _binomial_half(n)
+        spectrum *= numpy.fft.rfft(pmf)
+    distribution = numpy.clip(numpy.fft.irfft(spectrum, length)[: total + 1], 0.0, None)
+    observed = abs(sum(differences))
+    extreme = numpy.abs(2 * numpy.arange(total + 1) - total) >= observed - 1e-9
+    return float(min(1.0, distribution[extreme].sum()))
+
+
+def _binomial_half(n: int) -> numpy.ndarray:
+    k = numpy.arange(n + 1)
+    log_pmf = numpy.array([math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) for i in k]) - \
+        n * math.log(2)
+    return numpy.exp(log_pmf)
+
+
 def _paired(arm: dict, reference: dict, seeds: list[int]) -> dict | None:
-    """McNemar's test per seed and pooled over seeds, on the validation images both arms' final models judged."""
+    """McNemar's test per seed, and pooled over seeds with the image as the unit (``per_image_test``), on the
+    validation images both arms' final models judged."""
     ours = {r["seed"]: r.get("val_correct") for r in arm["runs"]}
     theirs = {r["seed"]: r.get("val_correct") for r in reference["runs"]}
-    per_seed = []
+    per_seed, counts = [], None
     for seed in seeds:
         a, b = theirs.get(seed), ours.get(seed)
         if not a or not b or len(a) != len(b):
@@ -227,10 +291,13 @@ def _paired(arm: dict, reference: dict, seeds: list[int]) -> dict | None:
         only_arm = sum(y and not x for x, y in zip(a, b, strict=True))
         per_seed.append({"seed": seed, "only_reference": only_reference, "only_arm": only_arm,
                          "p_value": mcnemar(only_reference, only_arm)})
-    if not per_seed:
+        step = [int(y) - int(x) for x, y in zip(a, b, strict=True)]
+        counts = step if counts is None else [c + d for c, d in zip(counts, step, strict=True)]
+    if counts is None:
         return None
-    b, c = sum(s["only_reference"] for s in per_seed), sum(s["only_arm"] for s in per_seed)
-    return {"per_seed": per_seed, "pooled": {"only_reference": b, "only_arm": c, "p_value": mcnemar(b, c)}}
+    return {"per_seed": per_seed, "pooled": {"images": len(counts), "reference_ahead": sum(d < 0 for d in counts),
+                                             "arm_ahead": sum(d > 0 for d in counts),
+                                             "p_value": per_image_test(counts)}}
 
 
 SIGNIFICANCE = 0.05
@@ -258,17 +325,17 @@ def _verdict(arm: dict, reference: dict) -> dict:
     if paired is not None:
         pooled = paired["pooled"]
         tells = pooled["p_value"] < SIGNIFICANCE
-        judged = (f"{name} is {'better' if pooled['only_arm'] > pooled['only_reference'] else 'worse'}" if tells
+        judged = (f"{name} is {'better' if pooled['arm_ahead'] > pooled['reference_ahead'] else 'worse'}" if tells
                   else "the test cannot tell them apart")
-        text += (f"; on the same images {against} alone was right {pooled['only_reference']} times and {name} alone "
-                 f"{pooled['only_arm']} (McNemar p = {pooled['p_value']:.2g}): {judged}")
+        text += (f"; of {pooled['images']} images {against} was right in more seeds on {pooled['reference_ahead']} "
+                 f"and {name} on {pooled['arm_ahead']} (per-image test p = {pooled['p_value']:.2g}): {judged}")
     if ratio is not None:
         text += f"; {ratio:.2f}x step time"
     else:  # e.g. --epochs 1 with a warm-up: one arm trained its new parts only, the other everything
         text += "; step time not comparable (no epoch in which both trained every layer)"
     return {"arm": name, "against": against, "seeds": seeds, "differences": diffs,
             "mean_difference": stats["mean"], "std_difference": stats["std"], "higher_in": higher,
-            "mcnemar": paired, "step_time_ratio": ratio, "text": text}
+            "paired_test": paired, "step_time_ratio": ratio, "text": text}
 
 
 def _write(root: Path, document: dict) -> None:

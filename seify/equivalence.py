@@ -72,7 +72,7 @@ def probe(input_size, batch: int = 2, seed: int = 0) -> torch.Tensor:
 
 
 def compare(reference: nn.Module, other: nn.Module, input_size, batch: int = 2, seed: int = 0) -> Difference:
-    """Both models in eval mode on one fixed random probe."""
-    x = probe(input_size, batch, seed)
+    """Both models in eval mode on one fixed random probe, on the reference's device."""
+    x = probe(input_size, batch, seed).to(next(reference.parameters(), torch.empty(0)).device)
     with torch.no_grad():
         return difference(reference.eval()(x), other.eval()(x))

@@ -106,7 +106,7 @@ def fold(model: str, out: str | Path, data: str | None = None, *, weights: str |
     recipe = dict(loaded.recipe)
     recipe["folded"] = list(recipe.get("folded") or []) + list(plans)
     recipe["sites"] = [s for s in recipe["sites"] if s["path"] not in plans]
-    save(result_model, out, recipe, force=force, inputs=(model, weights))
+    save(result_model.cpu(), out, recipe, force=force, inputs=(model, weights))
     return result
 
 
@@ -127,14 +127,18 @@ def _plans(model: nn.Module, chosen: dict, stats: dict, max_gate_std: float):
     traced = g.trace(model)
     calls = Counter(n.target for n in traced.graph.nodes if n.op in ("call_module", "get_attr"))
     taken: set[str] = set()
-    plans, kept = {}, []
+    plans: dict[str, tuple[list[str], torch.Tensor, int]] = {}
+    kept: list[dict] = []
     for path, block in chosen.items():
         multiplier, why = _multiplier(block, stats.get(path), max_gate_std)
+        if multiplier is not None and float(multiplier.min()) < 0:
+            multiplier, why = None, "its gate is negative in some channel, which a ReLU before it would not pass"
+        if multiplier is not None and bool((multiplier == 1).all()):  # it multiplies by 1: nothing to fold into
+            plans[path] = ([], multiplier, 0)
+            continue
         target = _target(traced, path, calls, taken) if multiplier is not None else None
-        if multiplier is not None and target is None:
-            why = "no layer next to it takes a per-channel scale exactly"
-        if target is None:
-            kept.append({"path": path, "why": why})
+        if multiplier is None or target is None:
+            kept.append({"path": path, "why": why or "no layer next to it takes a per-channel scale exactly"})
             continue
         taken.update(target[0])
         plans[path] = (target[0], multiplier, target[1])
@@ -151,8 +155,6 @@ def _multiplier(block, stats, max_gate_std: float) -> tuple[torch.Tensor | None,
     spread = float(stats.std.max())
     if spread > max_gate_std:
         return None, f"its gate varies by up to {spread:.3g} over the images (more than {max_gate_std:g})"
-    if float(stats.mean.min()) < 0:
-        return None, "its mean gate is negative in some channel, which a ReLU before it would not pass"
     return stats.mean * block.scale, ""
 
 
@@ -184,7 +186,7 @@ def _folded_copy(model: nn.Module, plans: dict, loaded: LoadedModel) -> nn.Modul
                 t = tensor_of(folded, name)
                 shape = [1] * t.dim()
                 shape[dim] = -1
-                t.mul_(multiplier.to(t.dtype).view(shape))
+                t.mul_(multiplier.to(t).view(shape))
     slots = {p for p in plans if loaded.base is not None and isinstance(module_or_none(loaded.base, p), nn.Identity)}
     remove_se(folded, list(plans), slots)
     return folded.eval()

@@ -12,6 +12,7 @@ import seify
 from conftest import ARCH, config, realistic, save_weights
 from seify.analyze import analyze
 from seify.checkpoint import read_recipe
+from seify.errors import SeifyError
 from seify.finetune import data as fdata
 from seify.finetune.loop import finetune
 from seify.finetune.progress import SilentLog
@@ -57,15 +58,16 @@ def test_analyze_matches_a_hand_computation(tmp_path, tiny, trained):
     for site in report["sites"]:
         g = gates[site["path"]]
         assert torch.allclose(saved[f"{site['path']}.mean"].double(), g.mean(0), atol=1e-6)
-        assert torch.allclose(saved[f"{site['path']}.std"].double(), g.std(0, unbiased=False), atol=1e-6)
+        assert torch.allclose(saved[f"{site['path']}.std"].double(), g.std(0, unbiased=True), atol=1e-6)
         for k, name in enumerate(classes):
             by_class = g[torch.from_numpy(labels == k)]
             assert torch.allclose(saved[f"{site['path']}.class_mean"][k].double(), by_class.mean(0), atol=1e-6)
             assert site["classes"][name]["images"] == len(by_class)
         means = torch.stack([g[torch.from_numpy(labels == k)].mean(0) for k in range(len(classes))])
         counts = torch.tensor([(labels == k).sum() for k in range(len(classes))], dtype=torch.float64)
-        between = (counts[:, None] * (means - g.mean(0)) ** 2).sum() / len(g)
-        within = sum(((g[torch.from_numpy(labels == k)] - means[k]) ** 2).sum() for k in range(len(classes))) / len(g)
+        k_, n = len(classes), len(g)  # the one-way ANOVA's F ratio, summed over channels, with its degrees of freedom
+        between = (counts[:, None] * (means - g.mean(0)) ** 2).sum() / (k_ - 1)
+        within = sum(((g[torch.from_numpy(labels == k)] - means[k]) ** 2).sum() for k in range(k_)) / (n - k_)
         assert site["specificity"] == pytest.approx(float(between / within), rel=1e-4)
         assert site["saturation"] == pytest.approx(float(((g <= 0.05) | (g >= 0.95)).double().mean()))
     assert result.files[2].endswith("excitations.png") and Image.open(result.files[2]).size[0] > 800
@@ -181,4 +183,64 @@ def test_split_and_opset_values_are_checked_wherever_they_go(cli, tmp_path, trai
     code, _, err = cli("analyze", trained, tiny / "train", "--val-split", "1.5", "--out", tmp_path / "a")
     assert code == 2 and "--val-split must be a finite number > 0 and < 1" in err
     code, _, err = cli("export", trained, "-o", tmp_path / "m.onnx", "--opset", "-3")
-    assert code == 2 and "--opset must be a whole number from 7 to 30" in err and not (tmp_path / "m.onnx").exists()
+    assert code == 2 and "--opset must be a whole number from 7 to" in err and not (tmp_path / "m.onnx").exists()
+
+
+def test_a_subset_keeps_every_class_in_its_share():
+    from collections import Counter
+
+    from seify.finetune.evaluate import stratified
+    items = [(f"a{i}", 0) for i in range(90)] + [(f"b{i}", 1) for i in range(9)] + [("c0", 2)]
+    chosen = stratified(items, 20)
+    assert Counter(label for _, label in chosen) == {0: 17, 1: 2, 2: 1} and len(set(chosen)) == 20
+    assert stratified(items, 20) == chosen and set(chosen) <= set(items)  # fixed, and drawn from the items
+    assert Counter(label for _, label in stratified(items, 50)) == {0: 44, 1: 5, 2: 1}
+
+
+def test_class_specificity_of_gates_that_ignore_the_class_is_about_1():
+    """Gates drawn the same for every class: the F ratio is about 1 (the biased ratio shrank with the images per
+    class, so small and large data were not comparable)."""
+    from seify.analyze import _stats
+    g = torch.Generator().manual_seed(0)
+    gates, labels = torch.rand(400, 16, generator=g, dtype=torch.float64), torch.arange(400) % 8
+    one_hot = torch.nn.functional.one_hot(labels, 8).double()
+    s = {"n": 400, "sum": gates.sum(0), "sq": (gates * gates).sum(0), "class_sum": one_hot.T @ gates,
+         "class_sq": one_hot.T @ (gates * gates), "class_n": one_hot.sum(0), "saturated": 0}
+    stats = _stats("x", s, seify.SqueezeExcite(16, 8), {})
+    assert 0.7 < stats.specificity < 1.3
+    assert torch.allclose(stats.std.double(), gates.std(0), atol=1e-6)
+
+
+def test_analyze_names_the_files_it_skipped(tmp_path, tiny, trained):
+    data = tmp_path / "data"
+    shutil.copytree(tiny, data)
+    (data / "val" / sorted(p.name for p in (data / "val").iterdir())[0] / "broken.jpg").write_bytes(b"not an image")
+    result = analyze(str(trained), str(data), out=tmp_path / "a")
+    assert any(n.endswith("broken.jpg") for n in result.skipped)
+    assert any("skipped 1 unreadable file(s)" in n for n in result.notes)
+
+
+def test_blocks_that_multiply_by_exactly_one_are_folded_away(tmp_path):
+    from seify.options import SEOptions
+    for variant in ("post", "identity"):
+        conversion = seify.convert("resnet18", SEOptions(variant=variant), input_size=(3, 32, 32))
+        path = seify.save(conversion, tmp_path / f"{variant}.safetensors")
+        result = fold(str(path), tmp_path / f"{variant}-folded.safetensors")
+        assert result.kept == [] and len(result.folded) == len(conversion.sites) == 8, result.kept
+        folded = seify.load(tmp_path / f"{variant}-folded.safetensors")
+        x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            assert torch.equal(folded(x), seify.load(path)(x))
+        assert sum(p.numel() for p in folded.parameters()) == sum(
+            p.numel() for p in conversion.source.model.parameters())
+
+
+def test_a_constant_negative_gate_is_never_folded_through_a_relu(tmp_path):
+    from seify.options import SEOptions
+    conversion = seify.convert("resnet18", SEOptions(gate="tanh"), input_size=(3, 32, 32))
+    with torch.no_grad():
+        for block in (m for m in conversion.model.modules() if isinstance(m, seify.SqueezeExcite)):
+            block.fc2.bias.fill_(-0.5)  # a constant gate of tanh(-0.5) < 0
+    path = seify.save(conversion, tmp_path / "neg.safetensors")
+    with pytest.raises(SeifyError, match="nothing to fold .* negative in some channel"):
+        fold(str(path), tmp_path / "out.safetensors")

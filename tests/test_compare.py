@@ -43,7 +43,7 @@ def test_verdict_pairs_seeds():
     assert v["std_difference"] == pytest.approx(statistics.stdev(diffs))
     assert v["step_time_ratio"] == pytest.approx(1.25)
     assert v["text"] == "se: +0.3 +/- 0.8 points over plain (higher in 2 of 3 seeds); 1.25x step time"
-    assert v["mcnemar"] is None  # these runs recorded no per-image predictions
+    assert v["paired_test"] is None  # these runs recorded no per-image predictions
     unfinished = _arm("se", [91.0], 80.0)
     unfinished["runs"][0]["complete"] = False
     assert "no seed finished in both" in _verdict(unfinished, plain)["text"]
@@ -143,11 +143,11 @@ def test_one_epoch_compare_rows_threads_and_step_time(tmp_path, tiny, plain4, mo
     def right(arm, seed):
         with torch.no_grad():
             return seify.load(out / arm / f"seed-{seed}" / "last.safetensors")(x).argmax(1) == labels
-    for seed, counted in zip((0, 1), verdict["mcnemar"]["per_seed"], strict=True):
+    for seed, counted in zip((0, 1), verdict["paired_test"]["per_seed"], strict=True):
         p_right, s_right = right("plain", seed), right("se", seed)
         assert counted["only_reference"] == int((p_right & ~s_right).sum())
         assert counted["only_arm"] == int((s_right & ~p_right).sum())
-    assert 0 <= verdict["mcnemar"]["pooled"]["p_value"] <= 1
+    assert 0 <= verdict["paired_test"]["pooled"]["p_value"] <= 1
     monkeypatch.setattr(dist, "busy_cores", lambda seconds=0.25: 1.6)  # a rerun under load keeps the count
     from seify.compare import _threads
     assert _threads(out, parse_arms("plain,se"), [0, 1], config(out, threads=None)) == 2
@@ -169,13 +169,59 @@ def test_the_verdict_says_better_only_when_the_test_can_tell():
     plain = arm("plain", [[1] * 50 + [0] * 50, [1] * 50 + [0] * 50])
     close = arm("se", [[1] * 52 + [0] * 48, [1] * 49 + [0] * 51])
     v = _verdict(close, plain)
-    assert v["mcnemar"]["pooled"] == {"only_reference": 1, "only_arm": 2, "p_value": pytest.approx(1.0)}
+    # per image, se's correct count over the 2 seeds minus plain's: image 49 -1 (seed 1), images 50-51 +1 (seed 0)
+    assert v["paired_test"]["pooled"] == {"images": 100, "reference_ahead": 1, "arm_ahead": 2,
+                                          "p_value": pytest.approx(1.0)}
     assert "cannot tell them apart" in v["text"] and "better" not in v["text"] and "worse" not in v["text"]
-    assert [s["only_arm"] for s in v["mcnemar"]["per_seed"]] == [2, 0]
+    assert [s["only_arm"] for s in v["paired_test"]["per_seed"]] == [2, 0]
     far = arm("se", [[1] * 70 + [0] * 30, [1] * 75 + [0] * 25])
     v = _verdict(far, plain)
-    assert v["mcnemar"]["pooled"]["only_arm"] == 45 and v["mcnemar"]["pooled"]["p_value"] < 1e-6
+    assert v["paired_test"]["pooled"]["arm_ahead"] == 25 and v["paired_test"]["pooled"]["p_value"] < 1e-6
     assert "se is better" in v["text"]
+
+
+def test_the_per_image_test_is_exact():
+    from itertools import product
+
+    from seify.compare import mcnemar, per_image_test
+    assert per_image_test([0, 0]) == 1.0
+    for b, c in ((2, 8), (0, 12), (5, 5), (30, 45)):  # one seed: McNemar's exact test
+        assert per_image_test([-1] * b + [1] * c + [0] * 7) == pytest.approx(mcnemar(b, c), rel=1e-9)
+    d = [2, 2, 1, -1, 3, 2]  # by enumeration of every sign assignment
+    sums = [sum(s * abs(x) for s, x in zip(signs, d, strict=True)) for signs in product((-1, 1), repeat=len(d))]
+    assert per_image_test(d) == pytest.approx(sum(abs(t) >= abs(sum(d)) for t in sums) / len(sums))
+
+
+def _simulate_null(rng, images=150, seeds=3, sticky=0.8):
+    """Two arms that differ only by seed. Fine-tuned from one checkpoint, an arm's models tend to get the same
+    images right or wrong: each arm draws its own per-image tendency once (from the same distribution for both),
+    and each seed follows it with probability ``sticky``."""
+    import numpy
+    difficulty = rng.uniform(0.5, 0.95, images)
+
+    def arm():
+        tendency = rng.random(images) < difficulty
+        return [numpy.where(rng.random(images) < sticky, tendency, rng.random(images) < difficulty).astype(int)
+                .tolist() for _ in range(seeds)]
+    return arm(), arm()
+
+
+def test_arms_that_differ_only_by_seed_are_called_different_about_5_percent_of_the_time():
+    import numpy
+
+    from seify.compare import _paired, mcnemar
+    rng = numpy.random.default_rng(0)
+    trials, rejected, pooled_mcnemar = 400, 0, 0
+    for _ in range(trials):
+        reference, other = _simulate_null(rng)
+        runs = [{"name": n, "runs": [{"seed": s, "val_correct": c} for s, c in enumerate(arm)]}
+                for n, arm in (("plain", reference), ("se", other))]
+        paired = _paired(runs[1], runs[0], [0, 1, 2])
+        rejected += paired["pooled"]["p_value"] < 0.05
+        b, c = (sum(s[k] for s in paired["per_seed"]) for k in ("only_reference", "only_arm"))
+        pooled_mcnemar += mcnemar(b, c) < 0.05  # the old pooling: an image counted once per seed
+    assert rejected / trials <= 0.075  # about 5% (an exact test on discrete counts is at most its level)
+    assert pooled_mcnemar / trials > 0.10  # (16% here) what counting each image once per seed claimed
 
 
 def test_paper_presets_expand_to_the_papers_arms():
@@ -193,3 +239,11 @@ def test_paper_presets_expand_to_the_papers_arms():
     assert TABLES["reduction"].arms[0].top1_error == 22.29 and TABLES["gate"].arms[1].top5_error == 6.38
     with pytest.raises(SeifyError, match="not one of the paper's tables"):
         parse_arms("paper:dropout")
+
+
+def test_a_3x3_arm_that_is_the_standard_arm_is_left_out():
+    from seify.compare import _without_twins
+    arms, notes = _without_twins("resnet18", parse_arms("paper:3x3"), 32, None)
+    assert [a.name for a in arms] == ["se"] and "the two arms would be the same model" in notes[0]
+    arms, notes = _without_twins("resnet50", parse_arms("paper:3x3"), 32, None)  # a bottleneck's 3x3 is inside
+    assert [a.name for a in arms] == ["se", "se:variant=3x3"] and notes == []

@@ -173,7 +173,7 @@ def run(result: RunResult) -> None:
 def comparison(report: dict, out: str) -> None:
     def mean_std(stats: dict) -> str:
         return f"{stats['mean']:.2f}" + (f" +/- {stats['std']:.2f}" if stats["std"] is not None else "")
-    tests = {v["arm"]: v["mcnemar"]["pooled"]["p_value"] for v in report["verdicts"] if v["mcnemar"]}
+    tests = {v["arm"]: v["paired_test"]["pooled"]["p_value"] for v in report["verdicts"] if v["paired_test"]}
     paper = any(arm["paper"] for arm in report["arms"])
     rows = []
     for arm in report["arms"]:
@@ -185,7 +185,7 @@ def comparison(report: dict, out: str) -> None:
         if paper:
             row.append(_paper_cell(arm["paper"]))
         rows.append(row)
-    columns = ["arm", "runs", "final top-1", "best top-1", f"McNemar p vs {report['reference']}", "params (added)",
+    columns = ["arm", "runs", "final top-1", "best top-1", f"per-image p vs {report['reference']}", "params (added)",
                "MACs (added)", "train img/s"] + (["paper: ImageNet top-1/top-5 error"] if paper else [])
     table(f"{report['model']}: {report['metric']} over seeds {', '.join(map(str, report['seeds']))}", columns, rows)
     for verdict in report["verdicts"]:

@@ -107,10 +107,28 @@ def scored_images(loaded: LoadedModel, data: str, img_size: int | None = None, v
     index = {name: i for i, name in enumerate(classes)}
     items = [(path, index[folder_classes[label]]) for path, label in samples.items]
     if max_images is not None and len(items) > max_images:
-        chosen = sorted(random.Random(0).sample(range(len(items)), max_images))
-        items, where = [items[i] for i in chosen], f"{max_images} of the {len(items)} {where}"
+        where = f"{max_images} of the {len(items)} {where} (each class in its share)"
+        items = stratified(items, max_images)
     return Scored(list(classes), ImageDataset(items, transforms(loaded.data_config, img_size)), where,
                   samples.skipped, notes)
+
+
+def stratified(items: list[tuple[str, int]], size: int, seed: int = 0) -> list[tuple[str, int]]:
+    """A fixed random subset of ``size`` items in which every class has an image (where ``size`` allows) and the
+    rest goes to each class in its share (largest remainders): per-class statistics rest on every class, and a
+    small subset is not all one class by chance."""
+    by_class: dict[int, list] = {}
+    for item in items:
+        by_class.setdefault(item[1], []).append(item)
+    base = 1 if size >= len(by_class) else 0
+    rest, pool = size - base * len(by_class), len(items) - base * len(by_class)
+    exact = {label: rest * (len(group) - base) / pool for label, group in by_class.items()}
+    shares = {label: base + int(share) for label, share in exact.items()}
+    for label in sorted(exact, key=lambda c: (int(exact[c]) - exact[c], c))[: size - sum(shares.values())]:
+        shares[label] += 1
+    rng = random.Random(seed)
+    chosen = {item for label, group in sorted(by_class.items()) for item in rng.sample(group, shares[label])}
+    return [item for item in items if item in chosen]
 
 
 def batches_of(dataset: ImageDataset, batch_size: int, device: torch.device, workers: int | None = None):
