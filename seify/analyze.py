@@ -22,7 +22,7 @@ from .device import check_device
 from .errors import SeifyError
 from .finetune.evaluate import batches_of, scored_images
 from .limits import check_whole
-from .models import LoadedModel, model_of, resolve
+from .models import LoadedModel, model_of, name_of, resolve
 from .plots import excitations, gate_summary, save_png
 from .profile import count_macs
 from .se import SqueezeExcite
@@ -164,19 +164,20 @@ class Analysis:
         return sorted(self.sites, key=lambda s: float(s.std.mean()) / max(s.params, 1))
 
 
-def analyze(model: str, data: str, *, weights: str | None = None, out: str | Path | None = None,
+def analyze(model: str | nn.Module, data: str, *, weights: str | None = None, out: str | Path | None = None,
             max_images: int | None = None, batch_size: int = 64, device: str | None = None,
             val_split: float | None = None, seed: int | None = None, force: bool = False) -> Analysis:
     """Record every SE gate of ``model`` over the images of ``data`` (as ``seify evaluate`` chooses them) and
-    write analysis.json, gates.safetensors, excitations.png and summary.png into ``out``."""
+    write analysis.json, gates.safetensors, excitations.png and summary.png into ``out``. ``model`` is any spec
+    seify takes, or a module you hold."""
     if max_images is not None:
         check_whole(max_images, "max_images", 1, None)
     dev = torch.device(check_device(device))
     loaded = resolve(model, weights=weights)
     if not se_blocks(loaded.model):
-        raise SeifyError(f"{model} has no SE blocks to analyze; convert it first (seify convert), or fine-tune it "
-                         "(seify finetune adds them)")
-    default = f"{Path(model).name.removesuffix('.safetensors')}-analysis"
+        raise SeifyError(f"{loaded.spec} has no SE blocks to analyze; convert it first (seify convert), or "
+                         "fine-tune it (seify finetune adds them)")
+    default = f"{Path(name_of(model)).name.removesuffix('.safetensors')}-analysis"
     folder = check_output_folder(out if out is not None else default, force=force)
     images = scored_images(loaded, data, val_split=val_split, seed=seed, max_images=max_images)
     failed: list = []
@@ -185,7 +186,7 @@ def analyze(model: str, data: str, *, weights: str | None = None, out: str | Pat
     skipped = images.skipped + [path for path, _ in failed]
     notes = images.notes + ([f"skipped {len(skipped)} unreadable file(s): {', '.join(skipped[:3])}"
                              f"{', ...' if len(skipped) > 3 else ''}"] if skipped else [])
-    result = Analysis(model, str(data), images.where, images.classes, list(stats.values()), [], notes, skipped)
+    result = Analysis(name_of(model), str(data), images.where, images.classes, list(stats.values()), [], notes, skipped)
     result.files = _write(folder, result)
     return result
 

@@ -5,11 +5,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from . import checkpoint
 from .equivalence import compare
 from .errors import SeifyError, first_line
-from .models import LoadedModel, check_known, data_config, has_frozen_batchnorm, model_of, num_classes_of, resolve
+from .models import HELD, LoadedModel, check_known, data_config, has_frozen_batchnorm, model_of, num_classes_of, resolve
 from .options import SEOptions
 from .surgery import Conversion, add_se
 
@@ -64,10 +65,11 @@ class Converted(Conversion):
         }
 
 
-def convert(model: str, options: SEOptions = SEOptions(), *, weights: str | None = None, pretrained: bool = False,
-            num_classes: int | None = None, input_size: tuple[int, int, int] | None = None,
-            dry_run: bool = False) -> Converted:
-    """Load ``model`` (any spec seify takes) and insert SE blocks; with ``dry_run``, only find the sites.
+def convert(model: str | nn.Module, options: SEOptions = SEOptions(), *, weights: str | None = None,
+            pretrained: bool = False, num_classes: int | None = None,
+            input_size: tuple[int, int, int] | None = None, dry_run: bool = False) -> Converted:
+    """Load ``model`` (any spec seify takes, or a module you hold, which is left as it is) and insert SE blocks;
+    with ``dry_run``, only find the sites.
 
     Raises SeifyError on bad input, and if, with the default identity initialisation, the result's outputs
     differ from the original's by more than ``equivalence.TOLERANCE`` of their magnitude (a dry run builds and
@@ -99,10 +101,11 @@ def save(result: Converted | Conversion, path: str | Path, *, model: str | None 
     """Write a converted model as a seify file that ``seify.load(path)`` rebuilds with no other argument.
 
     ``result`` is what ``seify.convert`` returns, or a ``Conversion`` of a model you hold
-    (``seify.surgery.add_se(my_model, ...)``); for the latter, ``model`` names its architecture (a timm name, or
-    ``torchvision:NAME``), which timm models record themselves.
+    (``seify.surgery.add_se(my_model, ...)``); where it was made from a module you hold, ``model`` names its
+    architecture (a timm name, or ``torchvision:NAME``) so that the file can be rebuilt, which timm models record
+    themselves.
     """
-    if not isinstance(result, Converted):
+    if not isinstance(result, Converted) or (result.source.weights == HELD and not result.dry_run):
         return _save_conversion(result, path, model, force=force, inputs=inputs)
     if result.dry_run:
         raise SeifyError("a dry run has nothing to save")
@@ -114,8 +117,9 @@ def save(result: Converted | Conversion, path: str | Path, *, model: str | None 
 def _save_conversion(conversion: Conversion, path, spec: str | None, **kwargs) -> Path:
     spec = spec or getattr(conversion.model, "pretrained_cfg", {}).get("architecture")
     if not spec:
-        raise SeifyError("name the architecture of this model so the file can be rebuilt: "
-                         "seify.save(conversion, path, model='torchvision:resnet50')")
+        raise SeifyError(f"a {type(conversion.model).__name__} you hold records no architecture: name the one it is "
+                         "built by, so that the file can be rebuilt: seify.save(result, path, "
+                         "model='torchvision:resnet50')")
     check_known(spec)
     options = conversion.options
     recipe = checkpoint.make_recipe(spec, num_classes_of(conversion.model), options.to_dict(),

@@ -4,6 +4,7 @@ Pure file I/O: what a recipe means (which model it rebuilds) is ``models.from_re
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -23,6 +24,9 @@ from .limits import MAX_CLASSES
 from .options import SEOptions
 
 RECIPE_KEY = "seify"
+# What a recipe holds and means. A change that an older seify would read wrongly takes the next number; seify
+# reads every format up to its own (0.1.0 wrote format 1 without saying so), and tests/fixtures keeps a file of each.
+RECIPE_FORMAT = 1
 _CHECKPOINT_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")  # timm's order: EMA first
 
 
@@ -43,20 +47,87 @@ def atomic_write(path: str | Path, write: Callable[[str], object], *, force: boo
     path = check_writable(path, force=force, inputs=inputs)
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~umask())
-        os.replace(tmp, path)
+        with _nothing_changed(path):
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            write(tmp)
+            os.chmod(tmp, 0o666 & ~umask())
+            os.replace(tmp, path)
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+@contextlib.contextmanager
+def _nothing_changed(path: Path):
+    """A full disk or another OS error while writing ``path``: one line, saying that nothing there changed."""
+    try:
+        yield
     except Exception as e:
         problem = write_error(e, path)
         if problem is None:
             raise
         raise SeifyError(f"{problem}; nothing there was changed") from e
+
+
+def sidecar_of(path: Path) -> Path:
+    """Where a file keeps what does not fit in it (ONNX's external weights): NAME.data beside it."""
+    return path.with_name(path.name + ".data")
+
+
+def write_with_sidecars(path: Path, write: Callable[[str], object], *, force: bool = False) -> list[Path]:
+    """``write(tmp)`` a file (and any ``sidecar_of`` it) in a temporary folder beside ``path``, then move them into
+    place, the file last; with ``force`` a sidecar of the file replaced that the new one does not have goes too."""
+    def move(tmp: str) -> list[Path]:
+        write(str(Path(tmp) / path.name))
+        written = sorted(Path(tmp).iterdir(), key=lambda p: p == Path(tmp) / path.name)
+        if force and sidecar_of(path).name not in {f.name for f in written}:
+            sidecar_of(path).unlink(missing_ok=True)
+        for f in written:
+            os.chmod(f, 0o666 & ~umask())
+            os.replace(f, path.parent / f.name)
+        return [path.parent / f.name for f in written]
+    return _in_temporary_folder(path, move)
+
+
+def replace_folder(path: Path, fill: Callable[[str], object], manifest: str, about: dict) -> None:
+    """``fill(tmp)`` a temporary folder beside ``path``, list what it holds in ``manifest`` (with ``about``), and
+    put it in the place of ``path``: the caller checks first that ``path`` holds nothing but an earlier such
+    folder (``written_before``)."""
+    def replace(tmp: str) -> None:
+        fill(tmp)
+        listing = {**about, "files": sorted(os.listdir(tmp))}
+        (Path(tmp) / manifest).write_text(json.dumps(listing, indent=2) + "\n")
+        os.chmod(tmp, 0o777 & ~umask())
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    _in_temporary_folder(path, replace)
+
+
+def written_before(folder: Path, manifest: str) -> set[str]:
+    """What ``replace_folder`` wrote in ``folder`` (its manifest lists it), the manifest included; empty if none."""
+    try:
+        listed = json.loads((folder / manifest).read_text())["files"]
+        return {*listed, manifest} if isinstance(listed, list) else set()
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+
+
+def _in_temporary_folder(path: Path, work):
+    """``work(tmp)`` with a temporary folder beside ``path``, removed afterwards whatever happens; a full disk or
+    another OS error is one line, and leaves nothing."""
+    tmp = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with _nothing_changed(path):
+            return work(tmp)
     finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_error(e: BaseException, path: Path) -> str | None:
@@ -147,7 +218,7 @@ def save(model: nn.Module, path: str | Path, recipe: dict, *, force: bool = Fals
 def make_recipe(spec: str, num_classes: int, options: dict | None, input_size, data_config: dict,
                 sites: list[dict], **extra) -> dict:
     """What rebuilds a model: base spec, classifier size, SE options and sites (None and [] for a plain model)."""
-    return {"seify_version": __version__, "model": spec, "num_classes": num_classes, "options": options,
+    return {"seify_version": __version__, "recipe_format": RECIPE_FORMAT, "model": spec, "num_classes": num_classes, "options": options,
             "input_size": list(input_size), "data_config": data_config, "sites": sites, **extra}
 
 
@@ -163,6 +234,7 @@ def read_recipe(path: str | Path) -> dict | None:
         return None
     try:
         recipe = json.loads(meta[RECIPE_KEY])
+        _check_format(recipe, path)
         _check_recipe(recipe)
     except (json.JSONDecodeError, RecursionError, _Damaged) as e:
         reason = "nested too deep" if isinstance(e, RecursionError) else str(e)
@@ -172,6 +244,19 @@ def read_recipe(path: str | Path) -> dict | None:
 
 class _Damaged(ValueError):
     pass
+
+
+def _check_format(recipe, path) -> None:
+    """A file from a newer seify, whose recipe this one would misread, is refused; naming both versions."""
+    if not isinstance(recipe, dict):
+        return
+    written = recipe.get("recipe_format", 1)
+    if isinstance(written, bool) or not isinstance(written, int) or written < 1:
+        raise _Damaged(f"recipe_format {written!r} is not a format number")
+    if written > RECIPE_FORMAT:
+        raise SeifyError(f"{path} was written by seify {recipe.get('seify_version', '(unknown)')} in recipe format "
+                         f"{written}; this seify {__version__} reads formats up to {RECIPE_FORMAT}: install a seify "
+                         f"that reads format {written} (pip install -U seify)")
 
 
 MAX_PARENTS = 8  # conversions of conversions: more than a handful is a tampered file, not a workflow

@@ -20,8 +20,6 @@ import inspect
 import json
 import os
 import re
-import shutil
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +29,15 @@ import torch
 from torch import nn
 
 from . import __version__, kernels
-from .checkpoint import check_output_folder, check_writable, save, umask, write_error
+from .checkpoint import (
+    check_output_folder,
+    check_writable,
+    replace_folder,
+    save,
+    sidecar_of,
+    write_with_sidecars,
+    written_before,
+)
 from .equivalence import Difference, compare, difference, probe
 from .errors import SeifyError, first_line
 from .limits import check_choice, check_whole
@@ -114,7 +120,7 @@ def _input_files(model: str | nn.Module, weights: str | None) -> list[Path]:
 def _check_output(path: Path, format: str, force: bool, inputs: list[Path]) -> None:
     if format in ("onnx", "pt2"):
         check_writable(path, force=force, inputs=tuple(inputs))
-        sidecar = _sidecar(path)
+        sidecar = sidecar_of(path)
         if sidecar.exists() and not force:
             raise SeifyError(f"{sidecar} already exists; pass {{force}} to replace it with {path} or choose another "
                              "path", "force")
@@ -127,20 +133,11 @@ def _check_output(path: Path, format: str, force: bool, inputs: list[Path]) -> N
             raise SeifyError(f"{path} holds the input {source}, which {{force}} would remove; export to another "
                              "folder", "force")
     if path.is_dir() and any(path.iterdir()):
-        foreign = sorted(set(os.listdir(path)) - _written_before(path))
+        foreign = sorted(set(os.listdir(path)) - written_before(path, MANIFEST))
         if foreign:
             raise SeifyError(f"{path} holds files an earlier seify export did not write ({', '.join(foreign[:3])}"
                              f"{', ...' if len(foreign) > 3 else ''}); {{force}} replaces only such an export: "
                              "choose another folder", "force")
-
-
-def _written_before(folder: Path) -> set[str]:
-    """What an earlier seify export wrote in ``folder`` (its manifest lists it), the manifest included."""
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-        return {*manifest["files"], MANIFEST}
-    except (OSError, ValueError, KeyError, TypeError):
-        return set()
 
 
 def _input_size(module: nn.Module, given, loaded: LoadedModel | None, dynamic_size: bool) -> tuple[int, ...]:
@@ -368,62 +365,19 @@ def _checked(format: str, module: nn.Module, run, shapes) -> Exported:
     return Exported(format, "", [], [list(s) for s in shapes], checked.max_abs, checked.scale, checked.allowed)
 
 
-def _sidecar(path: Path) -> Path:
-    return path.with_name(path.name + ".data")
-
-
 def _write_files(path: Path, force: bool, write) -> Exported:
-    """``write(tmp)`` a file (and any sidecar beside it) in a temporary folder beside ``path``; once checked, move
-    them into place, and remove a sidecar of the file replaced that the new one does not have."""
-    def move(tmp: str) -> list[Path]:
-        result = write(str(Path(tmp) / path.name))
-        written = sorted(Path(tmp).iterdir(), key=lambda p: p == Path(tmp) / path.name)  # the file itself last
-        if force and _sidecar(path).name not in {f.name for f in written}:
-            _sidecar(path).unlink(missing_ok=True)
-        for f in written:
-            os.chmod(f, 0o666 & ~umask())
-            os.replace(f, path.parent / f.name)
-        results.append(result)
-        return [path.parent / f.name for f in written]
     results: list[Exported] = []
-    files = _in_temporary_folder(path, move)
+    files = write_with_sidecars(path, lambda tmp: results.append(write(tmp)), force=force)
     result = results[0]
     result.path, result.files = str(path), sorted(str(f) for f in files)
     return result
 
 
 def _write_folder(path: Path, format: str, write) -> Exported:
-    """Write into a temporary folder beside ``path`` with a manifest of what was written; rename it into place once
-    checked (``_check_output`` has made sure that what it replaces is an earlier export and nothing else)."""
-    def fill(tmp: str) -> Exported:
-        result = write(tmp)
-        written = sorted(os.listdir(tmp))
-        (Path(tmp) / MANIFEST).write_text(json.dumps({"seify_version": __version__, "format": format,
-                                                      "files": written}, indent=2) + "\n")
-        os.chmod(tmp, 0o777 & ~umask())
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-        return result
-    result = _in_temporary_folder(path, fill)
+    """``_check_output`` has made sure that what it replaces is an earlier export and nothing else."""
+    results: list[Exported] = []
+    replace_folder(path, lambda tmp: results.append(write(tmp)), MANIFEST,
+                   {"seify_version": __version__, "format": format})
+    result = results[0]
     result.path, result.files = str(path), sorted(str(p) for p in path.iterdir() if p.name != MANIFEST)
     return result
-
-
-def _in_temporary_folder(path: Path, work):
-    """``work(tmp)`` with a temporary folder beside ``path``, removed afterwards whatever happens; a full disk or
-    another OS error is one line, and leaves nothing."""
-    tmp = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        return work(tmp)
-    except Exception as e:
-        problem = write_error(e, path)
-        if problem is None:
-            raise
-        raise SeifyError(f"{problem}; nothing there was changed") from e
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -15,7 +15,7 @@ import copy
 import math
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -49,7 +49,7 @@ class FoldedSite:
 @dataclass
 class Folded:
     model: str
-    output: str
+    output: str | None  # None: nothing was written
     folded: list[FoldedSite]
     kept: list[dict]  # {"path", "why"} for every block left in
     images: str | None  # which images were measured
@@ -57,30 +57,38 @@ class Folded:
     top1_before: float | None = None
     top1_after: float | None = None
     params_saved: int = 0
+    module: nn.Module | None = field(default=None, repr=False)  # the folded model
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(replace(self, module=None)).items() if k != "module"}
 
 
-def fold(model: str, out: str | Path, data: str | None = None, *, weights: str | None = None,
+def fold(model: str | nn.Module, out: str | Path | None, data: str | None = None, *, weights: str | None = None,
          max_gate_std: float = 0.01, include: str | None = None, exclude: str | None = None,
          max_images: int | None = 512, batch_size: int = 64, device: str | None = None, force: bool = False
          ) -> Folded:
     """Fold the SE blocks of ``model`` that do nothing input-dependent (see the module's doc) and write the result
-    to ``out`` as a seify file whose recipe records what was folded."""
+    to ``out`` as a seify file whose recipe records what was folded. ``model`` may be a module you hold (it is
+    left as it is); with ``out`` None nothing is written, and the folded model is ``result.module``."""
     check_number(max_gate_std, "max_gate_std", 0, math.inf)
     if max_images is not None:
         check_whole(max_images, "max_images", 1, None)
     patterns = [_regex(text, name) for text, name in ((include, "include"), (exclude, "exclude"))]
-    check_writable(out, force=force, inputs=(model, weights))
+    inputs = tuple(x for x in (model, weights) if isinstance(x, str))
+    if out is not None:
+        check_writable(out, force=force, inputs=inputs)
     loaded = resolve(model, weights=weights)
+    name = loaded.spec
     blocks = se_blocks(loaded.model)
-    if not blocks or loaded.recipe is None:
-        raise SeifyError(f"{model} has no SE blocks to fold")
+    if not blocks:
+        raise SeifyError(f"{name} has no SE blocks to fold")
+    if out is not None and loaded.recipe is None:
+        raise SeifyError(f"{name} carries no seify recipe to write a file with: fold it with out=None and keep "
+                         "result.module, or fold the seify file that seify.save wrote")
     chosen = {p: b for p, b in blocks.items() if (patterns[0] is None or patterns[0].search(p))
               and not (patterns[1] is not None and patterns[1].search(p))}
     if not chosen:
-        raise SeifyError(f"no SE block of {model} matches {{include}}/{{exclude}}", "include", "exclude")
+        raise SeifyError(f"no SE block of {name} matches {{include}}/{{exclude}}", "include", "exclude")
     dev = torch.device(check_device(device))
     images = scored_images(loaded, data, max_images=max_images) if data is not None else None
     stats = record_gates(loaded.model, batches_of(images.dataset, batch_size, dev), len(images.classes), dev) \
@@ -89,7 +97,7 @@ def fold(model: str, out: str | Path, data: str | None = None, *, weights: str |
     plans, kept = _plans(loaded.model, chosen, stats, max_gate_std)
     if not plans:
         reasons = "; ".join(f"{k['path']}: {k['why']}" for k in kept[:2])
-        raise SeifyError(f"nothing to fold in {model} ({reasons}{'; ...' if len(kept) > 2 else ''})",
+        raise SeifyError(f"nothing to fold in {name} ({reasons}{'; ...' if len(kept) > 2 else ''})",
                          "max_gate_std")
     folded = [FoldedSite(path, into, float(c.min()), float(c.max()), _std(stats, path))
               for path, (into, c, _) in plans.items()]
@@ -97,16 +105,18 @@ def fold(model: str, out: str | Path, data: str | None = None, *, weights: str |
         site.max_output_change = _change(original, _folded_copy(original, {site.path: plans[site.path]}, loaded),
                                          images, loaded, dev, batch_size)
     result_model = _folded_copy(original, plans, loaded)
-    result = Folded(model, str(out), folded, kept, images.where if images else None,
+    result = Folded(name, None if out is None else str(out), folded, kept, images.where if images else None,
                     _change(original, result_model, images, loaded, dev, batch_size),
                     params_saved=sum(p.numel() for p in original.parameters()) -
                     sum(p.numel() for p in result_model.parameters()))
     if images is not None:
         result.top1_before, result.top1_after = (_top1(m, images, dev, batch_size) for m in (original, result_model))
-    recipe = dict(loaded.recipe)
-    recipe["folded"] = list(recipe.get("folded") or []) + list(plans)
-    recipe["sites"] = [s for s in recipe["sites"] if s["path"] not in plans]
-    save(result_model.cpu(), out, recipe, force=force, inputs=(model, weights))
+    result.module = result_model.cpu()
+    if out is not None and loaded.recipe is not None:
+        recipe = dict(loaded.recipe)
+        recipe["folded"] = list(recipe.get("folded") or []) + list(plans)
+        recipe["sites"] = [s for s in recipe["sites"] if s["path"] not in plans]
+        save(result.module, out, recipe, force=force, inputs=inputs)
     return result
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from .device import check_device, describe_device
 from .errors import SeifyError, first_line
 from .limits import MAX_TIMED_BATCH, check_whole
-from .models import resolve
+from .models import name_of, resolve
 from .options import SEOptions
 from .se import SqueezeExcite
 from .surgery import add_se
@@ -159,7 +159,7 @@ def cost(model: nn.Module, input_size) -> tuple[Cost, dict[str, int]]:
     return Cost(params, trainable, macs, conv_linear), per_block
 
 
-def _build_pair(spec: str, options: SEOptions, input_size, num_classes, device: str):
+def _build_pair(spec: str | nn.Module, options: SEOptions, input_size, num_classes, device: str):
     """(base, SE model, SE sites, placement, input size) for ``spec``: a model, or a seify file against the base
     it came from (placement None for files written before seify recorded it).
 
@@ -183,10 +183,11 @@ def _count_pair(spec, options, input_size, num_classes):
         return _build_pair(spec, options, input_size, num_classes, "cpu")  # a model that cannot be built on meta
 
 
-def profile(spec: str, options: SEOptions = SEOptions(), *, input_size=None, num_classes: int | None = None,
-            latency: bool = True, batch_sizes=(1,), device: str | None = None, repeats: int = 10,
-            warmup: int = 3) -> Profile:
-    """Count and (unless ``latency=False``) time ``spec`` against its SE conversion."""
+def profile(spec: str | nn.Module, options: SEOptions = SEOptions(), *, input_size=None,
+            num_classes: int | None = None, latency: bool = True, batch_sizes=(1,), device: str | None = None,
+            repeats: int = 10, warmup: int = 3) -> Profile:
+    """Count and (unless ``latency=False``) time ``spec`` (a spec, or a module you hold) against its SE
+    conversion."""
     check_whole(repeats, "repeats", 1, 10_000)
     check_whole(warmup, "warmup", 0, 10_000)
     for batch in batch_sizes:
@@ -196,7 +197,7 @@ def profile(spec: str, options: SEOptions = SEOptions(), *, input_size=None, num
     base_cost, _ = cost(base, size)
     se_cost, per_block = cost(se, size)
     sites = [{**s, "macs": per_block[s["path"]]} for s in sites]
-    result = Profile(spec, size, base_cost, se_cost, sites, placement)
+    result = Profile(name_of(spec), size, base_cost, se_cost, sites, placement)
     if latency:
         base, se, _, _, _ = _build_pair(spec, options, size, num_classes, "cpu")
         result.device = describe_device(device)

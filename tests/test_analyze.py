@@ -155,6 +155,17 @@ def test_fold_with_data_keeps_the_outputs_within_what_it_reports(tmp_path, tiny,
     assert result.top1_before == pytest.approx(evaluate_folder(str(trained), str(tiny), workers=0)["top1"])
     assert result.top1_after == pytest.approx(evaluate_folder(str(tmp_path / "f.safetensors"), str(tiny),
                                                               workers=0)["top1"])
+    # independently of fold: the original model with each folded gate held at its mean over the same images
+    gates, _, _ = _gates_by_hand(trained, tiny / "val")
+    held = seify.load(trained)
+    blocks = dict(held.named_modules())
+    for site in result.folded:
+        mean = gates[site.path].mean(0).float()
+        blocks[site.path].gate.register_forward_hook(lambda m, a, out, mean=mean: mean.view(1, -1).expand(
+            out.shape[0], -1).reshape(out.shape))
+    with torch.no_grad():
+        expected, got = held(x), folded(x)
+    assert (expected - got).abs().max() <= 1e-4 * expected.abs().max()
     partial = fold(str(trained), tmp_path / "p.safetensors", str(tiny), max_gate_std=1.0, include="layer[34]")
     assert {s.path for s in partial.folded} == {"layer3.0.se", "layer4.0.se"}
 

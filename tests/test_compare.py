@@ -143,11 +143,17 @@ def test_one_epoch_compare_rows_threads_and_step_time(tmp_path, tiny, plain4, mo
     def right(arm, seed):
         with torch.no_grad():
             return seify.load(out / arm / f"seed-{seed}" / "last.safetensors")(x).argmax(1) == labels
+    differences = torch.zeros(len(labels), dtype=torch.long)
     for seed, counted in zip((0, 1), verdict["paired_test"]["per_seed"], strict=True):
         p_right, s_right = right("plain", seed), right("se", seed)
         assert counted["only_reference"] == int((p_right & ~s_right).sum())
         assert counted["only_arm"] == int((s_right & ~p_right).sum())
-    assert 0 <= verdict["paired_test"]["pooled"]["p_value"] <= 1
+        differences += s_right.long() - p_right.long()
+    from seify.compare import per_image_test
+    pooled = verdict["paired_test"]["pooled"]
+    assert (pooled["reference_ahead"], pooled["arm_ahead"]) == (int((differences < 0).sum()),
+                                                                int((differences > 0).sum()))
+    assert pooled["p_value"] == pytest.approx(per_image_test(differences.tolist()))
     monkeypatch.setattr(dist, "busy_cores", lambda seconds=0.25: 1.6)  # a rerun under load keeps the count
     from seify.compare import _threads
     assert _threads(out, parse_arms("plain,se"), [0, 1], config(out, threads=None)) == 2

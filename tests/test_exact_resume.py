@@ -70,15 +70,39 @@ def _committed_step(out: Path) -> int:
         return -1
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torchrun starts its ranks in sessions of their own), read from /proc."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
 def _kill_after(command: list[str], out: Path, step: int, env=None) -> None:
-    """Start ``command``, SIGKILL its whole process group (loaders and ranks too) once a checkpoint at ``step`` or
-    later is committed."""
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            env=env)
+    """Start ``command``, SIGKILL it with everything it started (loaders, ranks) at once, as a scheduler ends a job,
+    once a checkpoint at ``step`` or later is committed."""
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 300
     while _committed_step(out) < step and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in [proc.pid, *_descendants(proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGSTOP)  # frozen first, so that none of them commits another checkpoint
+        except ProcessLookupError:
+            pass
+    for pid in [proc.pid, *_descendants(proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     proc.wait()
     assert 0 < _committed_step(out) < 8, "the run must be killed mid-way"
 

@@ -7,6 +7,7 @@ as ``torchvision:resnet50`` (``spec``), and files written by seify, rebuilt from
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,10 +23,11 @@ from .files import freeze_batchnorm, from_recipe, has_frozen_batchnorm, load_str
 from .folders import build_folder
 from .spec import Spec, build, check_known, data_config, seify_file
 
-__all__ = ["LoadedModel", "resolve", "load", "build", "check_known", "data_config", "from_recipe", "model_of",
+__all__ = ["HELD", "LoadedModel", "resolve", "name_of", "load", "build", "check_known", "data_config", "from_recipe",
+           "model_of",
            "freeze_batchnorm", "has_frozen_batchnorm", "classifier_keys", "classifier_name", "num_classes_of",
            "reorder_classifier", "reset_classifier"]
-RANDOM, PRETRAINED = "random", "pretrained"
+RANDOM, PRETRAINED, HELD = "random", "pretrained", "held in memory"
 
 
 @dataclass
@@ -58,12 +60,15 @@ class LoadedModel:
         return self.weights != RANDOM or bool((self.recipe or {}).get("finetune"))
 
 
-def resolve(spec: str, *, weights: str | None = None, pretrained: bool = False, num_classes: int | None = None,
-            device: str | torch.device | None = None) -> LoadedModel:
-    """Build the model ``spec`` names, with ``weights`` from a file or the hub's ``pretrained`` ones.
+def resolve(spec: str | nn.Module, *, weights: str | None = None, pretrained: bool = False,
+            num_classes: int | None = None, device: str | torch.device | None = None) -> LoadedModel:
+    """Build the model ``spec`` names, with ``weights`` from a file or the hub's ``pretrained`` ones; or take a
+    module you hold as it is (a copy on ``device`` where one is given).
 
     On the ``meta`` device only the architecture is built (for counting): no weights are read.
     """
+    if isinstance(spec, nn.Module):
+        return _held(spec, weights, pretrained, num_classes, device)
     if num_classes is not None:
         check_whole(num_classes, "num_classes", 1, MAX_CLASSES)
     meta = torch.device(device).type == "meta" if device is not None else False
@@ -98,6 +103,24 @@ def resolve(spec: str, *, weights: str | None = None, pretrained: bool = False, 
         if source == RANDOM:
             notes.append("random weights: pass --weights or --pretrained to start from a trained model")
     return LoadedModel(model.eval(), spec, data_config(model, spec), notes, weights=source)
+
+
+def _held(model: nn.Module, weights, pretrained: bool, num_classes, device) -> LoadedModel:
+    """A module the caller holds: its own weights and head; named as timm names it, else by its class."""
+    if weights or pretrained or num_classes is not None:
+        raise SeifyError("a module you hold brings its own weights and head; drop {weights}/{pretrained}/"
+                         "{num_classes}", "weights", "pretrained", "num_classes")
+    if device is not None:
+        model = copy.deepcopy(model).to(device)
+    name = name_of(model)
+    return LoadedModel(model.eval(), name, data_config(model, name), [], weights=HELD)
+
+
+def name_of(model: str | nn.Module) -> str:
+    """A spec as given; a module by the architecture timm records in it, else by its class."""
+    if isinstance(model, str):
+        return model
+    return (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
 
 
 def load(path: str | Path) -> nn.Module:
