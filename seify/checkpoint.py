@@ -99,6 +99,8 @@ def replace_folder(path: Path, fill: Callable[[str], object], manifest: str, abo
         fill(tmp)
         listing = {**about, "files": sorted(os.listdir(tmp))}
         (Path(tmp) / manifest).write_text(json.dumps(listing, indent=2) + "\n")
+        for f in Path(tmp).iterdir():  # as a plain open would give them (safetensors writes 0600)
+            os.chmod(f, 0o666 & ~umask())
         os.chmod(tmp, 0o777 & ~umask())
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
