@@ -166,6 +166,10 @@ def test_fold_with_data_keeps_the_outputs_within_what_it_reports(tmp_path, tiny,
     with torch.no_grad():
         expected, got = held(x), folded(x)
     assert (expected - got).abs().max() <= 1e-4 * expected.abs().max()
+    on_device = fold(str(trained), tmp_path / "d.safetensors", str(tiny), max_gate_std=1.0, device="cpu")
+    assert on_device.to_dict() == {**result.to_dict(), "output": str(tmp_path / "d.safetensors")}
+    with torch.no_grad():
+        assert torch.equal(seify.load(tmp_path / "d.safetensors")(x), got)
     partial = fold(str(trained), tmp_path / "p.safetensors", str(tiny), max_gate_std=1.0, include="layer[34]")
     assert {s.path for s in partial.folded} == {"layer3.0.se", "layer4.0.se"}
 
