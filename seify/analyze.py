@@ -18,13 +18,13 @@ from torch import nn
 
 from . import kernels
 from .checkpoint import atomic_write, check_output_folder
+from .counting import count_macs
 from .device import check_device
 from .errors import SeifyError
 from .finetune.evaluate import batches_of, scored_images
 from .limits import check_whole
 from .models import LoadedModel, model_of, name_of, resolve
 from .plots import excitations, gate_summary, save_png
-from .profile import count_macs
 from .se import SqueezeExcite
 
 SATURATED = 0.05  # a gate this close to 0 or 1 is saturated

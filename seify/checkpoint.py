@@ -220,8 +220,9 @@ def save(model: nn.Module, path: str | Path, recipe: dict, *, force: bool = Fals
 def make_recipe(spec: str, num_classes: int, options: dict | None, input_size, data_config: dict,
                 sites: list[dict], **extra) -> dict:
     """What rebuilds a model: base spec, classifier size, SE options and sites (None and [] for a plain model)."""
-    return {"seify_version": __version__, "recipe_format": RECIPE_FORMAT, "model": spec, "num_classes": num_classes, "options": options,
-            "input_size": list(input_size), "data_config": data_config, "sites": sites, **extra}
+    return {"seify_version": __version__, "recipe_format": RECIPE_FORMAT, "model": spec, "num_classes": num_classes,
+            "options": options, "input_size": list(input_size), "data_config": data_config, "sites": sites,
+            **extra}
 
 
 def read_recipe(path: str | Path) -> dict | None:

@@ -20,6 +20,7 @@ import numpy
 import torch
 
 from .checkpoint import atomic_write
+from .counting import cost
 from .device import check_device
 from .errors import SeifyError
 from .finetune import data
@@ -32,7 +33,6 @@ from .models import resolve
 from .options import SEOptions, parse_pairs
 from .paper import PREFIX, TABLES, figures
 from .plots import comparison, save_png
-from .profile import cost
 from .sites import find_sites
 
 REPORT, TABLE, FIGURE = "compare.json", "compare.csv", "compare.png"

@@ -12,12 +12,12 @@ import seify
 from conftest import ARCH, config, realistic, save_weights
 from seify.analyze import analyze
 from seify.checkpoint import read_recipe
+from seify.counting import cost
 from seify.errors import SeifyError
 from seify.finetune import data as fdata
 from seify.finetune.loop import finetune
 from seify.finetune.progress import SilentLog
 from seify.fold import fold
-from seify.profile import cost
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import random
 import warnings
@@ -151,6 +152,19 @@ def discover(data: str | Path, val_split: float | None = None, seed: int = 0,
         raise SeifyError(f"{len(skipped)} files are not readable images (first: {skipped[0]}); remove them or "
                          "drop {strict_data} to skip them", "strict_data")
     return classes, train, val
+
+
+def fingerprint(data: str | Path, classes: list[str], *splits: Samples) -> dict:
+    """What recognises a data tree wherever it lies, without its path (which would tell user and project names
+    in every shared file): its class names, its image count, and a digest of every file's path below DATA and
+    size. A moved or copied tree has the same; a tree with a file added, removed or changed has another."""
+    root = str(Path(data))
+    files = sorted({path for split in splits for path in [p for p, _ in split.items] + split.skipped})
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{os.path.relpath(path, root)}\t{os.path.getsize(path)}\n".encode())
+    return {"classes": list(classes), "images": sum(len(split.items) for split in splits),
+            "digest": f"sha256:{digest.hexdigest()}"}
 
 
 def _check_classes(classes: list[str], root: Path) -> None:

@@ -21,6 +21,7 @@ from .data import (
     class_folders,
     default_workers,
     discover,
+    fingerprint,
     has_val_folder,
     loader,
     scan,
@@ -163,6 +164,15 @@ def _check_limits(batch_size: int, img_size: int | None, workers: int | None) ->
         check_whole(workers, "workers", 0, 256)
 
 
+def _trained_on(root: Path, trained: dict) -> bool:
+    """Whether ``root`` is the tree a run was fine-tuned on, wherever it lies now: the same fingerprint (files
+    of 0.1.0 recorded the tree's path instead)."""
+    if "data_fingerprint" not in trained:
+        return trained.get("data") == str(root.resolve())
+    classes, train, val = discover(root, trained["val_split"], trained["seed"])
+    return fingerprint(root, classes, train, val) == trained["data_fingerprint"]
+
+
 def _images(data: str, trained: dict, val_split: float | None, seed: int | None, all_images: bool):
     """(the tree's class names, the samples to score, which images those are, in words)."""
     root = Path(data)
@@ -178,7 +188,7 @@ def _images(data: str, trained: dict, val_split: float | None, seed: int | None,
     tree = root / "train" if (root / "train").is_dir() else root
     if all_images:
         val_split = None
-    elif val_split is None and trained.get("data") == str(root.resolve()) and trained.get("val_split"):
+    elif val_split is None and trained.get("val_split") and _trained_on(root, trained):
         val_split, seed = trained["val_split"], trained["seed"] if seed is None else seed
         how = "that the run held out"
     else:

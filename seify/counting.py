@@ -1,0 +1,79 @@
+"""Counting what a model costs: parameters and multiply-adds (MACs), per model and per SE block, for profile,
+analyze, fold and the model cards of exported folders.
+
+Counting runs on the meta device (no weights are allocated), so a model of any size is counted in seconds.
+MACs are multiply-accumulates: the paper's "FLOPs" are MACs. We count every convolution and linear layer, and
+SE's own work: one MAC per input element for the squeeze, one per element for the channel-wise scale, and the
+two excitation layers. Counters that see only conv/linear miss the squeeze and scale, four fifths of SE's cost.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import SeifyError, first_line
+from .se import SqueezeExcite
+
+
+@dataclass
+class Cost:
+    params: int
+    trainable: int
+    macs: int
+    conv_linear_macs: int
+
+
+def se_macs(channels: int, reduced: int, height: int, width: int) -> tuple[int, int]:
+    """(excitation layers' MACs, squeeze + scale MACs) of one SE block."""
+    return 2 * channels * reduced, 2 * channels * height * width
+
+
+def count_macs(model: nn.Module, input_size) -> tuple[int, int, dict[str, int]]:
+    """(all MACs, conv/linear MACs, MACs per SE block) of one image through ``model``.
+
+    Forward hooks see every call, also inside modules that tracing treats as leaves (timm's ConvMlp).
+    """
+    names = {m: name for name, m in model.named_modules()}
+    conv_linear, squeeze_scale = [0], [0]
+    per_block: dict[str, int] = {}
+
+    def on_layer(m, inputs, out):
+        if isinstance(m, nn.Linear):
+            conv_linear[0] += out.numel() * m.in_features
+        elif not m.transposed:
+            conv_linear[0] += out.numel() * (m.in_channels // m.groups) * math.prod(m.kernel_size)
+
+    def on_se(m, inputs, out):
+        _, c, h, w = inputs[0].shape
+        excite, pool_scale = se_macs(c, m.fc1.out_channels, h, w)
+        conv_linear[0] += excite  # fc1 and fc2 run as matrix products, not module calls
+        squeeze_scale[0] += pool_scale
+        per_block[names[m]] = per_block.get(names[m], 0) + excite + pool_scale
+
+    inside_se = {id(c) for m in model.modules() if isinstance(m, SqueezeExcite) for c in m.modules()}
+    hooks = [m.register_forward_hook(on_se if isinstance(m, SqueezeExcite) else on_layer)
+             for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear, SqueezeExcite))
+             and (isinstance(m, SqueezeExcite) or id(m) not in inside_se)]
+    param = next(model.parameters())
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros((1, *input_size), device=param.device, dtype=param.dtype))
+    except Exception as e:
+        size = "x".join(map(str, input_size))
+        raise SeifyError(f"{type(model).__name__} cannot take an input of {size} "
+                         f"({first_line(e)}); pass an {{input_size}} the model accepts", "input_size") from e
+    finally:
+        for h in hooks:
+            h.remove()
+    return conv_linear[0] + squeeze_scale[0], conv_linear[0], per_block
+
+
+def cost(model: nn.Module, input_size) -> tuple[Cost, dict[str, int]]:
+    """Parameters and MACs of ``model`` for one image, and the MACs of each SE block in it."""
+    macs, conv_linear, per_block = count_macs(model, input_size)
+    params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return Cost(params, trainable, macs, conv_linear), per_block
