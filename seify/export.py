@@ -23,12 +23,12 @@ import re
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from . import __version__, kernels
+from .card import model_card
 from .checkpoint import (
     check_output_folder,
     check_writable,
@@ -38,16 +38,16 @@ from .checkpoint import (
     write_with_sidecars,
     written_before,
 )
-from .equivalence import Difference, compare, difference, probe
+from .equivalence import Difference, difference, probe
 from .errors import SeifyError, first_line
 from .limits import check_choice, check_whole
 from .models import LoadedModel, load, resolve
-from .models.files import set_pretrained_cfg
+from .models.twins import timm_twin
 from .surgery import convertible_scope
 
 FORMATS = ("onnx", "pt2", "timm", "folder")
 INSTALL = "pip install 'seify[export]'"
-CONFIG, WEIGHTS = "config.json", "model.safetensors"
+CONFIG, WEIGHTS, CARD = "config.json", "model.safetensors", "README.md"
 MANIFEST = ".seify-export.json"  # what an export wrote in a folder: all that a later --force may replace
 DYNAMO_MIN_OPSET = 18  # the dynamo exporter writes 18 and newer (and silently 18 for older ones)
 MIN_DYNAMIC = 32  # --dynamic-size exports heights and widths from here to 4096
@@ -105,8 +105,7 @@ def export(model: str | nn.Module, path: str | Path, format: str = "onnx", *, we
                 raise SeifyError(f"{{format}} {format} writes a seify file (what convert and finetune write): "
                                  f"convert {model if isinstance(model, str) else 'the model'} first, or save it with "
                                  "seify.save", "format")
-            writer = _timm_folder if format == "timm" else _seify_folder
-            result = _write_folder(path, format, lambda tmp: writer(loaded, tmp, size))
+            result = _write_folder(path, format, lambda tmp: _folder_with_card(loaded, format, tmp, size, path.name))
     result.notes = notes + result.notes
     return result
 
@@ -222,6 +221,7 @@ def _onnx(module: nn.Module, tmp: str, size, opset: int | None, legacy: bool, dy
         raise
     except Exception as e:
         raise _export_error(e, "ONNX", legacy, dynamic_size) from e
+    _without_source_paths(tmp)
     written = _opset(tmp)
     if opset is not None and written != opset:
         raise SeifyError(f"asked for {{opset}} {opset}, the exporter wrote opset {written}; nothing was written",
@@ -244,6 +244,20 @@ def _onnx(module: nn.Module, tmp: str, size, opset: int | None, legacy: bool, dy
         result.notes.append(f"the weights are over protobuf's 2 GB limit: they are in {Path(tmp).name}.data, which "
                             "must stay beside the .onnx file")
     return result
+
+
+def _without_source_paths(path: str) -> None:
+    """Drop the exporter's stack traces (the file paths of torch's, timm's and the user's code, home folder and
+    all) from the nodes: a file that travels carries no local path."""
+    import onnx
+    model = onnx.load(path, load_external_data=False)
+    for graph in [model.graph, *model.functions]:
+        for node in graph.node:
+            node.doc_string = ""
+            kept = [p for p in node.metadata_props if "stack_trace" not in p.key]
+            del node.metadata_props[:]
+            node.metadata_props.extend(kept)
+    onnx.save(model, path)
 
 
 def _first_argument(module: nn.Module) -> str:
@@ -276,6 +290,10 @@ def _pt2(module: nn.Module, tmp: str, size) -> Exported:
         batch = torch.export.Dim("batch", min=1, max=4096)
         program = torch.export.export(module, (probe(size, 2),),
                                       dynamic_shapes={_first_argument(module): {0: batch}})
+        for graph in program.graph_module.modules():  # stack traces hold local paths: a file that travels has none
+            if isinstance(graph, torch.fx.GraphModule):
+                for node in graph.graph.nodes:
+                    node.meta.pop("stack_trace", None)
         with open(tmp, "wb") as f:  # as a file object: torch's loader wants names that end in .pt2
             torch.export.save(program, f)
     except Exception as e:
@@ -287,11 +305,17 @@ def _pt2(module: nn.Module, tmp: str, size) -> Exported:
     return result
 
 
+def _folder_with_card(loaded: LoadedModel, format: str, tmp: str, size, name: str) -> Exported:
+    result = (_timm_folder if format == "timm" else _seify_folder)(loaded, tmp, size)
+    (Path(tmp) / CARD).write_text(model_card(loaded, format, name))
+    return result
+
+
 def _timm_folder(loaded: LoadedModel, tmp: str, size) -> Exported:
     """timm's own model with SE, with the file's weights; timm's ``save_for_hf`` writes the folder."""
     import timm
     from timm.models import save_for_hf
-    twin, architecture, model_args = _timm_twin(loaded)
+    twin, architecture, model_args = timm_twin(loaded)
     recipe = loaded.recipe or {}
     data = {k: tuple(v) if isinstance(v, list) else v for k, v in recipe["data_config"].items()}
     config = {"label_names": recipe["classes"]} if recipe.get("classes") else {}
@@ -301,38 +325,6 @@ def _timm_folder(loaded: LoadedModel, tmp: str, size) -> Exported:
     result.details = {"architecture": architecture, "model_args": model_args,
                       "load": "timm.create_model('local-dir:PATH', pretrained=True)"}
     return result
-
-
-def _timm_twin(loaded: LoadedModel) -> tuple[nn.Module, str, dict]:
-    """(timm's model with SE holding these weights, its architecture, its model_args): the ResNet family with
-    ``block_args=dict(attn_layer='se')``, or a native SE twin (``seresnext26ts`` for ``resnext26ts``)."""
-    import timm
-    recipe = loaded.recipe or {}
-    name = recipe.get("model", "")
-    if recipe.get("parent") or name.startswith(("torchvision:", "hf-hub:")) or recipe.get("options") is None:
-        raise _no_twin(loaded, "it is not a timm model with one SE conversion")
-    base = name.split(".", 1)[0]
-    candidates: list[tuple[str, dict[str, Any]]] = [(base, {"block_args": {"attn_layer": "se"}}), (f"se{base}", {})]
-    tried = []
-    size = tuple(recipe["input_size"])
-    for architecture, args in candidates:
-        if not timm.is_model(architecture):
-            continue
-        try:
-            twin = timm.create_model(architecture, num_classes=recipe["num_classes"], **args).eval()
-            twin.load_state_dict(loaded.model.state_dict(), strict=True)
-            if compare(loaded.model, twin, size).agrees:
-                set_pretrained_cfg(twin, recipe)
-                return twin, architecture, args
-            tried.append(f"{architecture}: other outputs")
-        except Exception as e:  # timm cannot build it this way: try the next
-            tried.append(f"{architecture}: {first_line(e)[:80]}")
-    raise _no_twin(loaded, "; ".join(tried) or "no SE twin of it is registered")
-
-
-def _no_twin(loaded: LoadedModel, why: str) -> SeifyError:
-    return SeifyError(f"timm cannot build {loaded.spec} with its SE blocks itself ({why}); export it with {{format}} "
-                      "folder, which seify.load opens", "format")
 
 
 def _seify_folder(loaded: LoadedModel, tmp: str, size) -> Exported:

@@ -139,7 +139,7 @@ def _data(prepared: Prepared, classes, train, val, data_dir: str, config: Finetu
     prepared.recipe["data_config"] = {**cfg, "input_size": [3, img_size, img_size]}
     prepared.recipe["finetune"] = {"img_size": img_size, "augmentation": augmentation.preset,
                                    "data_fingerprint": data.fingerprint(data_dir, classes, train, val),
-                                   "seed": config.seed,
+                                   "seed": config.seed, "config": config.portable(),
                                    "val_split": None if data.has_val_folder(data_dir) else config.val_split}
     transform = None
     train_set: data.ImageDataset | device_data.EncodedDataset

@@ -37,6 +37,10 @@ def resolved_file(path: str | None) -> str | None:
     return str(Path(path).resolve()) if path and Path(path).is_file() else None
 
 
+LOCAL_OPTIONS = {"out", "device", "workers", "threads", "decode", "compile", "channels_last", "log_every", "save_every",
+                 "resume", "force", "extend", "strict_data"}
+
+
 @dataclass
 class FinetuneConfig:
     """How a run trains and where it writes; each field is a ``seify finetune`` flag with this help."""
@@ -135,6 +139,11 @@ class FinetuneConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def portable(self) -> dict:
+        """What the run trained with, as files that travel record it: without the run folder's path and how this
+        machine ran it (devices, processes, logging), which mean nothing elsewhere."""
+        return {k: v for k, v in self.to_dict().items() if k not in LOCAL_OPTIONS}
 
     @classmethod
     def from_dict(cls, values: dict) -> "FinetuneConfig":

@@ -348,7 +348,8 @@ class Trainer:
         if not self.dist.main:
             return
         recipe, p = self.prepared.recipe, self.progress
-        best = (self.training.judged, {**recipe, "top1": p.best_top1, "epoch": p.best_epoch}) if best_changed else None
+        best = (self.training.judged, {**recipe, "top1": p.best_top1, "top5": p.history[-1]["val_top5"],
+                                       "epoch": p.best_epoch}) if best_changed else None
         state = state_of(self.training, p, self.config, self.source, self.threads, random_states)
         folder = self.folder.commit(self.model, recipe, best, state, p.history, advice=unstable(self.training))
         self._publish(folder, views=epoch_end)
