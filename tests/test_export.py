@@ -141,7 +141,8 @@ def test_force_replaces_only_an_earlier_export(cli, tmp_path, gated_file):
     import shutil
     out = tmp_path / "shared"
     export(gated_file, out, "folder")
-    assert json.loads((out / ".seify-export.json").read_text())["files"] == ["config.json", "model.safetensors"]
+    assert json.loads((out / ".seify-export.json").read_text())["files"] == ["README.md", "config.json",
+                                                                          "model.safetensors"]
     export(gated_file, out, "folder", force=True)  # an earlier export: replaced
     (out / "notes.txt").write_text("my notes")
     code, _, err = cli("export", gated_file, "-o", out, "--format", "folder", "--force")
