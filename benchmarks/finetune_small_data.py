@@ -35,9 +35,9 @@ from torchvision.datasets import ImageFolder
 
 import seify
 from seify.finetune.config import FinetuneConfig
-from seify.finetune.evaluate import evaluate_folder
 from seify.finetune.loop import finetune
 from seify.finetune.progress import SilentLog
+from seify.images.scoring import evaluate_folder
 
 
 def make_digits(root: Path, size: int = 32, val_fraction: float = 0.2) -> Path:

@@ -21,7 +21,7 @@ from .checkpoint import atomic_write, check_output_folder
 from .counting import count_macs
 from .device import check_device
 from .errors import SeifyError
-from .finetune.evaluate import batches_of, scored_images
+from .images.scoring import batches_of, scored_images
 from .limits import check_whole
 from .models import LoadedModel, model_of, name_of, resolve
 from .plots import excitations, gate_summary, save_png

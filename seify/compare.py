@@ -23,12 +23,12 @@ from .checkpoint import atomic_write
 from .counting import cost
 from .device import check_device
 from .errors import SeifyError
-from .finetune import data
 from .finetune.config import FinetuneConfig, Source
 from .finetune.dist import choose_threads
 from .finetune.loop import RunResult, Trainer
 from .finetune.resume import given_options
 from .finetune.state import RunFolder
+from .images import folders
 from .models import resolve
 from .options import SEOptions, parse_pairs
 from .paper import PREFIX, TABLES, figures
@@ -101,7 +101,7 @@ def compare(spec: str, data_dir: str, arms: list[Arm], config: FinetuneConfig, *
     arms, notes = _without_twins(spec, arms, config.img_size, weights)
     for note in notes:
         say(note)
-    split = data.discover(data_dir, config.val_split, config.seed, config.strict_data)
+    split = folders.discover(data_dir, config.val_split, config.seed, config.strict_data)
     seed_list = [config.seed + k for k in range(seeds)]
     config = dataclasses.replace(config, threads=_threads(root, arms, seed_list, config))
     for k, seed in enumerate(seed_list):

@@ -16,8 +16,8 @@ from PIL import Image
 from .api import convert, save
 from .errors import SeifyError
 from .finetune.config import FinetuneConfig
-from .finetune.evaluate import evaluate_folder
 from .finetune.loop import finetune
+from .images.scoring import evaluate_folder
 from .profile import profile
 
 CLASSES = ("gradient", "stripes_diagonal", "stripes_horizontal", "stripes_vertical")

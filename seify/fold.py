@@ -29,7 +29,7 @@ from .compensation import fold_backward, fold_forward, tensor_of
 from .device import check_device
 from .equivalence import Difference, compare, difference
 from .errors import SeifyError
-from .finetune.evaluate import Scored, batches_of, evaluate, scored_images
+from .images.scoring import Scored, batches_of, evaluate, scored_images
 from .limits import check_number, check_whole
 from .models import LoadedModel, resolve
 from .models.files import module_or_none

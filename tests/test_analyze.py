@@ -14,10 +14,10 @@ from seify.analyze import analyze
 from seify.checkpoint import read_recipe
 from seify.counting import cost
 from seify.errors import SeifyError
-from seify.finetune import data as fdata
 from seify.finetune.loop import finetune
 from seify.finetune.progress import SilentLog
 from seify.fold import fold
+from seify.images import folders as fdata
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +151,7 @@ def test_fold_with_data_keeps_the_outputs_within_what_it_reports(tmp_path, tiny,
         change = (original(x) - folded(x)).abs().max().item()
     assert change == pytest.approx(result.max_output_change, abs=1e-6)
     assert result.max_output_change >= max(s.max_output_change for s in result.folded) - 1e-6
-    from seify.finetune.evaluate import evaluate_folder
+    from seify.images.scoring import evaluate_folder
     assert result.top1_before == pytest.approx(evaluate_folder(str(trained), str(tiny), workers=0)["top1"])
     assert result.top1_after == pytest.approx(evaluate_folder(str(tmp_path / "f.safetensors"), str(tiny),
                                                               workers=0)["top1"])
@@ -204,7 +204,7 @@ def test_split_and_opset_values_are_checked_wherever_they_go(cli, tmp_path, trai
 def test_a_subset_keeps_every_class_in_its_share():
     from collections import Counter
 
-    from seify.finetune.evaluate import stratified
+    from seify.images.scoring import stratified
     items = [(f"a{i}", 0) for i in range(90)] + [(f"b{i}", 1) for i in range(9)] + [("c0", 2)]
     chosen = stratified(items, 20)
     assert Counter(label for _, label in chosen) == {0: 17, 1: 2, 2: 1} and len(set(chosen)) == 20

@@ -134,7 +134,7 @@ def test_one_epoch_compare_rows_threads_and_step_time(tmp_path, tiny, plain4, mo
     # the paired test counts what the runs' final models got right on the same images, read back here on our own
     import seify
     from seify.checkpoint import read_recipe
-    from seify.finetune import data as fdata
+    from seify.images import folders as fdata
     _, _, val = fdata.discover(tiny)
     transform = fdata.transforms(read_recipe(out / "plain" / "seed-0" / "last.safetensors")["data_config"], None)
     x = torch.stack([transform(Image.open(path).convert("RGB")) for path, _ in val.items])

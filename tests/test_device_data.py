@@ -6,8 +6,9 @@ from PIL import Image
 
 from conftest import KillAt, config, rows_of, weights
 from seify.errors import SeifyError
-from seify.finetune import build, data, device_data
+from seify.finetune import build, device_data
 from seify.finetune.loop import Trainer, finetune
+from seify.images import folders as data
 
 DATA_CONFIG = {"input_size": [3, 32, 32], "interpolation": "bilinear", "mean": [0.485, 0.456, 0.406],
                "std": [0.229, 0.224, 0.225], "crop_pct": 0.875}

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from conftest import KillAt, config, weights
-from seify.finetune.data import ImageDataset, transforms
 from seify.finetune.loop import Trainer, finetune
 from seify.finetune.progress import PlainLog
 from seify.finetune.state import RunFolder
+from seify.images.folders import ImageDataset, transforms
 
 LOADERS = dict(epochs=2, workers=2, aug="light")  # the default CPU path: loading processes, random crops
 FLAGS = ["--epochs", "2", "--batch-size", "8", "--img-size", "32", "--device", "cpu", "--log-every", "0",
@@ -40,7 +40,7 @@ def test_augmentation_is_drawn_per_image_not_per_loader(tiny):
     import timm
     from timm.data import resolve_data_config
 
-    from seify.finetune.data import Augmentation
+    from seify.images.folders import Augmentation
     cfg = resolve_data_config({}, model=timm.create_model("test_resnet"))
     items = [(str(p), 0) for p in sorted((tiny / "train").rglob("*.jpg"))][:4]
     dataset = ImageDataset(items, transforms(cfg, 32, Augmentation.choose("imagenet", 32)), seed=3)

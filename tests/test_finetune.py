@@ -17,10 +17,10 @@ from conftest import ARCH, KillAt, config, rows_of, save_weights, weights
 from seify.checkpoint import read_recipe
 from seify.demo import CLASSES, run
 from seify.errors import SeifyError
-from seify.finetune import data as fdata
-from seify.finetune.evaluate import evaluate_folder
 from seify.finetune.loop import Trainer, finetune
 from seify.finetune.progress import PlainLog, SilentLog
+from seify.images import folders as fdata
+from seify.images.scoring import evaluate_folder
 from seify.se import SqueezeExcite
 
 # ------------------------------------------------------------------ data

@@ -165,7 +165,7 @@ def damaged(tmp_path, tiny):
 
 
 def test_undecodable_images_are_skipped_counted_and_reported(tmp_path, damaged, se_file):
-    from seify.finetune import data as fdata
+    from seify.images import folders as fdata
     _, train, _ = fdata.discover(damaged)
     assert any(p.endswith("bomb.png") for p in train.skipped)  # refused by its size before training
     assert {Path(p).name for p, _ in train.items} >= {"cut.jpg", "corrupt.png"}  # their headers read fine
@@ -479,7 +479,7 @@ def test_data_links_that_leave_their_split_or_loop_are_refused(cli, tmp_path, ti
 def test_a_link_inside_its_split_is_followed(tmp_path, tiny):
     import shutil
 
-    from seify.finetune import data as fdata
+    from seify.images import folders as fdata
     root = tmp_path / "data"
     shutil.copytree(tiny, root)
     (root / "train" / "gradient").rename(root / "train" / ".pool")

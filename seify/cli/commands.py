@@ -226,7 +226,7 @@ def evaluate_command(
 
     Scores DATA/val, or the images a run held out with --val-split.
     """
-    from ..finetune.evaluate import evaluate_folder
+    from ..images.scoring import evaluate_folder
     report = evaluate_folder(model, data, batch_size, img_size, device, workers, weights=weights,
                              val_split=val_split, seed=seed, all_images=all_images)
     output.document(report) if json_out else output.evaluation(report, model)

@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from ..errors import SeifyError
+from ..images import folders
 from ..models import resolve
-from . import data, device_data
+from . import device_data
 from .config import FinetuneConfig, Source
 from .dist import Dist
 from .model import Prepared, parameter_names, prepare
@@ -41,11 +42,11 @@ class Data:
     """The images a run trains and validates on, and how they reach the model."""
     classes: list[str]
     img_size: int
-    augmentation: data.Augmentation
-    train_set: data.ImageDataset | device_data.EncodedDataset
-    val_set: data.ImageDataset | device_data.EncodedDataset
-    train_sampler: data.EpochSampler
-    val_sampler: data.EpochSampler
+    augmentation: folders.Augmentation
+    train_set: folders.ImageDataset | device_data.EncodedDataset
+    val_set: folders.ImageDataset | device_data.EncodedDataset
+    train_sampler: folders.EpochSampler
+    val_sampler: folders.EpochSampler
     workers: int
     pin: bool
     channels_last: bool
@@ -89,7 +90,7 @@ def build(source: Source, data_dir: str, config: FinetuneConfig, dist: Dist, dev
           resumed_from: Path | None, fresh: set[str], workers: int | None, given: set[str], split=None) -> Training:
     """The model (``source`` prepared, or the committed checkpoint ``resumed_from`` with its ``fresh`` parameters),
     the data, the optimizer and schedule, the EMA and the precision of a run."""
-    classes, train, val = split or data.discover(data_dir, config.val_split, config.seed, config.strict_data)
+    classes, train, val = split or folders.discover(data_dir, config.val_split, config.seed, config.strict_data)
     prepared = _model(source, classes, config, resumed_from, fresh, given)
     prepared.model.to(device)
     images = _data(prepared, classes, train, val, data_dir, config, dist, device, workers)
@@ -135,26 +136,26 @@ def _data(prepared: Prepared, classes, train, val, data_dir: str, config: Finetu
     from, so that evaluate and profile default to them."""
     cfg = prepared.recipe["data_config"]
     img_size = config.img_size or int(cfg["input_size"][-1])
-    augmentation = data.Augmentation.choose(config.aug, img_size, config.crop_scale, config.hflip)
+    augmentation = folders.Augmentation.choose(config.aug, img_size, config.crop_scale, config.hflip)
     prepared.recipe["data_config"] = {**cfg, "input_size": [3, img_size, img_size]}
     prepared.recipe["finetune"] = {"img_size": img_size, "augmentation": augmentation.preset,
-                                   "data_fingerprint": data.fingerprint(data_dir, classes, train, val),
+                                   "data_fingerprint": folders.fingerprint(data_dir, classes, train, val),
                                    "seed": config.seed, "config": config.portable(),
-                                   "val_split": None if data.has_val_folder(data_dir) else config.val_split}
+                                   "val_split": None if folders.has_val_folder(data_dir) else config.val_split}
     transform = None
-    train_set: data.ImageDataset | device_data.EncodedDataset
-    val_set: data.ImageDataset | device_data.EncodedDataset
+    train_set: folders.ImageDataset | device_data.EncodedDataset
+    val_set: folders.ImageDataset | device_data.EncodedDataset
     if decodes_on_device(config.decode, device):
         transform = device_data.DeviceTransform.from_config(cfg, img_size, augmentation, config.seed)
         train_set, val_set = device_data.EncodedDataset(train.items), device_data.EncodedDataset(val.items)
     else:
-        train_set = data.ImageDataset(train.items, data.transforms(cfg, img_size, augmentation), config.seed)
-        val_set = data.ImageDataset(val.items, data.transforms(cfg, img_size))
+        train_set = folders.ImageDataset(train.items, folders.transforms(cfg, img_size, augmentation), config.seed)
+        val_set = folders.ImageDataset(val.items, folders.transforms(cfg, img_size))
     cuda = device.type == "cuda"
     images = Data(classes, img_size, augmentation, train_set, val_set,
-                  data.EpochSampler(len(train_set), True, config.seed, dist.rank, dist.world),
-                  data.EpochSampler(len(val_set), False, config.seed, dist.rank, dist.world),
-                  workers if workers is not None else data.default_workers(device), cuda,
+                  folders.EpochSampler(len(train_set), True, config.seed, dist.rank, dist.world),
+                  folders.EpochSampler(len(val_set), False, config.seed, dist.rank, dist.world),
+                  workers if workers is not None else folders.default_workers(device), cuda,
                   cuda if config.channels_last is None else config.channels_last, transform,
                   train.skipped + val.skipped, config.batch_size)
     if images.steps_per_epoch == 0:

@@ -5,6 +5,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from ..errors import SeifyError
+from ..images import AUGMENTATIONS
 from ..limits import MAX_BATCH_SIZE, MAX_IMAGE_SIZE, check_choice, check_number, check_whole
 from ..options import DATA, DEVICE_HELP, DEVICES, OUTPUT, SCHEDULE, SEOptions, option
 
@@ -12,7 +13,6 @@ from ..options import DATA, DEVICE_HELP, DEVICES, OUTPUT, SCHEDULE, SEOptions, o
 # reads, not what it computes. --epochs changes only with --extend, which re-plans the schedule.
 CHANGEABLE_ON_RESUME = frozenset({"data", "workers", "threads", "device", "compile", "log_every", "save_every",
                                   "out", "resume", "force", "extend", "epochs"})
-AUGMENTATIONS = ("auto", "none", "light", "imagenet")
 DECODES = ("auto", "cpu", "gpu")
 
 

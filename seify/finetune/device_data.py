@@ -18,8 +18,7 @@ from torchvision import io
 from torchvision.transforms.v2 import functional as TF
 
 from ..errors import first_line
-from .data import Augmentation, fill_failed, read_rgb
-from .rng import sample_seed
+from ..images.folders import Augmentation, fill_failed, read_rgb, sample_seed
 
 JPEG_START = (0xFF, 0xD8)
 RGB = io.ImageReadMode.RGB

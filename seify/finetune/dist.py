@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from ..device import check_device
-from .data import usable_cores
+from ..images.folders import usable_cores
 
 
 @dataclass

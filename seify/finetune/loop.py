@@ -18,12 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SeifyError
+from ..images import folders
+from ..images.scoring import evaluate
 from ..options import SEOptions
-from . import artifacts, data, device_data, rng
+from . import artifacts, device_data, rng
 from .build import Training, build
 from .config import FinetuneConfig, Source
 from .dist import choose_threads, setup, teardown
-from .evaluate import evaluate
 from .plan import describe, run_info
 from .progress import PlainLog
 from .resume import SE_OPTIONS, Saved, given_options, open_folder, restore, resumed_config, state_of
@@ -167,12 +168,12 @@ def validate(training: Training) -> dict:
                     len(images.classes), training.precision.autocast, training.dist, images.channels_last)
 
 
-def batches(training: Training, dataset, sampler: data.EpochSampler, train: bool):
+def batches(training: Training, dataset, sampler: folders.EpochSampler, train: bool):
     """(images, labels, failures) per step, decoded by the loading processes or on the device."""
     images = training.data
     if images.device_transform is None:
-        return data.loader(dataset, images.batch_size, sampler, images.workers, images.pin, train)
-    encoded = data.loader(dataset, images.batch_size, sampler, images.workers, images.pin, train,
+        return folders.loader(dataset, images.batch_size, sampler, images.workers, images.pin, train)
+    encoded = folders.loader(dataset, images.batch_size, sampler, images.workers, images.pin, train,
                           collate_fn=device_data.collate_encoded)
     return device_data.DeviceBatches(encoded, images.device_transform, training.device, sampler.epoch, train,
                                      dataset.items)

@@ -10,7 +10,7 @@ import torch
 
 from .. import __version__
 from ..errors import flag
-from . import data
+from ..images import folders
 from .build import Training
 from .config import FinetuneConfig, Source
 from .model import parameter_names
@@ -28,7 +28,7 @@ def describe(training: Training, source: Source, config: FinetuneConfig, data_di
              f"{threads}, {images.steps_per_epoch} steps per epoch",
              f"model: {'plain (no SE)' if source.se is None else 'with SE'}, {images.img_size} px; augmentation: "
              f"{images.augmentation.describe()}"]
-    if config.val_split is not None and data.has_val_folder(data_dir):
+    if config.val_split is not None and folders.has_val_folder(data_dir):
         lines.append(f"{flag('val_split')} {config.val_split:g} is not used: {data_dir} has train/ and val/")
     return lines + training.prepared.notes + [plan(training, config)]
 

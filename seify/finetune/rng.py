@@ -1,7 +1,6 @@
 """Seeding and the random-number state that a resumed run must continue exactly."""
 from __future__ import annotations
 
-import contextlib
 import random
 
 import numpy
@@ -12,33 +11,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
     numpy.random.seed(seed % 2**32)
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """One image's augmentation seed in one epoch: the same on the CPU and the device path, whatever the worker
-    count, the batch split or where a run was stopped."""
-    return (seed * 1_000_003 + epoch) * 10_000_019 + index
-
-
-@contextlib.contextmanager
-def sample_draws(seed: int):
-    """Every generator an augmentation may draw from (torch's, Python's, numpy's) seeded for one image, and put
-    back afterwards, so that loading in this process leaves the training draws (dropout, drop-path) as they were."""
-    saved = torch.get_rng_state(), random.getstate(), numpy.random.get_state()
-    torch.manual_seed(seed)
-    random.seed(seed)
-    numpy.random.seed(seed % 2**32)
-    try:
-        yield
-    finally:
-        torch.set_rng_state(saved[0])
-        random.setstate(saved[1])
-        numpy.random.set_state(saved[2])
-
-
-def loading_process(worker_id: int) -> None:
-    """A data-loading process takes one thread: the trainer owns the cores."""
-    torch.set_num_threads(1)
 
 
 def capture(device: torch.device) -> dict:

@@ -1,6 +1,7 @@
 """Image-folder data: DATA/train/<class>/* and DATA/val/<class>/*, or one tree split by --val-split."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -10,13 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import SeifyError, first_line
 from ..limits import check_choice
-from .config import AUGMENTATIONS
-from .rng import loading_process, sample_draws, sample_seed
+from . import AUGMENTATIONS
 
 
 @dataclass
@@ -233,6 +234,33 @@ def collate(batch: list, fill: bool):
         return None, None, failures
     images, labels = torch.utils.data.default_collate(good)
     return images, labels, failures
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """One image's augmentation seed in one epoch: the same on the CPU and the device path, whatever the worker
+    count, the batch split or where a run was stopped."""
+    return (seed * 1_000_003 + epoch) * 10_000_019 + index
+
+
+@contextlib.contextmanager
+def sample_draws(seed: int):
+    """Every generator an augmentation may draw from (torch's, Python's, numpy's) seeded for one image, and put
+    back afterwards, so that loading in this process leaves the training draws (dropout, drop-path) as they were."""
+    saved = torch.get_rng_state(), random.getstate(), numpy.random.get_state()
+    torch.manual_seed(seed)
+    random.seed(seed)
+    numpy.random.seed(seed % 2**32)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(saved[0])
+        random.setstate(saved[1])
+        numpy.random.set_state(saved[2])
+
+
+def loading_process(worker_id: int) -> None:
+    """A data-loading process takes one thread: the trainer owns the cores."""
+    torch.set_num_threads(1)
 
 
 SMALL_IMAGE = 160  # below this many pixels a side, ImageNet's crops cut away most of what there is to see

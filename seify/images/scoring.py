@@ -5,6 +5,7 @@ import contextlib
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +15,7 @@ from ..device import check_device
 from ..errors import SeifyError
 from ..limits import MAX_BATCH_SIZE, MAX_IMAGE_SIZE, check_number, check_whole
 from ..models import LoadedModel, resolve
-from .data import (
+from .folders import (
     EpochSampler,
     ImageDataset,
     Samples,
@@ -27,14 +28,28 @@ from .data import (
     scan,
     transforms,
 )
-from .dist import Dist
+
+
+class Ranks(Protocol):
+    """The processes of a distributed run, as scoring needs them (``seify.finetune.dist.Dist``)."""
+    @property
+    def enabled(self) -> bool: ...
+
+    def all_sum(self, values: list[float], device) -> list[float]: ...
+
+
+class _OneProcess:
+    enabled = False
+
+    def all_sum(self, values: list[float], device) -> list[float]:
+        return values
 
 
 def evaluate(model: nn.Module, batches, device: torch.device, num_classes: int, autocast=contextlib.nullcontext,
-             dist: Dist | None = None, channels_last: bool = False) -> dict:
+             dist: Ranks | None = None, channels_last: bool = False) -> dict:
     """Metrics over every batch (summed over ranks when distributed); ``correct`` says per image, in order, whether
     the top-1 prediction was right (this rank's images only when distributed)."""
-    dist = dist or Dist()
+    dist = dist or _OneProcess()
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     loss_sum = top5 = 0.0
