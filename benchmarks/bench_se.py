@@ -19,9 +19,9 @@ import timm
 import torch
 
 import seify
-from seify.profile import interleaved_medians
 from seify.surgery import SEOptions
 from seify.surgery import add_se as convert
+from seify.timing import interleaved_medians
 
 
 def models(device, channels_last=False):

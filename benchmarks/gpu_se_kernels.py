@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from seify.profile import interleaved_medians
 from seify.surgery import SEOptions
 from seify.surgery import add_se as convert
+from seify.timing import interleaved_medians
 
 
 def site(variant, x, sc, w1, b1, w2, b2):

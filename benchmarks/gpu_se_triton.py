@@ -25,10 +25,10 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 from seify import kernels  # noqa: E402
-from seify.profile import interleaved_medians  # noqa: E402
 from seify.se import SqueezeExcite  # noqa: E402
 from seify.surgery import SEOptions  # noqa: E402
 from seify.surgery import add_se as convert  # noqa: E402
+from seify.timing import interleaved_medians  # noqa: E402
 
 DEVICE = "cpu" if SMOKE else "cuda"
 ARCH, SIZE, BATCH, REPEATS = ("test_resnet", 32, 2, 2) if SMOKE else ("resnet50", 224, 128, 20)

@@ -288,9 +288,10 @@ def _check_recipe(recipe, depth: int = 0) -> None:
             raise _Damaged(f"its SE options: {e}") from e
     need(all(isinstance(site, dict) and isinstance(site.get("path"), str) for site in recipe["sites"]),
          "'sites' holds entries without a path")
-    folded = recipe.get("folded")
-    need(folded is None or (isinstance(folded, list) and all(isinstance(f, str) for f in folded)),
-         "'folded' is not a list of module paths")
+    for key in ("folded", "folded_native"):
+        folded = recipe.get(key)
+        need(folded is None or (isinstance(folded, list) and all(isinstance(f, str) for f in folded)),
+             f"'{key}' is not a list of module paths")
     classes = recipe.get("classes")
     need(classes is None or (isinstance(classes, list) and all(isinstance(c, str) for c in classes)
                              and len(classes) == recipe["num_classes"]), "'classes' does not match num_classes")

@@ -31,32 +31,43 @@ def se_macs(channels: int, reduced: int, height: int, width: int) -> tuple[int, 
     return 2 * channels * reduced, 2 * channels * height * width
 
 
-def count_macs(model: nn.Module, input_size) -> tuple[int, int, dict[str, int]]:
-    """(all MACs, conv/linear MACs, MACs per SE block) of one image through ``model``.
+def count_macs(model: nn.Module, input_size, gates: dict[str, nn.Module] | None = None
+               ) -> tuple[int, int, dict[str, int]]:
+    """(all MACs, conv/linear MACs, MACs per gate) of one image through ``model``; ``gates`` are the channel gates
+    to count one by one (default: seify's SE blocks), each with its squeeze, its excitation layers and its scale.
 
     Forward hooks see every call, also inside modules that tracing treats as leaves (timm's ConvMlp).
     """
-    names = {m: name for name, m in model.named_modules()}
+    if gates is None:
+        gates = {name: m for name, m in model.named_modules() if isinstance(m, SqueezeExcite)}
+    names = {m: path for path, m in gates.items()}
+    inside_gate = {id(c): path for path, m in gates.items() for c in m.modules() if c is not m}
     conv_linear, squeeze_scale = [0], [0]
-    per_block: dict[str, int] = {}
+    per_block: dict[str, int] = dict.fromkeys(gates, 0)
 
     def on_layer(m, inputs, out):
         if isinstance(m, nn.Linear):
-            conv_linear[0] += out.numel() * m.in_features
+            macs = out[0].numel() * m.in_features
         elif not m.transposed:
-            conv_linear[0] += out.numel() * (m.in_channels // m.groups) * math.prod(m.kernel_size)
+            macs = out[0].numel() * (m.in_channels // m.groups) * math.prod(m.kernel_size)
+        else:
+            return
+        conv_linear[0] += macs
+        if id(m) in inside_gate:
+            per_block[inside_gate[id(m)]] += macs
 
-    def on_se(m, inputs, out):
-        _, c, h, w = inputs[0].shape
-        excite, pool_scale = se_macs(c, m.fc1.out_channels, h, w)
-        conv_linear[0] += excite  # fc1 and fc2 run as matrix products, not module calls
+    def on_gate(m, inputs, out):
+        c, h, w = inputs[0].shape[1], inputs[0].shape[2], inputs[0].shape[3]
+        excite, pool_scale = se_macs(c, m.fc1.out_channels, h, w) if isinstance(m, SqueezeExcite) else \
+            (0, 2 * inputs[0][0].numel())
+        conv_linear[0] += excite  # seify's fc1 and fc2 run as matrix products, not module calls
         squeeze_scale[0] += pool_scale
-        per_block[names[m]] = per_block.get(names[m], 0) + excite + pool_scale
+        per_block[names[m]] += excite + pool_scale
 
-    inside_se = {id(c) for m in model.modules() if isinstance(m, SqueezeExcite) for c in m.modules()}
-    hooks = [m.register_forward_hook(on_se if isinstance(m, SqueezeExcite) else on_layer)
-             for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear, SqueezeExcite))
-             and (isinstance(m, SqueezeExcite) or id(m) not in inside_se)]
+    ours = {id(c) for m in gates.values() if isinstance(m, SqueezeExcite) for c in m.modules()}
+    hooks = [m.register_forward_hook(on_gate) for m in gates.values()] + \
+        [m.register_forward_hook(on_layer) for m in model.modules()
+         if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and id(m) not in ours]
     param = next(model.parameters())
     try:
         with torch.no_grad():
@@ -71,9 +82,9 @@ def count_macs(model: nn.Module, input_size) -> tuple[int, int, dict[str, int]]:
     return conv_linear[0] + squeeze_scale[0], conv_linear[0], per_block
 
 
-def cost(model: nn.Module, input_size) -> tuple[Cost, dict[str, int]]:
-    """Parameters and MACs of ``model`` for one image, and the MACs of each SE block in it."""
-    macs, conv_linear, per_block = count_macs(model, input_size)
+def cost(model: nn.Module, input_size, gates: dict[str, nn.Module] | None = None) -> tuple[Cost, dict[str, int]]:
+    """Parameters and MACs of ``model`` for one image, and the MACs of each gate in it (``count_macs``)."""
+    macs, conv_linear, per_block = count_macs(model, input_size, gates)
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return Cost(params, trainable, macs, conv_linear), per_block

@@ -1,39 +1,37 @@
-"""``seify fold``: take SE blocks back where they do nothing, for free.
+"""``seify fold``: take channel gates out where they do nothing, for free; seify's SE blocks and the ones a network
+ships (EfficientNet, MobileNetV3, RegNetY, SE-ResNet, ...: ``seify.gates``).
 
-A block whose gate does not depend on the input multiplies its input by a constant per channel. That constant is
-folded into the layer that makes the block's input (a norm's affine, a convolution's or linear layer's weights
-and bias, a layer scale), or else into the plain linear layers that read its output, and the block leaves the
-graph: it costs no parameter and no multiply-add any more. Without DATA only blocks whose gate is exactly constant
-(fc2's weights all zero, as in a fresh conversion) are folded, and the result computes exactly what the model did;
-a fresh ``convert`` followed by ``fold`` is the original model again. With DATA, blocks whose gates, measured over
-its images, vary by at most ``max_gate_std`` in every channel are folded at their mean, and the change of the
-model's outputs and top-1 on DATA are measured and reported.
+A gate that does not depend on the input multiplies its input by a constant per channel. That constant is folded
+into the layer that makes the gate's input (a norm's affine, a convolution's or linear layer's weights and bias, a
+layer scale), or else into the plain linear layers that read its output, and the gate leaves the model: it costs
+no parameter and no multiply-add any more. Without DATA only gates that are constant by their weights are folded,
+and the result computes exactly what the model did; a fresh ``convert`` followed by ``fold`` is the original
+model again. With DATA, gates whose values, measured over its images, vary by at most ``max_gate_std`` in every
+channel are folded at their mean; with ``max_top1_drop`` (the budget) the gates that cost least top-1 when folded
+go first, one at a time, re-measured after each, until the next would take the drop past the budget. The change
+of the outputs, the top-1 before and after, and the latency won are measured and reported, never estimated.
 """
 from __future__ import annotations
 
 import copy
 import math
-import re
-from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-import torch.fx as fx
 from torch import nn
 
-from . import graph as g
-from .analyze import record_gates, se_blocks
-from .checkpoint import check_writable, save
-from .compensation import fold_backward, fold_forward, tensor_of
+from .checkpoint import check_writable, make_recipe, save
+from .counting import count_macs
 from .device import check_device
 from .equivalence import Difference, compare, difference
 from .errors import SeifyError
+from .gates import Gate, Plan, check_pattern, find_gates, multiplier, no_gates, plan, record_gates, without_gates
 from .images.scoring import Scored, batches_of, evaluate, scored_images
 from .limits import check_number, check_whole
-from .models import LoadedModel, resolve
+from .models import HELD, LoadedModel, resolve
 from .models.files import module_or_none
-from .surgery import remove_se
+from .timing import inference_ms, onnxruntime_ms
 
 
 @dataclass
@@ -44,6 +42,9 @@ class FoldedSite:
     multiplier_max: float
     gate_std_max: float | None  # measured over DATA; None where the gate is constant by its weights
     max_output_change: float | None = None  # this site alone folded, over DATA's images (or a probe)
+    top1_alone: float | None = None  # top-1 with this gate alone folded (the budget's ranking)
+    params: int = 0  # what folding it saves
+    macs: int = 0
 
 
 @dataclass
@@ -51,12 +52,17 @@ class Folded:
     model: str
     output: str | None  # None: nothing was written
     folded: list[FoldedSite]
-    kept: list[dict]  # {"path", "why"} for every block left in
+    kept: list[dict]  # {"path", "why"} for every gate left in
     images: str | None  # which images were measured
     max_output_change: float  # every fold together
     top1_before: float | None = None
     top1_after: float | None = None
     params_saved: int = 0
+    macs_saved: int = 0
+    budget: float | None = None  # --max-top1-drop
+    steps: list[dict] = field(default_factory=list)  # the budget's folds in order, each with top-1 after it
+    latency: dict | None = None  # milliseconds before, after and with every gate removed; eager and onnxruntime
+    notes: list[str] = field(default_factory=list)
     module: nn.Module | None = field(default=None, repr=False)  # the folded model
 
     def to_dict(self) -> dict:
@@ -64,158 +70,163 @@ class Folded:
 
 
 def fold(model: str | nn.Module, out: str | Path | None, data: str | None = None, *, weights: str | None = None,
-         max_gate_std: float = 0.01, include: str | None = None, exclude: str | None = None,
-         max_images: int | None = 512, batch_size: int = 64, device: str | None = None, force: bool = False
-         ) -> Folded:
-    """Fold the SE blocks of ``model`` that do nothing input-dependent (see the module's doc) and write the result
-    to ``out`` as a seify file whose recipe records what was folded. ``model`` may be a module you hold (it is
-    left as it is); with ``out`` None nothing is written, and the folded model is ``result.module``."""
-    check_number(max_gate_std, "max_gate_std", 0, math.inf)
-    if max_images is not None:
-        check_whole(max_images, "max_images", 1, None)
-    patterns = [_regex(text, name) for text, name in ((include, "include"), (exclude, "exclude"))]
+         pretrained: bool = False, max_gate_std: float = 0.01, max_top1_drop: float | None = None,
+         include: str | None = None, exclude: str | None = None, max_images: int | None = 512, batch_size: int = 64,
+         device: str | None = None, latency: bool = False, force: bool = False) -> Folded:
+    """Fold the gates of ``model`` that do nothing input-dependent (see the module's doc) and write the result to
+    ``out`` as a seify file whose recipe records what was folded. ``model`` may be a module you hold (it is left as
+    it is); with ``out`` None nothing is written, and the folded model is ``result.module``."""
+    _check(max_gate_std, max_top1_drop, max_images, include, exclude, data)
     inputs = tuple(x for x in (model, weights) if isinstance(x, str))
     if out is not None:
         check_writable(out, force=force, inputs=inputs)
-    loaded = resolve(model, weights=weights)
-    name = loaded.spec
-    blocks = se_blocks(loaded.model)
-    if not blocks:
-        raise SeifyError(f"{name} has no SE blocks to fold")
-    if out is not None and loaded.recipe is None:
-        raise SeifyError(f"{name} carries no seify recipe to write a file with: fold it with out=None and keep "
-                         "result.module, or fold the seify file that seify.save wrote")
-    chosen = {p: b for p, b in blocks.items() if (patterns[0] is None or patterns[0].search(p))
-              and not (patterns[1] is not None and patterns[1].search(p))}
-    if not chosen:
-        raise SeifyError(f"no SE block of {name} matches {{include}}/{{exclude}}", "include", "exclude")
+    loaded = resolve(model, weights=weights, pretrained=pretrained)
+    gates = find_gates(loaded.model, include, exclude)
+    if not gates:
+        raise no_gates(loaded.spec, include, exclude)
+    if out is not None and loaded.weights == HELD:
+        raise SeifyError(f"{loaded.spec} carries no seify recipe to write a file with: fold it with out=None and keep "
+                         "result.module, or fold the file that seify.save wrote")
     dev = torch.device(check_device(device))
     images = scored_images(loaded, data, max_images=max_images) if data is not None else None
-    stats = record_gates(loaded.model, batches_of(images.dataset, batch_size, dev), len(images.classes), dev) \
+    stats = record_gates(loaded.model, gates, batches_of(images.dataset, batch_size, dev), len(images.classes), dev) \
         if images is not None else {}
     original = copy.deepcopy(loaded.model).eval()
-    plans, kept = _plans(loaded.model, chosen, stats, max_gate_std)
+    multipliers, kept = {}, {}
+    for path, gate in gates.items():
+        value, why = multiplier(gate, stats.get(path), math.inf if max_top1_drop is not None else max_gate_std)
+        if value is None:
+            kept[path] = why
+        else:
+            multipliers[path] = value
+    plans, unplaced = plan(original, gates, multipliers)
+    kept.update(unplaced)
     if not plans:
-        reasons = "; ".join(f"{k['path']}: {k['why']}" for k in kept[:2])
-        raise SeifyError(f"nothing to fold in {name} ({reasons}{'; ...' if len(kept) > 2 else ''})",
-                         "max_gate_std")
-    folded = [FoldedSite(path, into, float(c.min()), float(c.max()), _std(stats, path))
-              for path, (into, c, _) in plans.items()]
-    for site in folded:
-        site.max_output_change = _change(original, _folded_copy(original, {site.path: plans[site.path]}, loaded),
-                                         images, loaded, dev, batch_size)
-    result_model = _folded_copy(original, plans, loaded)
-    result = Folded(name, None if out is None else str(out), folded, kept, images.where if images else None,
-                    _change(original, result_model, images, loaded, dev, batch_size),
-                    params_saved=sum(p.numel() for p in original.parameters()) -
-                    sum(p.numel() for p in result_model.parameters()))
+        raise SeifyError(f"nothing to fold in {loaded.spec} ({_reasons(kept)})", "max_gate_std")
+    slots = {p for p in gates if loaded.base is not None and isinstance(module_or_none(loaded.base, p), nn.Identity)}
+    costs = _costs(original, gates, loaded)
+    sites = {path: FoldedSite(path, p.into, float(p.multiplier.min()), float(p.multiplier.max()),
+                              float(stats[path].std.max()) if path in stats else None, **costs[path])
+             for path, p in plans.items()}
+    measure = _Measure(original, images, loaded, dev, batch_size, plans, slots)
+    for site in sites.values():
+        site.max_output_change, site.top1_alone = measure.alone(site.path)
+    result = Folded(loaded.spec, None if out is None else str(out), [], [], images.where if images else None, 0.0,
+                    top1_before=measure.top1(original) if images is not None else None, budget=max_top1_drop)
+    chosen = _within_budget(sites, result, measure, max_top1_drop) if max_top1_drop is not None else list(sites)
+    kept.update({p: f"folding it would take the top-1 drop past {max_top1_drop:g} points"
+                 for p in sites if p not in chosen})
+    folded_model = measure.model_without(chosen)
+    result.folded = [sites[p] for p in chosen]
+    result.kept = [{"path": p, "why": why} for p, why in kept.items()]
+    result.max_output_change = measure.change(folded_model)
+    result.params_saved, result.macs_saved = (sum(sites[p].params for p in chosen), sum(sites[p].macs for p in chosen))
     if images is not None:
-        result.top1_before, result.top1_after = (_top1(m, images, dev, batch_size) for m in (original, result_model))
-    result.module = result_model.cpu()
-    if out is not None and loaded.recipe is not None:
-        recipe = dict(loaded.recipe)
-        recipe["folded"] = list(recipe.get("folded") or []) + list(plans)
-        recipe["sites"] = [s for s in recipe["sites"] if s["path"] not in plans]
-        save(result.module, out, recipe, force=force, inputs=inputs)
+        result.top1_after = measure.top1(folded_model)
+    if not chosen:
+        result.notes.append(f"the budget of {max_top1_drop:g} points allows no gate: the model is written unchanged")
+    if latency:
+        result.latency = _latency(original, folded_model, gates, tuple(loaded.data_config["input_size"]))
+    result.module = folded_model.cpu()
+    if out is not None:
+        save(result.module, out, _recipe(loaded, gates, chosen), force=force, inputs=inputs)
     return result
 
 
-def _regex(text: str | None, name: str) -> re.Pattern | None:
-    try:
-        return re.compile(text) if text else None
-    except re.error as e:
-        raise SeifyError(f"{{{name}}} is not a valid regular expression: {e}", name) from e
+def _check(max_gate_std, max_top1_drop, max_images, include, exclude, data) -> None:
+    check_number(max_gate_std, "max_gate_std", 0, math.inf)
+    if max_top1_drop is not None:
+        check_number(max_top1_drop, "max_top1_drop", 0, 100)
+        if data is None:
+            raise SeifyError("{max_top1_drop} measures top-1 on DATA: pass DATA (an image folder of the model's "
+                             "classes)", "max_top1_drop")
+    if max_images is not None:
+        check_whole(max_images, "max_images", 1, None)
+    for text, name in ((include, "include"), (exclude, "exclude")):
+        check_pattern(text, name)
 
 
-def _std(stats: dict, path: str) -> float | None:
-    return float(stats[path].std.max()) if path in stats else None
+def _reasons(kept: dict[str, str]) -> str:
+    return "; ".join(f"{path}: {why}" for path, why in list(kept.items())[:2]) + ("; ..." if len(kept) > 2 else "")
 
 
-def _plans(model: nn.Module, chosen: dict, stats: dict, max_gate_std: float):
-    """({path: (parameters to scale, the per-channel multiplier, the dimension its channels are on)}, the blocks
-    kept with why)."""
-    traced = g.trace(model)
-    calls = Counter(n.target for n in traced.graph.nodes if n.op in ("call_module", "get_attr"))
-    taken: set[str] = set()
-    plans: dict[str, tuple[list[str], torch.Tensor, int]] = {}
-    kept: list[dict] = []
-    for path, block in chosen.items():
-        multiplier, why = _multiplier(block, stats.get(path), max_gate_std)
-        if multiplier is not None and float(multiplier.min()) < 0:
-            multiplier, why = None, "its gate is negative in some channel, which a ReLU before it would not pass"
-        if multiplier is not None and bool((multiplier == 1).all()):  # it multiplies by 1: nothing to fold into
-            plans[path] = ([], multiplier, 0)
-            continue
-        target = _target(traced, path, calls, taken) if multiplier is not None else None
-        if multiplier is None or target is None:
-            kept.append({"path": path, "why": why or "no layer next to it takes a per-channel scale exactly"})
-            continue
-        taken.update(target[0])
-        plans[path] = (target[0], multiplier, target[1])
-    return plans, kept
+def _costs(model: nn.Module, gates: dict[str, Gate], loaded: LoadedModel) -> dict[str, dict]:
+    """What folding each gate saves: its parameters and its MACs at the model's size."""
+    _, _, macs = count_macs(model, tuple(loaded.data_config["input_size"]), {p: g.module for p, g in gates.items()})
+    return {path: {"params": gate.params, "macs": macs[path]} for path, gate in gates.items()}
 
 
-def _multiplier(block, stats, max_gate_std: float) -> tuple[torch.Tensor | None, str]:
-    """What the block multiplies its input by, per channel, where that is (nearly) a constant."""
-    constant = block.constant_gate()
-    if constant is not None:
-        return constant, ""
-    if stats is None:
-        return None, "its gate depends on the input (fc2's weights are not zero); measure it on DATA"
-    spread = float(stats.std.max())
-    if spread > max_gate_std:
-        return None, f"its gate varies by up to {spread:.3g} over the images (more than {max_gate_std:g})"
-    return stats.mean * block.scale, ""
+class _Measure:
+    """The model with some of its planned gates folded, and what that changes: top-1 and the largest output change
+    over DATA's images (or a random probe at the model's size without DATA)."""
+
+    def __init__(self, original: nn.Module, images: Scored | None, loaded: LoadedModel, device, batch_size: int,
+                 plans: dict[str, Plan], slots: set[str]):
+        self.original, self.images, self.loaded, self.device = original, images, loaded, device
+        self.batch_size, self.plans, self.slots = batch_size, plans, slots
+
+    def model_without(self, paths: list[str]) -> nn.Module:
+        return without_gates(self.original, {p: self.plans[p] for p in paths}, self.slots & set(paths))
+
+    def alone(self, path: str) -> tuple[float, float | None]:
+        model = self.model_without([path])
+        return self.change(model), self.top1(model) if self.images is not None else None
+
+    def top1(self, model: nn.Module) -> float:
+        assert self.images is not None
+        return evaluate(model.to(self.device), batches_of(self.images.dataset, self.batch_size, self.device),
+                        self.device, len(self.images.classes))["top1"]
+
+    def change(self, model: nn.Module) -> float:
+        if self.images is None:
+            return compare(self.original, model, tuple(self.loaded.data_config["input_size"])).max_abs
+        checked = Difference()
+        a, b = self.original.to(self.device).eval(), model.to(self.device).eval()
+        with torch.no_grad():
+            for x, _, _ in batches_of(self.images.dataset, self.batch_size, self.device):
+                if x is not None:
+                    x = x.to(self.device)
+                    checked = checked | difference(a(x), b(x))
+        return checked.max_abs
 
 
-def _target(traced: fx.GraphModule, path: str, calls: Counter, taken: set[str]):
-    """(parameter names, channel dimension) where this block's multiplier folds exactly, or None."""
-    node = next(n for n in traced.graph.nodes if n.op == "call_module" and n.target == path)
-    producer = node.all_input_nodes[0]
-    backward = fold_backward(producer, [node], traced, calls)
-    if backward and not taken & set(backward):
-        return backward, 0
-    forward = fold_forward(node, list(node.users), traced, calls)
-    if forward and not taken & set(forward) and all(_plain_input(traced, p) for p in forward) and len(node.args) == 1:
-        return forward, 1
-    return None
+def _within_budget(sites: dict[str, FoldedSite], result: Folded, measure: _Measure, budget: float) -> list[str]:
+    """The least harmful gates first (top-1 alone, then output change), each fold re-measured with those before
+    it; the first that would take the drop past ``budget`` ends it."""
+    assert result.top1_before is not None
+    order = sorted(sites.values(), key=lambda s: (-(s.top1_alone or 0.0), s.max_output_change or 0.0, s.path))
+    chosen: list[str] = []
+    for site in order:
+        top1 = measure.top1(measure.model_without(chosen + [site.path]))
+        if result.top1_before - top1 > budget:
+            break
+        chosen.append(site.path)
+        result.steps.append({"path": site.path, "top1": top1, "params_saved": site.params, "macs_saved": site.macs})
+    return chosen
 
 
-def _plain_input(root: nn.Module, weight: str) -> bool:
-    """A layer whose weight's second dimension is its whole input (no groups), so input channel k is column k."""
-    layer = root.get_submodule(weight.rsplit(".", 1)[0])
-    return getattr(layer, "groups", 1) == 1
+def _latency(original: nn.Module, folded: nn.Module, gates: dict[str, Gate], size) -> dict:
+    """Batch 1, one thread: the model before and after folding and with every gate removed (the limit), eager on
+    this CPU and in onnxruntime, timed in turns in one run."""
+    limit = without_gates(original, {p: Plan([], torch.ones(1), 0) for p in gates})
+    models = [m.cpu() for m in (original, folded, limit)]
+    timed = {"eager": inference_ms(models, size), "onnxruntime": onnxruntime_ms(models, size)}
+    return {runtime: None if ms is None else {"before": ms[0], "after": ms[1], "every_gate_removed": ms[2]}
+            for runtime, ms in timed.items()}
 
 
-def _folded_copy(model: nn.Module, plans: dict, loaded: LoadedModel) -> nn.Module:
-    """A copy of ``model`` with each planned multiplier in its layer's parameters and its block gone."""
-    folded = copy.deepcopy(model)
-    with torch.no_grad():
-        for params, multiplier, dim in plans.values():
-            for name in params:
-                t = tensor_of(folded, name)
-                shape = [1] * t.dim()
-                shape[dim] = -1
-                t.mul_(multiplier.to(t).view(shape))
-    slots = {p for p in plans if loaded.base is not None and isinstance(module_or_none(loaded.base, p), nn.Identity)}
-    remove_se(folded, list(plans), slots)
-    return folded.eval()
-
-
-def _change(a: nn.Module, b: nn.Module, images: Scored | None, loaded: LoadedModel, device, batch_size: int) -> float:
-    """The largest change of the outputs: over DATA's images, or on a random probe at the trained size."""
-    if images is None:
-        return compare(a, b, tuple(loaded.data_config["input_size"])).max_abs
-    checked = Difference()
-    a, b = a.to(device).eval(), b.to(device).eval()
-    with torch.no_grad():
-        for x, _, _ in batches_of(images.dataset, batch_size, device):
-            if x is not None:
-                x = x.to(device)
-                checked = checked | difference(a(x), b(x))
-    return checked.max_abs
-
-
-def _top1(model: nn.Module, images: Scored, device, batch_size: int) -> float:
-    return evaluate(model.to(device), batches_of(images.dataset, batch_size, device), device,
-                    len(images.classes))["top1"]
+def _recipe(loaded: LoadedModel, gates: dict[str, Gate], chosen: list[str]) -> dict:
+    """The recipe of the folded file: seify's blocks leave its sites, a network's own gates are recorded as
+    replaced (``from_recipe`` takes them out of the rebuilt model)."""
+    from .models import num_classes_of
+    recipe = dict(loaded.recipe) if loaded.recipe is not None else make_recipe(
+        loaded.spec, num_classes_of(loaded.model), None, loaded.data_config["input_size"], loaded.data_config, [],
+        weights=loaded.weights)
+    ours = [p for p in chosen if gates[p].ours]
+    native = [p for p in chosen if not gates[p].ours]
+    if ours:
+        recipe["folded"] = list(recipe.get("folded") or []) + ours
+        recipe["sites"] = [s for s in recipe["sites"] if s["path"] not in ours]
+    if native:
+        recipe["folded_native"] = list(recipe.get("folded_native") or []) + native
+    return recipe

@@ -41,12 +41,15 @@ def _traceable_anyway(m: nn.Module) -> bool:
 class SeifyTracer(fx.Tracer):
     """An fx tracer that knows timm's leaves and reports which module broke tracing."""
 
-    def __init__(self):
+    def __init__(self, leaves: frozenset[int] | set[int] = frozenset()):
         leaf_modules, functions = _timm_notrace()
         super().__init__(autowrap_functions=functions)
         self.leaf_types = leaf_modules + _torchvision_leaves() + (SqueezeExcite,)
+        self.leaves = leaves  # ids of more modules to keep whole
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if id(m) in self.leaves:
+            return True
         if _traceable_anyway(m):
             return False
         return isinstance(m, self.leaf_types) or super().is_leaf_module(m, qualname)
@@ -68,13 +71,14 @@ class SeifyTracer(fx.Tracer):
                              ) from e
 
 
-def trace_graph(module: nn.Module, concrete_args: dict | None = None, training: bool = False) -> fx.Graph:
+def trace_graph(module: nn.Module, concrete_args: dict | None = None, training: bool = False,
+                leaves: frozenset[int] | set[int] = frozenset()) -> fx.Graph:
     """``module``'s graph, traced in eval (or training) mode, its own mode restored after; ``concrete_args``
-    fixes optional arguments to the values the model calls it with."""
+    fixes optional arguments to the values the model calls it with; ``leaves`` (module ids) stay whole."""
     was_training = module.training
     module.train(training)
     try:
-        return SeifyTracer().trace(module, concrete_args or None)
+        return SeifyTracer(leaves).trace(module, concrete_args or None)
     finally:
         module.train(was_training)
 

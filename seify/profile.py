@@ -5,8 +5,6 @@ measured here, the base model and its SE conversion timed in turns.
 """
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -18,6 +16,7 @@ from .limits import MAX_TIMED_BATCH, check_whole
 from .models import name_of, resolve
 from .options import SEOptions
 from .surgery import add_se
+from .timing import inference, interleaved_medians, synchronizer
 
 
 @dataclass
@@ -140,39 +139,11 @@ def profile(spec: str | nn.Module, options: SEOptions = SEOptions(), *, input_si
     return result
 
 
-def _sync(device: str):
-    return torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-
-
-def interleaved_medians(fns, repeats: int, warmup: int, sync) -> list[float]:
-    """Median seconds of each function, run in turns (order alternating) so drift hits all alike."""
-    for _ in range(warmup):
-        for fn in fns:
-            fn()
-    sync()
-    times: list[list[float]] = [[] for _ in fns]
-    for r in range(repeats):
-        order = list(range(len(fns))) if r % 2 == 0 else list(reversed(range(len(fns))))
-        for i in order:
-            start = time.perf_counter()
-            fns[i]()
-            sync()
-            times[i].append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
-
-
 def _train_step(model: nn.Module, x: torch.Tensor):
     def step():
         model(x).float().sum().backward()
         model.zero_grad(set_to_none=True)
     return step
-
-
-def _infer(model: nn.Module, x: torch.Tensor):
-    def run():
-        with torch.inference_mode():
-            model(x)
-    return run
 
 
 def _peak_memory(step, device: str) -> int | None:
@@ -190,8 +161,8 @@ def measure(base: nn.Module, se: nn.Module, input_size, batch_size: int, device:
     """Inference and training-step latency of both models in one process, interleaved."""
     base, se = base.to(device), se.to(device)
     x = torch.randn((batch_size, *input_size), device=device)
-    sync = _sync(device)
-    infer = interleaved_medians([_infer(base.eval(), x), _infer(se.eval(), x)], repeats, warmup, sync)
+    sync = synchronizer(device)
+    infer = interleaved_medians([inference(base.eval(), x), inference(se.eval(), x)], repeats, warmup, sync)
     base.train(), se.train()
     steps = [_train_step(base, x), _train_step(se, x)]
     train: list[float | None]

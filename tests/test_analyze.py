@@ -137,7 +137,7 @@ def test_fold_of_a_fresh_conversion_is_the_original_model(tmp_path, cli):
     from seify.profile import profile
     assert profile(str(tmp_path / "folded.safetensors"), latency=False).added_params == 0
     code, _, err = cli("fold", tmp_path / "folded.safetensors", "-o", tmp_path / "again.safetensors")
-    assert code == 2 and "no SE blocks to fold" in err and err.count("\n") == 1
+    assert code == 2 and "has no channel gates (looked for" in err and err.count("\n") == 1
 
 
 def test_fold_with_data_keeps_the_outputs_within_what_it_reports(tmp_path, tiny, trained):
@@ -175,16 +175,27 @@ def test_fold_with_data_keeps_the_outputs_within_what_it_reports(tmp_path, tiny,
 
 
 def test_analyze_and_fold_refuse_bad_input_in_one_line(cli, tmp_path, tiny, trained, plain4):
-    cases = [(["analyze", ARCH, tiny, "--weights", plain4], "has no SE blocks to analyze"),
+    cases = [(["analyze", ARCH, tiny, "--weights", plain4], "has no channel gates (looked for"),
              (["fold", trained, "-o", tmp_path / "x.safetensors"], "nothing to fold in"),
              (["fold", trained, tiny, "-o", tmp_path / "x.safetensors", "--max-gate-std", "-1"],
               "--max-gate-std must be a finite number >= 0"),
              (["fold", trained, tiny, "-o", tmp_path / "x.safetensors", "--max-gate-std", "nan"],
               "--max-gate-std must be a finite number"),
              (["fold", trained, "-o", tmp_path / "x.safetensors", "--include", "nothing-like-this"],
-              "no SE block of"),
-             (["analyze", trained, tmp_path / "other", "--out", tmp_path / "a"], "has classes the model was not"),
-             (["fold", trained, tmp_path / "other", "-o", tmp_path / "x.safetensors"], "has classes the model was")]
+              "no channel gate of"),
+             (["fold", trained, tmp_path / "other", "-o", tmp_path / "x.safetensors"], "has classes the model was"),
+             (["fold", trained, tiny, "-o", tmp_path / "x.safetensors", "--max-top1-drop", "-1"],
+              "--max-top1-drop must be a finite number >= 0"),
+             (["fold", trained, tiny, "-o", tmp_path / "x.safetensors", "--max-top1-drop", "nan"],
+              "--max-top1-drop must be a finite number"),
+             (["fold", trained, tiny, "-o", tmp_path / "x.safetensors", "--max-top1-drop", "half"],
+              "Invalid value for '--max-top1-drop'"),
+             (["fold", trained, "-o", tmp_path / "x.safetensors", "--max-top1-drop", "0.5"],
+              "--max-top1-drop measures top-1 on DATA: pass DATA"),
+             (["fold", ARCH, tmp_path / "other", "-o", tmp_path / "x.safetensors", "--weights", plain4,
+               "--max-top1-drop", "0.5"], "has no channel gates"),
+             (["fold", "seresnet18", tmp_path / "other", "-o", tmp_path / "x.safetensors", "--max-top1-drop", "0.5"],
+              "seresnet18 has 1000 outputs but")]
     other = tmp_path / "other"
     for name in ("cats", "dogs"):
         shutil.copytree(tiny / "val" / "gradient", other / name)
@@ -192,6 +203,10 @@ def test_analyze_and_fold_refuse_bad_input_in_one_line(cli, tmp_path, tiny, trai
         code, _, err = cli(*args)
         assert code == 2 and message in err and err.count("\n") == 1, (args, err)
     assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "a").exists()
+    # analyze needs no matching head: the gates are grouped by DATA's own classes
+    code, _, err = cli("analyze", trained, other, "--out", tmp_path / "a", "--json")
+    assert code == 0, err
+    assert json.loads((tmp_path / "a" / "analysis.json").read_text())["classes"] == ["cats", "dogs"]
 
 
 def test_split_and_opset_values_are_checked_wherever_they_go(cli, tmp_path, trained, tiny):
@@ -215,13 +230,14 @@ def test_a_subset_keeps_every_class_in_its_share():
 def test_class_specificity_of_gates_that_ignore_the_class_is_about_1():
     """Gates drawn the same for every class: the F ratio is about 1 (the biased ratio shrank with the images per
     class, so small and large data were not comparable)."""
-    from seify.analyze import _stats
+    from seify.gates import Gate, _stats
     g = torch.Generator().manual_seed(0)
     gates, labels = torch.rand(400, 16, generator=g, dtype=torch.float64), torch.arange(400) % 8
     one_hot = torch.nn.functional.one_hot(labels, 8).double()
     s = {"n": 400, "sum": gates.sum(0), "sq": (gates * gates).sum(0), "class_sum": one_hot.T @ gates,
          "class_sq": one_hot.T @ (gates * gates), "class_n": one_hot.sum(0), "saturated": 0}
-    stats = _stats("x", s, seify.SqueezeExcite(16, 8), {})
+    block = seify.SqueezeExcite(16, 8)
+    stats = _stats("x", s, Gate("x", block, "SqueezeExcite", block.gate, block.fc2), {})
     assert 0.7 < stats.specificity < 1.3
     assert torch.allclose(stats.std.double(), gates.std(0), atol=1e-6)
 

@@ -16,7 +16,9 @@ from . import output
 from .flags import (
     Data,
     Device,
+    Exclude,
     Force,
+    Include,
     Json,
     Model,
     NumClasses,
@@ -268,7 +270,7 @@ def export_command(
 
 @app.command("analyze")
 def analyze_command(
-        model: Model, data: Data, weights: Weights = None,
+        model: Model, data: Data, weights: Weights = None, pretrained: Pretrained = False,
         out: Annotated[Optional[str], typer.Option(help="Folder for analysis.json, gates.safetensors and the "
                                                         "pictures (default: MODEL-analysis).",
                                                    rich_help_panel=OUTPUT)] = None,
@@ -277,19 +279,23 @@ def analyze_command(
         val_split: Annotated[Optional[float], typer.Option(help="The part of a DATA/<class> tree to use, as "
                                                                 "evaluate --val-split (default: the run's split).",
                                                            rich_help_panel=DATA)] = None,
+        include: Include = None, exclude: Exclude = None,
         device: Device = None, force: Force = False, json_out: Json = False):
-    """What did SE learn? Every SE gate over DATA's images: per site and class, its specificity and saturation.
+    """What did SE learn? Every channel gate over DATA's images: per site and class, specificity and saturation.
+
+    The gates are seify's SE blocks, or those a network ships (EfficientNet, MobileNetV3, RegNetY, SE-ResNet...).
 
     Examples:
 
       seify analyze runs/fl/best.safetensors flowers --out fl-analysis
-      seify analyze runs/fl/best.safetensors flowers --max-images 500 --json
+      seify analyze efficientnet_b0 --pretrained flowers --max-images 500 --json
 
-    Sites are ranked by how little their gates move per parameter they cost: candidates for seify fold.
+    Images are grouped by DATA's own classes, whatever the model's head. Sites are ranked by how little their
+    gates move per parameter they cost: candidates for seify fold.
     """
     from ..analyze import analyze
-    result = analyze(model, data, weights=weights, out=out, max_images=max_images, device=device,
-                     val_split=val_split, force=force)
+    result = analyze(model, data, weights=weights, pretrained=pretrained, out=out, max_images=max_images, device=device,
+                     val_split=val_split, force=force, include=include, exclude=exclude)
     output.document(result.to_dict()) if json_out else output.analysis(result)
 
 
@@ -301,29 +307,33 @@ def fold_command(
         = None,
         *, out: Annotated[str, typer.Option("--output", "-o", help="Where to write the folded seify file.",
                                             rich_help_panel=OUTPUT)],
-        weights: Weights = None,
-        max_gate_std: Annotated[float, typer.Option(help="With DATA: fold a block whose gate varies by at most "
-                                                         "this over the images, in every channel.",
+        weights: Weights = None, pretrained: Pretrained = False,
+        max_gate_std: Annotated[float, typer.Option(help="With DATA: fold a gate that varies by at most this over "
+                                                         "the images, in every channel.",
                                                     rich_help_panel=SE_BLOCK)] = 0.01,
-        include: Annotated[Optional[str], typer.Option(help="Only blocks whose path matches this regex.",
-                                                       rich_help_panel=SE_BLOCK)] = None,
-        exclude: Annotated[Optional[str], typer.Option(help="Keep blocks whose path matches this regex.",
-                                                       rich_help_panel=SE_BLOCK)] = None,
+        max_top1_drop: Annotated[Optional[float], typer.Option(
+            help="With DATA: fold the least harmful gates first, re-measured after each, while top-1 drops by at "
+                 "most this many points (instead of --max-gate-std).", rich_help_panel=SE_BLOCK)] = None,
+        include: Include = None, exclude: Exclude = None,
         max_images: Annotated[Optional[int], typer.Option(help="A fixed random subset of DATA's images.",
                                                           rich_help_panel=DATA)] = 512,
+        latency: Annotated[bool, typer.Option(help="Time the model before and after (batch 1, one thread, eager "
+                                                   "and onnxruntime).", rich_help_panel=OUTPUT)] = True,
         device: Device = None, force: Force = False, json_out: Json = False):
-    """Take SE blocks out where they do nothing: a constant gate folded into the layer before it, for free.
+    """Take channel gates out where they do nothing: a constant gate folded into a neighbouring layer, for free.
 
     Examples:
 
       seify fold r50-se.safetensors -o r50-again.safetensors
       seify fold best.safetensors flowers -o folded.safetensors --max-gate-std 0.02
+      seify fold mobilenetv3_small_100 --pretrained imagenette -o mnv3-lite.safetensors --max-top1-drop 0.5
 
     Without DATA the result computes exactly what MODEL did; with DATA the change is measured and reported.
     """
     from ..fold import fold
-    result = fold(model, out, data, weights=weights, max_gate_std=max_gate_std, include=include, exclude=exclude,
-                  max_images=max_images, device=device, force=force)
+    result = fold(model, out, data, weights=weights, pretrained=pretrained, max_gate_std=max_gate_std,
+                  max_top1_drop=max_top1_drop, include=include, exclude=exclude, max_images=max_images, device=device,
+                  latency=latency, force=force)
     output.document(result.to_dict()) if json_out else output.folded(result)
 
 
@@ -351,13 +361,28 @@ def main() -> None:
     args = sys.argv[1:]
     sys.argv[1:] = ["--debug"] * ("--debug" in args) + [a for a in args if a != "--debug"]
     try:
-        app(standalone_mode=True)
+        code = app(standalone_mode=False)
     except SeifyError as e:
         _fail(e, 2, e.render(flag))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):
         sys.exit(130)
-    except Exception as e:  # an internal error still gets one line; --debug shows where
+    except Exception as e:
+        if _usage_error(e):  # a flag or argument the parser refused: one line too, as seify's own errors
+            _fail(e, 2, _usage_line(e))
         _fail(e, 1, f"{first_line(e)} (this is a seify bug; run with --debug for the traceback)")
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _usage_error(e: Exception) -> bool:
+    """Click's usage errors (exit code 2), which Typer raises from its own copy of click."""
+    return getattr(e, "exit_code", None) == 2 and hasattr(e, "format_message")
+
+
+def _usage_line(e) -> str:
+    ctx = getattr(e, "ctx", None)
+    if type(e).__name__ == "NoArgsIsHelpError":
+        return f"{ctx.command_path if ctx else 'seify'} needs arguments; see --help"
+    return e.format_message() + (f" (see {ctx.command_path} --help)" if ctx else "")
 
 
 def _fail(e: Exception, code: int, message: str) -> None:

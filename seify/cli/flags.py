@@ -11,7 +11,7 @@ import typer
 
 from ..errors import SeifyError, flag
 from ..limits import MAX_CHANNELS, MAX_IMAGE_SIZE
-from ..options import DEVICE_HELP, DEVICES, OUTPUT, SOURCE, parse_value
+from ..options import DEVICE_HELP, DEVICES, OUTPUT, SE_BLOCK, SOURCE, parse_value
 
 _CLI_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "str | None": Optional[str],
               "int | None": Optional[int], "float | None": Optional[float], "bool | None": Optional[bool],
@@ -79,6 +79,10 @@ Device = Annotated[Optional[str], typer.Option(help=DEVICE_HELP, rich_help_panel
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.",
                                     rich_help_panel=OUTPUT)]
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing output.", rich_help_panel=OUTPUT)]
+Include = Annotated[Optional[str], typer.Option(help="Only the gates whose module path matches this regex.",
+                                                rich_help_panel=SE_BLOCK)]
+Exclude = Annotated[Optional[str], typer.Option(help="Leave out the gates whose module path matches this regex.",
+                                                rich_help_panel=SE_BLOCK)]
 
 
 def whole_numbers(text: str, what: str) -> tuple[int, ...]:

@@ -245,17 +245,28 @@ def analysis(result: Analysis) -> None:
 
 
 def folded(result: Folded) -> None:
-    rows = [[s.path, ", ".join(sorted({p.rsplit(".", 1)[0] for p in s.into})),
+    for step in result.steps:
+        print(f"folded {step['path']}: top-1 {step['top1']:.2f}%, {step['params_saved']:,} parameters and "
+              f"{step['macs_saved']:,} multiply-adds saved")
+    rows = [[s.path, ", ".join(sorted({p.rsplit(".", 1)[0] for p in s.into})) or "(multiplies by 1)",
              f"{s.multiplier_min:.3g}..{s.multiplier_max:.3g}",
              "constant" if s.gate_std_max is None else f"{s.gate_std_max:.2g}",
              f"{s.max_output_change:.3g}" if s.max_output_change is not None else ""] for s in result.folded]
-    table(f"SE blocks folded in {result.model}", ["site", "into", "multiplier", "gate spread", "output change"],
-          rows)
+    table(f"Gates folded in {result.model}", ["site", "into", "multiplier", "gate spread", "output change"], rows)
     for kept in result.kept:
         print(f"kept {kept['path']}: {kept['why']}")
+    for note in result.notes:
+        print(note)
     where = f" over {result.images}" if result.images else " on a random probe"
-    print(f"{len(result.folded)} blocks folded, {result.params_saved:,} parameters saved; outputs change by up to "
-          f"{result.max_output_change:.3g}{where}")
+    print(f"{len(result.folded)} gates folded, {result.params_saved:,} parameters and {result.macs_saved:,} "
+          f"multiply-adds saved; outputs change by up to {result.max_output_change:.3g}{where}")
     if result.top1_before is not None:
-        print(f"top-1 {result.top1_before:.2f}% before, {result.top1_after:.2f}% after")
+        print(f"top-1 {result.top1_before:.2f}% before, {result.top1_after:.2f}% after (measured)")
+    for runtime, ms in (result.latency or {}).items():
+        if ms is None:
+            print(f"{runtime}: not timed (pip install 'seify[export]' for onnxruntime)")
+            continue
+        won, limit = 1 - ms["after"] / ms["before"], 1 - ms["every_gate_removed"] / ms["before"]
+        print(f"{runtime}, batch 1, one thread: {ms['before']:.2f} -> {ms['after']:.2f} ms "
+              f"({ms['after'] / ms['before']:.3f}x, {100 * won:.1f}% saved; removing every gate: {100 * limit:.1f}%)")
     print(f"wrote {result.output}")

@@ -95,11 +95,13 @@ class Scored:
 
 
 def scored_images(loaded: LoadedModel, data: str, img_size: int | None = None, val_split: float | None = None,
-                  seed: int | None = None, all_images: bool = False, max_images: int | None = None) -> Scored:
+                  seed: int | None = None, all_images: bool = False, max_images: int | None = None,
+                  own_classes: bool = False) -> Scored:
     """The images of DATA to score ``loaded`` on: DATA/val where DATA has train/ and val/; the held-out part of a
     DATA/<class> tree when ``val_split`` says so, or when the model was fine-tuned on this tree with
     ``--val-split`` (it records the split, and the same images are held out again); every image of DATA otherwise,
-    or with ``all_images``. ``max_images`` takes a fixed random subset of them."""
+    or with ``all_images``. ``max_images`` takes a fixed random subset of them. Labels follow the model's classes
+    (its head must fit DATA), or with ``own_classes`` DATA's folders whatever the head (nothing is scored then)."""
     if val_split is not None:
         check_number(val_split, "val_split", 0, 1, low_open=True, high_open=True)
     if seed is not None:
@@ -110,14 +112,14 @@ def scored_images(loaded: LoadedModel, data: str, img_size: int | None = None, v
     folder_classes, samples, where = _images(data, (loaded.recipe or {}).get("finetune") or {}, val_split, seed,
                                              all_images)
     notes = []
-    classes = loaded.classes
+    classes = folder_classes if own_classes else loaded.classes
     if classes is None:
         classes = folder_classes
         notes.append("the model records no class names: its outputs are taken to be the folders in sorted order")
     unknown = sorted(set(folder_classes) - set(classes))
     if unknown:
         raise SeifyError(f"{data} has classes the model was not trained on: {', '.join(unknown[:5])}")
-    if loaded.num_classes != len(classes):
+    if loaded.num_classes != len(classes) and not own_classes:
         raise SeifyError(f"{loaded.spec} has {loaded.num_classes} outputs but {data} has {len(classes)} classes; "
                          "use a model trained on these classes (seify finetune gives one)")
     index = {name: i for i, name in enumerate(classes)}

@@ -24,8 +24,9 @@ def from_recipe(recipe: dict) -> tuple[nn.Module, Conversion | None]:
         if recipe.get("frozen_batchnorm"):
             freeze_batchnorm(base)
     if recipe.get("options") is None:
-        return base, None
+        return without_native_gates(base, recipe), None
     conversion = add_se(base, SEOptions.from_dict(recipe["options"]), tuple(recipe["input_size"]))
+    without_native_gates(conversion.model, recipe)
     folded = list(recipe.get("folded") or [])  # blocks seify fold took out again
     built = [s.path for s in conversion.sites if s.path not in folded]
     recorded = [s["path"] for s in recipe["sites"]]
@@ -51,6 +52,17 @@ def model_of(recipe: dict) -> nn.Module:
     """The model a recipe describes (SE or plain), with fresh weights."""
     base, conversion = from_recipe(recipe)
     return conversion.model if conversion else base
+
+
+def without_native_gates(model: nn.Module, recipe: dict) -> nn.Module:
+    """The network's own gates that ``seify fold`` took out (``folded_native``), out again: each was ``x * gate``
+    and is an Identity now, its multiplier in a neighbour's weights."""
+    for path in recipe.get("folded_native") or []:
+        if module_or_none(model, path) is None:
+            raise SeifyError(f"this file's recipe names a folded gate at {path}, which its model lacks; fold it again")
+        parent, _, name = path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, name, nn.Identity())
+    return model
 
 
 def rebuild(path: str, recipe: dict, meta: bool) -> tuple[nn.Module, nn.Module | None]:
