@@ -27,7 +27,7 @@ from .device import check_device
 from .equivalence import Difference, compare, difference
 from .errors import SeifyError
 from .gates import Gate, Plan, check_pattern, find_gates, multiplier, no_gates, plan, record_gates, without_gates
-from .images.scoring import Scored, batches_of, evaluate, scored_images
+from .images.scoring import Scored, batches_of, scored_images
 from .limits import check_number, check_whole
 from .models import HELD, LoadedModel, resolve
 from .models.files import module_or_none
@@ -89,8 +89,9 @@ def fold(model: str | nn.Module, out: str | Path | None, data: str | None = None
                          "result.module, or fold the file that seify.save wrote")
     dev = torch.device(check_device(device))
     images = scored_images(loaded, data, max_images=max_images) if data is not None else None
-    stats = record_gates(loaded.model, gates, batches_of(images.dataset, batch_size, dev), len(images.classes), dev) \
-        if images is not None else {}
+    # decoded once and kept: every gate is measured on them alone and again with the others (max_images bounds it)
+    batches = list(batches_of(images.dataset, batch_size, dev)) if images is not None else []
+    stats = record_gates(loaded.model, gates, batches, len(images.classes), dev) if images is not None else {}
     original = copy.deepcopy(loaded.model).eval()
     multipliers, kept = {}, {}
     for path, gate in gates.items():
@@ -99,30 +100,28 @@ def fold(model: str | nn.Module, out: str | Path | None, data: str | None = None
             kept[path] = why
         else:
             multipliers[path] = value
-    plans, unplaced = plan(original, gates, multipliers)
+    plans, unplaced = plan(loaded.model, gates, multipliers)
     kept.update(unplaced)
     if not plans:
         raise SeifyError(f"nothing to fold in {loaded.spec} ({_reasons(kept)})", "max_gate_std")
     slots = {p for p in gates if loaded.base is not None and isinstance(module_or_none(loaded.base, p), nn.Identity)}
-    costs = _costs(original, gates, loaded)
+    costs = _costs(loaded.model, gates, loaded)
     sites = {path: FoldedSite(path, p.into, float(p.multiplier.min()), float(p.multiplier.max()),
                               float(stats[path].std.max()) if path in stats else None, **costs[path])
              for path, p in plans.items()}
-    measure = _Measure(original, images, loaded, dev, batch_size, plans, slots)
+    measure = _Measure(original, images, batches, loaded, dev, plans, slots)
     for site in sites.values():
         site.max_output_change, site.top1_alone = measure.alone(site.path)
     result = Folded(loaded.spec, None if out is None else str(out), [], [], images.where if images else None, 0.0,
-                    top1_before=measure.top1(original) if images is not None else None, budget=max_top1_drop)
+                    top1_before=measure.measured(original)[1], budget=max_top1_drop)
     chosen = _within_budget(sites, result, measure, max_top1_drop) if max_top1_drop is not None else list(sites)
     kept.update({p: f"folding it would take the top-1 drop past {max_top1_drop:g} points"
                  for p in sites if p not in chosen})
     folded_model = measure.model_without(chosen)
     result.folded = [sites[p] for p in chosen]
     result.kept = [{"path": p, "why": why} for p, why in kept.items()]
-    result.max_output_change = measure.change(folded_model)
+    result.max_output_change, result.top1_after = measure.measured(folded_model)
     result.params_saved, result.macs_saved = (sum(sites[p].params for p in chosen), sum(sites[p].macs for p in chosen))
-    if images is not None:
-        result.top1_after = measure.top1(folded_model)
     if not chosen:
         result.notes.append(f"the budget of {max_top1_drop:g} points allows no gate: the model is written unchanged")
     if latency:
@@ -158,36 +157,37 @@ def _costs(model: nn.Module, gates: dict[str, Gate], loaded: LoadedModel) -> dic
 
 class _Measure:
     """The model with some of its planned gates folded, and what that changes: top-1 and the largest output change
-    over DATA's images (or a random probe at the model's size without DATA)."""
+    over DATA's images (or a random probe at the model's size without DATA). Each is one pass over the images,
+    against the original's outputs kept from the first."""
 
-    def __init__(self, original: nn.Module, images: Scored | None, loaded: LoadedModel, device, batch_size: int,
+    def __init__(self, original: nn.Module, images: Scored | None, batches: list, loaded: LoadedModel, device,
                  plans: dict[str, Plan], slots: set[str]):
-        self.original, self.images, self.loaded, self.device = original, images, loaded, device
-        self.batch_size, self.plans, self.slots = batch_size, plans, slots
+        self.original, self.images, self.batches, self.loaded, self.device = original, images, batches, loaded, device
+        self.plans, self.slots = plans, slots
+        self.reference = self._outputs(original) if images is not None else []
 
     def model_without(self, paths: list[str]) -> nn.Module:
         return without_gates(self.original, {p: self.plans[p] for p in paths}, self.slots & set(paths))
 
     def alone(self, path: str) -> tuple[float, float | None]:
-        model = self.model_without([path])
-        return self.change(model), self.top1(model) if self.images is not None else None
+        return self.measured(self.model_without([path]))
 
-    def top1(self, model: nn.Module) -> float:
-        assert self.images is not None
-        return evaluate(model.to(self.device), batches_of(self.images.dataset, self.batch_size, self.device),
-                        self.device, len(self.images.classes))["top1"]
-
-    def change(self, model: nn.Module) -> float:
+    def measured(self, model: nn.Module) -> tuple[float, float | None]:
+        """(the largest output change, top-1 in percent: None without DATA)."""
         if self.images is None:
-            return compare(self.original, model, tuple(self.loaded.data_config["input_size"])).max_abs
+            return compare(self.original, model, tuple(self.loaded.data_config["input_size"])).max_abs, None
+        outputs = self._outputs(model)
         checked = Difference()
-        a, b = self.original.to(self.device).eval(), model.to(self.device).eval()
-        with torch.no_grad():
-            for x, _, _ in batches_of(self.images.dataset, self.batch_size, self.device):
-                if x is not None:
-                    x = x.to(self.device)
-                    checked = checked | difference(a(x), b(x))
-        return checked.max_abs
+        for expected, got in zip(self.reference, outputs, strict=True):
+            checked = checked | difference(expected, got)
+        labels = [batch[1] for batch in self.batches if batch[0] is not None]
+        correct = sum(int((out.argmax(1).cpu() == y).sum()) for out, y in zip(outputs, labels, strict=True))
+        return checked.max_abs, 100.0 * correct / max(sum(len(y) for y in labels), 1)
+
+    def _outputs(self, model: nn.Module) -> list[torch.Tensor]:
+        model = model.to(self.device).eval()
+        with torch.inference_mode():
+            return [model(x.to(self.device)).float() for x, _, _ in self.batches if x is not None]
 
 
 def _within_budget(sites: dict[str, FoldedSite], result: Folded, measure: _Measure, budget: float) -> list[str]:
@@ -197,7 +197,8 @@ def _within_budget(sites: dict[str, FoldedSite], result: Folded, measure: _Measu
     order = sorted(sites.values(), key=lambda s: (-(s.top1_alone or 0.0), s.max_output_change or 0.0, s.path))
     chosen: list[str] = []
     for site in order:
-        top1 = measure.top1(measure.model_without(chosen + [site.path]))
+        top1 = measure.measured(measure.model_without(chosen + [site.path]))[1]
+        assert top1 is not None
         if result.top1_before - top1 > budget:
             break
         chosen.append(site.path)
