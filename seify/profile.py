@@ -12,6 +12,7 @@ from torch import nn
 
 from .counting import Cost, cost
 from .device import check_device, describe_device
+from .gates import Gate, find_gates, without_any_gate
 from .limits import MAX_TIMED_BATCH, check_whole
 from .models import name_of, resolve
 from .options import SEOptions
@@ -56,6 +57,9 @@ class Timing:
                 "throughput_base": round(self.throughput_base, 2), "throughput_se": round(self.throughput_se, 2)}
 
 
+NATIVE = "native gates"  # the placement of a network's own gates: base is the model without them
+
+
 @dataclass
 class Profile:
     model: str
@@ -66,6 +70,11 @@ class Profile:
     placement: str | None
     device: str | None = None
     timings: list[Timing] = field(default_factory=list)
+
+    @property
+    def native(self) -> bool:
+        """The sites are the network's own gates, and base is the model with every one folded."""
+        return self.placement == NATIVE
 
     @property
     def added_params(self) -> int:
@@ -103,9 +112,39 @@ def _build_pair(spec: str | nn.Module, options: SEOptions, input_size, num_class
     size = tuple(input_size or loaded.data_config["input_size"])
     if loaded.base is not None and loaded.recipe is not None:
         return loaded.base, loaded.model, loaded.recipe["sites"], loaded.recipe.get("placement"), size
+    gates = find_gates(loaded.model)
+    if gates and not any(gate.ours for gate in gates.values()):  # a network's own gates: what they cost
+        return without_any_gate(loaded.model, gates), loaded.model, _gate_sites(loaded.model, gates, size), \
+            NATIVE, size
     with torch.device(device):
         conversion = add_se(loaded.model, options, size)
     return loaded.model, conversion.model, [s.to_dict() for s in conversion.sites], conversion.placement, size
+
+
+def _gate_sites(model: nn.Module, gates: dict[str, Gate], size) -> list[dict]:
+    """Each gate as a site: where it is, the map it gates, its channels and the width of its excitation."""
+    shapes: dict[str, tuple] = {}
+
+    def seen(path: str):
+        def hook(module, args, out) -> None:
+            shapes.setdefault(path, tuple(args[0].shape))
+        return hook
+    hooks = [gate.module.register_forward_hook(seen(path)) for path, gate in gates.items()]
+    param = next(model.parameters())
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros((1, *size), device=param.device, dtype=param.dtype))
+    finally:
+        for h in hooks:
+            h.remove()
+    sites = []
+    for path, gate in gates.items():
+        _, channels, height, width = shapes[path]
+        inner = next((m for m in gate.module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))), None)
+        reduced = getattr(inner, "out_channels", getattr(inner, "out_features", None))
+        sites.append({"path": path, "kind": gate.kind, "stage": None, "height": height, "width": width,
+                      "channels": channels, "reduced_channels": reduced, "params": gate.params})
+    return sites
 
 
 def _count_pair(spec, options, input_size, num_classes):
@@ -129,7 +168,7 @@ def profile(spec: str | nn.Module, options: SEOptions = SEOptions(), *, input_si
     device = check_device(device)
     base, se, sites, placement, size = _count_pair(spec, options, input_size, num_classes)
     base_cost, _ = cost(base, size)
-    se_cost, per_block = cost(se, size)
+    se_cost, per_block = cost(se, size, {s["path"]: se.get_submodule(s["path"]) for s in sites})
     sites = [{**s, "macs": per_block[s["path"]]} for s in sites]
     result = Profile(name_of(spec), size, base_cost, se_cost, sites, placement)
     if latency:

@@ -87,10 +87,11 @@ def conversion(result: Converted) -> None:
 
 
 def profile(p: Profile) -> None:
-    sites = [[s["path"], str(s["stage"]), f"{s['height']}x{s['width']}", str(s["channels"]),
+    native = p.native
+    sites = [[s["path"], s["kind"] if native else str(s["stage"]), f"{s['height']}x{s['width']}", str(s["channels"]),
               str(s["reduced_channels"]), f"{s['params']:,}", f"{s['macs']:,}"] for s in p.sites]
-    table(f"SE sites in {p.model} at {'x'.join(map(str, p.input_size))}",
-          ["path", "stage", "spatial", "channels", "reduced", "params", "MACs"], sites)
+    table(f"{'Its own channel gates' if native else 'SE sites'} in {p.model} at {'x'.join(map(str, p.input_size))}",
+          ["path", "gate" if native else "stage", "spatial", "channels", "reduced", "params", "MACs"], sites)
     base, se = p.base, p.se
     rows = [["parameters", f"{base.params:,}", f"{se.params:,}", f"+{p.added_params:,}",
              f"+{p.added_params_percent:.2f}%"],
@@ -107,7 +108,11 @@ def profile(p: Profile) -> None:
         if t.peak_memory_base is not None and t.peak_memory_se is not None:
             rows.append([f"peak memory, batch {b}", _bytes(t.peak_memory_base), _bytes(t.peak_memory_se),
                          f"x{t.peak_memory_se / t.peak_memory_base:.3f}", ""])
-    table(f"{p.model}: base vs SE", ["", "base", "SE", "added / ratio", "%"], rows)
+    if native:
+        table(f"{p.model}: every gate folded vs as it is (what its {len(p.sites)} gates cost)",
+              ["", "gates folded", "as it is", "gates' share / ratio", "%"], rows)
+    else:
+        table(f"{p.model}: base vs SE", ["", "base", "SE", "added / ratio", "%"], rows)
     print("MACs are multiply-adds (the paper's FLOPs); 'all counted' adds SE's squeeze and scale, one MAC per "
           "element each." + (f" Timed on {p.device}, medians of interleaved runs." if p.timings else ""))
 
