@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..checkpoint import read_recipe
@@ -117,7 +118,29 @@ def _hub_offline_unless_reachable(needs_hub: bool, force_offline: bool = False):
         hub.HF_HUB_OFFLINE = offline
 
 
+@contextlib.contextmanager
+def _regnet_widths_on_cpu():
+    """torchvision's RegNet builders compute their stage widths with tensors and read them back (``tolist``), which
+    the meta device cannot do: those few numbers are computed on the CPU, the model still where it is built."""
+    from torchvision.models import regnet
+    compute = regnet.BlockParams.from_init_params
+
+    def on_cpu(*args, **kwargs):
+        with torch.device("cpu"):
+            return compute(*args, **kwargs)
+    regnet.BlockParams.from_init_params = on_cpu
+    try:
+        yield
+    finally:
+        regnet.BlockParams.from_init_params = compute
+
+
 def _build_torchvision(name: str, pretrained: bool, num_classes: int | None) -> nn.Module:
+    with _regnet_widths_on_cpu():
+        return _torchvision_model(name, pretrained, num_classes)
+
+
+def _torchvision_model(name: str, pretrained: bool, num_classes: int | None) -> nn.Module:
     import torchvision
     if not pretrained:
         kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
