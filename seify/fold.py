@@ -29,7 +29,7 @@ from .errors import SeifyError
 from .gates import Gate, Plan, check_pattern, find_gates, multiplier, no_gates, plan, record_gates, without_gates
 from .images.scoring import Scored, batches_of, scored_images
 from .limits import check_number, check_whole
-from .models import HELD, LoadedModel, resolve
+from .models import HELD, LoadedModel, num_classes_of, resolve
 from .models.files import module_or_none
 from .timing import inference_ms, onnxruntime_ms
 
@@ -93,15 +93,7 @@ def fold(model: str | nn.Module, out: str | Path | None, data: str | None = None
     batches = list(batches_of(images.dataset, batch_size, dev)) if images is not None else []
     stats = record_gates(loaded.model, gates, batches, len(images.classes), dev) if images is not None else {}
     original = copy.deepcopy(loaded.model).eval()
-    multipliers, kept = {}, {}
-    for path, gate in gates.items():
-        value, why = multiplier(gate, stats.get(path), math.inf if max_top1_drop is not None else max_gate_std)
-        if value is None:
-            kept[path] = why
-        else:
-            multipliers[path] = value
-    plans, unplaced = plan(loaded.model, gates, multipliers)
-    kept.update(unplaced)
+    plans, kept = _plans(loaded.model, gates, stats, math.inf if max_top1_drop is not None else max_gate_std)
     if not plans:
         raise SeifyError(f"nothing to fold in {loaded.spec} ({_reasons(kept)})", "max_gate_std")
     slots = {p for p in gates if loaded.base is not None and isinstance(module_or_none(loaded.base, p), nn.Identity)}
@@ -143,6 +135,20 @@ def _check(max_gate_std, max_top1_drop, max_images, include, exclude, data) -> N
         check_whole(max_images, "max_images", 1, None)
     for text, name in ((include, "include"), (exclude, "exclude")):
         check_pattern(text, name)
+
+
+def _plans(model: nn.Module, gates: dict[str, Gate], stats: dict, max_gate_std: float
+           ) -> tuple[dict[str, Plan], dict[str, str]]:
+    """(how each gate that can go is folded, why each other one stays)."""
+    multipliers, kept = {}, {}
+    for path, gate in gates.items():
+        value, why = multiplier(gate, stats.get(path), max_gate_std)
+        if value is None:
+            kept[path] = why
+        else:
+            multipliers[path] = value
+    plans, unplaced = plan(model, gates, multipliers)
+    return plans, {**kept, **unplaced}
 
 
 def _reasons(kept: dict[str, str]) -> str:
@@ -219,7 +225,6 @@ def _latency(original: nn.Module, folded: nn.Module, gates: dict[str, Gate], siz
 def _recipe(loaded: LoadedModel, gates: dict[str, Gate], chosen: list[str]) -> dict:
     """The recipe of the folded file: seify's blocks leave its sites, a network's own gates are recorded as
     replaced (``from_recipe`` takes them out of the rebuilt model)."""
-    from .models import num_classes_of
     recipe = dict(loaded.recipe) if loaded.recipe is not None else make_recipe(
         loaded.spec, num_classes_of(loaded.model), None, loaded.data_config["input_size"], loaded.data_config, [],
         weights=loaded.weights)

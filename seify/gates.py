@@ -27,10 +27,12 @@ import torch.fx as fx
 from torch import nn
 
 from . import graph as g
+from . import kernels
 from . import layers as L
 from .compensation import fold_backward, fold_forward, tensor_of
 from .errors import SeifyError
 from .se import SqueezeExcite
+from .surgery import remove_se
 
 SATURATED = 0.05  # a gate this close to 0 or 1 is saturated
 
@@ -234,7 +236,6 @@ def record_gates(model: nn.Module, gates: dict[str, Gate], batches, classes: int
     """Run ``model`` over ``batches`` of (images, labels, failures) and summarise every gate; ``sites`` (by path)
     adds each one's stage and MACs; ``failed`` collects the (path, reason) of images that could not be decoded.
     ``classes`` are DATA's own: the model's head plays no part."""
-    from . import kernels
     recorder = _Recorder(gates, classes)
     model = model.to(device).eval()
     try:
@@ -354,7 +355,6 @@ def without_gates(model: nn.Module, plans: dict[str, Plan], slots: frozenset[str
     """A copy of ``model`` with each planned multiplier in its layer's parameters and its gate gone: seify's blocks
     leave their owner's graph (an empty attention slot, ``slots``, gets its Identity back), other gates become an
     Identity (each returns ``x * gate``)."""
-    from .surgery import remove_se
     folded = copy.deepcopy(model)
     with torch.no_grad():
         for p in plans.values():
