@@ -61,6 +61,7 @@ class Folded:
     macs_saved: int = 0
     budget: float | None = None  # --max-top1-drop
     steps: list[dict] = field(default_factory=list)  # the budget's folds in order, each with top-1 after it
+    stopped_at: dict | None = None  # the gate whose fold would have passed the budget, and the top-1 it gave
     latency: dict | None = None  # milliseconds before, after and with every gate removed; eager and onnxruntime
     notes: list[str] = field(default_factory=list)
     module: nn.Module | None = field(default=None, repr=False)  # the folded model
@@ -206,6 +207,7 @@ def _within_budget(sites: dict[str, FoldedSite], result: Folded, measure: _Measu
         top1 = measure.measured(measure.model_without(chosen + [site.path]))[1]
         assert top1 is not None
         if result.top1_before - top1 > budget:
+            result.stopped_at = {"path": site.path, "top1": top1}
             break
         chosen.append(site.path)
         result.steps.append({"path": site.path, "top1": top1, "params_saved": site.params, "macs_saved": site.macs})

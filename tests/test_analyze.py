@@ -7,6 +7,7 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from torch import nn
 
 import seify
 from conftest import ARCH, config, realistic, save_weights
@@ -17,6 +18,7 @@ from seify.errors import SeifyError
 from seify.finetune.loop import finetune
 from seify.finetune.progress import SilentLog
 from seify.fold import fold
+from seify.gates import find_gates
 from seify.images import folders as fdata
 
 
@@ -275,3 +277,61 @@ def test_a_constant_negative_gate_is_never_folded_through_a_relu(tmp_path):
     path = seify.save(conversion, tmp_path / "neg.safetensors")
     with pytest.raises(SeifyError, match="nothing to fold .* negative in some channel"):
         fold(str(path), tmp_path / "out.safetensors")
+
+
+class _ColourNet(nn.Module):
+    """Red against blue, told by one gate alone: channel 0 is 1 everywhere and the head reads only it, so the class
+    is whatever ``se_b``'s gate for it makes of the image's colour (channel 1 is red minus blue). ``se_a``'s gate is
+    constant, and folds for free; folding ``se_b`` at its mean leaves the head nothing to tell by."""
+
+    num_classes = 2
+
+    def __init__(self):
+        from timm.layers import SEModule
+        super().__init__()
+        self.stem, self.mix, self.out = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1)
+        self.bn1, self.bn2 = nn.BatchNorm2d(4).eval(), nn.BatchNorm2d(4).eval()
+        self.se_a, self.se_b = SEModule(4, rd_channels=4), SEModule(4, rd_channels=4)
+        self.fc = nn.Linear(4, 2)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.zero_()
+            self.bn1.weight.fill_(1), self.bn2.weight.fill_(1)
+            self.stem.bias.copy_(torch.tensor([1.0, 0.0, 1.0, 1.0]))
+            self.stem.weight[1, :, 0, 0] = torch.tensor([1.0, 0.0, -1.0])
+            self.mix.weight.copy_(torch.eye(4)[:, :, None, None]), self.out.weight.copy_(torch.eye(4)[:, :, None, None])
+            self.se_a.fc2.bias.copy_(torch.tensor([2.0, 1.0, 0.5, 3.0]))  # fc2's weights zero: a constant gate
+            self.se_b.fc1.weight[0, 1] = 1.0
+            self.se_b.fc2.weight[0, 0], self.se_b.fc2.bias[0] = 50.0, -2.0
+            self.se_b.fc2.bias[1:] = 10.0
+            self.fc.weight[:, 0] = torch.tensor([-1.0, 1.0])
+            self.fc.bias.copy_(torch.tensor([0.5, -0.5]))  # red (class 1) where channel 0's gate passes 0.5
+
+    def forward(self, x):
+        x = self.se_a(self.bn1(self.stem(x)))
+        x = self.se_b(self.bn2(self.mix(x)))
+        return self.fc(self.out(x).mean((2, 3)))
+
+
+def test_fold_within_a_top1_budget_measures_every_step(tmp_path):
+    """The least harmful gates first, each fold re-measured with those before it, until the next would take the
+    drop past the budget; every number is what the folded model scores when evaluated again."""
+    from seify.images.scoring import evaluate, scored_images
+    from seify.models import resolve
+    data = _colours(tmp_path / "colours")
+    model = _ColourNet().eval()
+
+    def top1(m):
+        images = scored_images(resolve(m), str(data))
+        return evaluate(m, fdata.loader(images.dataset, 4, fdata.EpochSampler(len(images.dataset), False), 0, False,
+                                        False), torch.device("cpu"), 2)["top1"]
+    tight = fold(model, None, str(data), max_top1_drop=0.0)
+    assert tight.top1_before == top1(model) == 100.0
+    assert [s["path"] for s in tight.steps] == ["se_a"] and tight.steps[0]["top1"] == 100.0
+    assert tight.stopped_at["path"] == "se_b" and 100.0 - tight.stopped_at["top1"] > 0
+    assert tight.top1_after == top1(tight.module) == 100.0
+    assert [k["path"] for k in tight.kept] == ["se_b"] and "past 0 points" in tight.kept[0]["why"]
+    both = fold(model, None, str(data), max_top1_drop=60.0)
+    assert [s["path"] for s in both.steps] == ["se_a", "se_b"] and both.stopped_at is None
+    assert both.top1_after == top1(both.module) == tight.stopped_at["top1"] == 50.0
+    assert both.params_saved == sum(p.numel() for p in model.se_a.parameters()) * 2 and not find_gates(both.module)

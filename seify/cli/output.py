@@ -253,6 +253,9 @@ def folded(result: Folded) -> None:
     for step in result.steps:
         print(f"folded {step['path']}: top-1 {step['top1']:.2f}%, {step['params_saved']:,} parameters and "
               f"{step['macs_saved']:,} multiply-adds saved")
+    if result.stopped_at is not None:
+        print(f"stopped before {result.stopped_at['path']}: top-1 would be {result.stopped_at['top1']:.2f}%, more "
+              f"than {result.budget:g} points below {result.top1_before:.2f}%")
     rows = [[s.path, ", ".join(sorted({p.rsplit(".", 1)[0] for p in s.into})) or "(multiplies by 1)",
              f"{s.multiplier_min:.3g}..{s.multiplier_max:.3g}",
              "constant" if s.gate_std_max is None else f"{s.gate_std_max:.2g}",
