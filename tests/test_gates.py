@@ -158,9 +158,9 @@ def test_analyze_fold_profile_and_export_on_the_named_networks(tmp_path, data, s
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(folded(x), result.module(x))
-    exported = export(str(tmp_path / "f.safetensors"), tmp_path / "f.onnx")
-    assert exported.details["opset"] and (tmp_path / "f.onnx").exists()
-    cost = profile(spec, input_size=(3, 64, 64), latency=False)
+    exported = export(str(tmp_path / "f.safetensors"), tmp_path / "f.onnx", legacy=True)  # checked in onnxruntime
+    assert exported.details["exporter"] == "torchscript" and (tmp_path / "f.onnx").exists()
+    cost = profile(spec, input_size=(3, 32, 32), latency=False)
     assert cost.native and len(cost.sites) == NAMED[spec]
     assert cost.added_params == sum(g.params for g in find_gates(_build(spec)).values())
 
@@ -188,7 +188,7 @@ def test_convert_never_adds_a_gate_beside_one(cli, tmp_path):
 
 def test_fold_within_a_budget_that_allows_nothing_writes_the_model_unchanged(tmp_path, data, monkeypatch):
     import seify.fold as fold_module
-    model = realistic(_build("seresnet18", num_classes=4))
+    model = realistic(_build("test_byobnet", num_classes=4))
     weights = save_weights(model, tmp_path / "w.safetensors")
     real = fold_module._Measure.measured
 
@@ -196,9 +196,9 @@ def test_fold_within_a_budget_that_allows_nothing_writes_the_model_unchanged(tmp
         change, top1 = real(self, folded)
         return change, top1 if folded is self.original else top1 - 1.0
     monkeypatch.setattr(fold_module._Measure, "measured", every_fold_costs_a_point)
-    result = fold("seresnet18", tmp_path / "f.safetensors", str(data), weights=weights, max_top1_drop=0.5)
+    result = fold("test_byobnet", tmp_path / "f.safetensors", str(data), weights=weights, max_top1_drop=0.5)
     assert result.folded == [] and result.steps == [] and "allows no gate" in result.notes[0]
-    assert all("past 0.5 points" in k["why"] for k in result.kept) and len(result.kept) == 8
+    assert all("past 0.5 points" in k["why"] for k in result.kept) and len(result.kept) == 4
     from safetensors.torch import load_file  # the written model is the input's weights, byte for byte
     written, given = load_file(str(tmp_path / "f.safetensors")), load_file(weights)
     assert written.keys() == given.keys() and all(torch.equal(written[k], given[k]) for k in given)
