@@ -108,35 +108,6 @@ def follows_conv(act: fx.Node, root: nn.Module) -> bool:
     return node is not None and is_conv(node, root)
 
 
-_POOL_CALLS = {torch.mean, torch.amax, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, "mean", "amax"}
-
-
-def is_global_pool(node: fx.Node) -> bool:
-    """A pool over the whole map (a squeeze): ``x.mean((2, 3))``, ``amax``, adaptive pooling."""
-    from timm.layers import SelectAdaptivePool2d
-    module = g.called_module(node.graph.owning_module, node) if node.graph.owning_module is not None else None
-    return g.is_call(node, _POOL_CALLS) or isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
-                                                               SelectAdaptivePool2d))
-
-
-def is_channel_gate(node: fx.Node) -> bool:
-    """x * s with s (N, C, 1, 1) computed from x through a squeeze: an SE-style gate already in the model, at any
-    map size (at 1x1, ``x * sigmoid(x)`` is not one: it has no squeeze)."""
-    if not g.is_call(node, g.MUL_TARGETS):
-        return False
-    ins = g.tensor_inputs(node)
-    if len(ins) != 2:
-        return False
-    for x, s in (ins, ins[::-1]):
-        xs, ss = g.shape(x), g.shape(s)
-        if xs is None or ss is None:
-            continue
-        if len(xs) == 4 and len(ss) == 4 and ss[1] == xs[1] and ss[2:] == (1, 1) and x in g.ancestors(s) \
-                and any(is_global_pool(a) for a in g.ancestors(s)):
-            return True
-    return False
-
-
 def passes_scale(node: fx.Node, root: nn.Module) -> bool:
     """f(2x) == 2 f(x) exactly, and the feature is the first argument."""
     return isinstance(g.called_module(root, node), (*_SCALE_PASSING_MODULES, *drop_layers())) or \

@@ -22,6 +22,7 @@ from torch import nn
 
 from . import graph as g
 from . import layers as L
+from .gates import is_channel_gate
 from .options import SEOptions
 from .se import SqueezeExcite, reduced_channels
 
@@ -251,7 +252,7 @@ def _gated_scopes(gm: fx.GraphModule) -> dict[str, str]:
     gated: dict[str, str] = {}
     for node in gm.graph.nodes:
         is_ours = isinstance(g.called_module(gm, node), SqueezeExcite)
-        if is_ours or L.is_channel_gate(node):
+        if is_ours or is_channel_gate(node):
             where = g.target(node) if is_ours else g.owner(node)
             for scope in g.module_stack(node):
                 gated.setdefault(scope, where)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import operator
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
@@ -274,42 +273,6 @@ def _fuse_with_sum(local: fx.GraphModule, name: str, producer: fx.Node, consumer
 
 
 # ---------------------------------------------------------------- taking blocks out again
-
-
-def remove_se(model: nn.Module, paths: list[str], slots: set[str] | frozenset[str] = frozenset()) -> None:
-    """Take the SE blocks at ``paths`` out of the graphs that call them, in place, as if they had never been
-    inserted: the block's input goes where its output went, and a sum fused into the block is a sum again, with
-    its drop-path. Where a block took an empty attention slot (``slots``), an Identity takes it back."""
-    for path in paths:
-        owner_path, _, name = path.rpartition(".")
-        owner = model.get_submodule(owner_path) if owner_path else model
-        if not isinstance(owner, fx.GraphModule) or not any(
-                n.op == "call_module" and n.target == name for n in owner.graph.nodes):
-            raise SeifyError(f"no SE block is called at {path}; the file's recipe and its model disagree")
-        for node in [n for n in owner.graph.nodes if n.op == "call_module" and n.target == name]:
-            _bypass(owner.graph, node)
-        owner.delete_submodule(name)
-        if path in slots:
-            owner.add_submodule(name, nn.Identity())
-        owner.graph.lint()
-        owner.recompile()
-
-
-def _bypass(graph: fx.Graph, node: fx.Node) -> None:
-    x, rest = node.all_input_nodes[0], list(node.all_input_nodes[1:])
-    replacement = x
-    if rest:  # shortcut + drop_path(x), as the block computed before its sum was fused
-        with graph.inserting_before(node):
-            branch = graph.call_module(g.target(rest[1]), (x,)) if len(rest) > 1 else x
-            replacement = graph.call_function(operator.add, (branch, rest[0]))
-    node.replace_all_uses_with(replacement)
-    graph.erase_node(node)
-    helpers = rest[1:]  # the factor's drop-path call, its ones and their size, which nothing uses now
-    while helpers:
-        helper = helpers.pop()
-        if not helper.users and helper is not x:
-            helpers += helper.all_input_nodes
-            graph.erase_node(helper)
 
 
 # ---------------------------------------------------------------- the same computation, SE aside

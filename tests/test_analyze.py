@@ -232,7 +232,8 @@ def test_a_subset_keeps_every_class_in_its_share():
 def test_class_specificity_of_gates_that_ignore_the_class_is_about_1():
     """Gates drawn the same for every class: the F ratio is about 1 (the biased ratio shrank with the images per
     class, so small and large data were not comparable)."""
-    from seify.gates import Gate, _stats
+    from seify.gates import Gate
+    from seify.gates.record import _stats
     g = torch.Generator().manual_seed(0)
     gates, labels = torch.rand(400, 16, generator=g, dtype=torch.float64), torch.arange(400) % 8
     one_hot = torch.nn.functional.one_hot(labels, 8).double()

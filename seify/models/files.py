@@ -8,8 +8,9 @@ from torch import nn
 
 from ..checkpoint import read_state_dict
 from ..errors import SeifyError
+from ..gates import remove_se
 from ..options import SEOptions
-from ..surgery import Conversion, add_se, remove_se
+from ..surgery import Conversion, add_se
 from .spec import build, check_known
 
 
