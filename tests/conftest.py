@@ -64,7 +64,10 @@ def outputs(model, size=64, batch=2, seed=1):
 
 # The tests that take most of a minute each (see --durations).
 LONGEST = ("test_sigkill_before_every_rename_then_resume_is_exact", "test_demo_reaches_90_percent",
-           "test_compare_writes_its_files_and_resumes_after_a_kill", "test_two_process_gloo_job")
+           "test_compare_writes_its_files_and_resumes_after_a_kill", "test_two_process_gloo_job",
+           "test_analyze_fold_profile_and_export_on_the_named_networks",
+           "test_two_ranks_killed_and_resumed_match_the_run_never_stopped",
+           "test_sigkill_with_loading_processes_resumes_exactly")
 
 
 def pytest_collection_modifyitems(items):
