@@ -156,9 +156,9 @@ def jpeg_pipeline(model_rate: float) -> None:
     import tempfile
     from pathlib import Path
 
-    from seify.demo import make_dataset
     from seify.finetune.config import FinetuneConfig
     from seify.finetune.loop import finetune
+    from seify.images.synthetic import make_dataset
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_dataset(Path(tmp) / "jpegs", train_per_class=8 if SMOKE else 1000, val_per_class=4,
                               size=64 if SMOKE else 320)

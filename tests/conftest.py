@@ -123,7 +123,7 @@ def realistic(model, seed=0):
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """4 classes of textures, 8 training and 4 validation images each, 32 px."""
-    from seify.demo import make_dataset
+    from seify.images.synthetic import make_dataset
     return make_dataset(tmp_path_factory.mktemp("data"), train_per_class=8, val_per_class=4, size=32)
 
 

@@ -15,12 +15,13 @@ from PIL import Image
 import seify
 from conftest import ARCH, KillAt, config, rows_of, save_weights, weights
 from seify.checkpoint import read_recipe
-from seify.demo import CLASSES, run
+from seify.cli.demo import run
 from seify.errors import SeifyError
 from seify.finetune.loop import Trainer, finetune
 from seify.finetune.progress import PlainLog, SilentLog
 from seify.images import folders as fdata
 from seify.images.scoring import evaluate_folder
+from seify.images.synthetic import CLASSES
 from seify.se import SqueezeExcite
 
 # ------------------------------------------------------------------ data

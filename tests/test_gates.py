@@ -135,7 +135,7 @@ def test_a_constant_native_gate_folds_exactly(tmp_path):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from seify.demo import make_dataset
+    from seify.images.synthetic import make_dataset
     return make_dataset(tmp_path_factory.mktemp("d"), train_per_class=4, val_per_class=4, size=32)
 
 

@@ -352,7 +352,7 @@ def demo_command(
 
     Nothing is downloaded.
     """
-    from ..demo import run
+    from .demo import run
     run(out, epochs=epochs, force=force, log=output.run_log())
 
 
