@@ -89,3 +89,16 @@ def test_rooms_stay_readable():
                 if node.end_lineno - node.lineno + 1 > limit:
                     too_big.append(f"{path.name}:{node.name}: {node.end_lineno - node.lineno + 1} lines")
     assert not too_big, too_big
+
+
+COMMANDS = {"seify.api", "seify.profile", "seify.analyze", "seify.fold", "seify.export", "seify.compare"}
+
+
+def test_no_command_imports_another():
+    """Each command's module imports only the rooms below the commands (gates, images, models, counting, ...);
+    the CLI alone calls several (its demo is their tour)."""
+    graph = _graph()
+    crossing = sorted((name, other) for name in COMMANDS for other in graph[name] & COMMANDS)
+    assert crossing == [], crossing
+    assert all(name in graph for name in COMMANDS)
+    assert "seify.gates" in graph["seify.fold"] and "seify.images.scoring" in graph["seify.analyze"]
