@@ -26,7 +26,18 @@ from .counting import count_macs
 from .device import check_device
 from .equivalence import Difference, compare, difference
 from .errors import SeifyError
-from .gates import Gate, Plan, check_pattern, find_gates, multiplier, no_gates, plan, record_gates, without_gates
+from .gates import (
+    Gate,
+    Plan,
+    check_pattern,
+    find_gates,
+    multiplier,
+    no_gates,
+    plan,
+    record_gates,
+    without_any_gate,
+    without_gates,
+)
 from .images.scoring import Scored, batches_of, scored_images
 from .limits import check_number, check_whole
 from .models import HELD, LoadedModel, num_classes_of, resolve
@@ -217,7 +228,7 @@ def _within_budget(sites: dict[str, FoldedSite], result: Folded, measure: _Measu
 def _latency(original: nn.Module, folded: nn.Module, gates: dict[str, Gate], size) -> dict:
     """Batch 1, one thread: the model before and after folding and with every gate removed (the limit), eager on
     this CPU and in onnxruntime, timed in turns in one run."""
-    limit = without_gates(original, {p: Plan([], torch.ones(1), 0) for p in gates})
+    limit = without_any_gate(original, gates)
     models = [m.cpu() for m in (original, folded, limit)]
     timed = {"eager": inference_ms(models, size), "onnxruntime": onnxruntime_ms(models, size)}
     return {runtime: None if ms is None else {"before": ms[0], "after": ms[1], "every_gate_removed": ms[2]}
