@@ -9,7 +9,6 @@ channels: near 0 where every class gets the same gates, large where the class de
 """
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +19,9 @@ from torch import nn
 from .checkpoint import atomic_write, check_output_folder
 from .counting import count_macs
 from .device import check_device
-from .gates import Gate, GateStats, check_pattern, find_gates, no_gates, record_gates
+from .gates import Gate, GateStats, find_gates, no_gates, record_gates
 from .images.scoring import batches_of, scored_images
-from .limits import check_whole
+from .limits import check_pattern, check_whole
 from .models import LoadedModel, model_of, name_of, resolve
 from .plots import excitations, gate_summary, save_png
 
@@ -85,8 +84,8 @@ def _sites(loaded: LoadedModel, gates: dict[str, Gate]) -> dict[str, dict]:
     device, as profile counts)."""
     sites = {s["path"]: dict(s) for s in (loaded.recipe or {}).get("sites", [])}
     size = tuple(loaded.data_config["input_size"])
-    with torch.device("meta"):
-        skeleton = model_of(loaded.recipe) if loaded.recipe is not None else copy.deepcopy(loaded.model).to("meta")
+    with torch.device("meta"):  # a seify file's model rebuilt without weights; any other counted as it is
+        skeleton = model_of(loaded.recipe) if loaded.recipe is not None else loaded.model
     _, _, per_gate = count_macs(skeleton, size, {p: skeleton.get_submodule(p) for p in gates})
     for path, macs in per_gate.items():
         sites.setdefault(path, {})["macs"] = macs

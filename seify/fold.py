@@ -29,7 +29,6 @@ from .errors import SeifyError
 from .gates import (
     Gate,
     Plan,
-    check_pattern,
     find_gates,
     multiplier,
     no_gates,
@@ -39,7 +38,7 @@ from .gates import (
     without_gates,
 )
 from .images.scoring import Scored, batches_of, scored_images
-from .limits import check_number, check_whole
+from .limits import check_number, check_pattern, check_whole
 from .models import HELD, LoadedModel, num_classes_of, resolve
 from .models.files import module_or_none
 from .timing import inference_ms, onnxruntime_ms

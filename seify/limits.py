@@ -5,6 +5,7 @@ A value is refused before any work is done, whichever command or function it rea
 from __future__ import annotations
 
 import math
+import re
 
 from .errors import SeifyError
 
@@ -32,3 +33,11 @@ def check_number(value, name: str, low: float, high: float, low_open: bool = Fal
 def check_choice(value, name: str, allowed: tuple) -> None:
     if value not in allowed:
         raise SeifyError(f"{{{name}}} must be one of {', '.join(allowed)}, not {value!r}", name)
+
+
+def check_pattern(text: str | None, name: str) -> None:
+    """A regular expression (``--include``, ``--exclude``), or none."""
+    try:
+        re.compile(text or "")
+    except (re.error, TypeError) as e:
+        raise SeifyError(f"{{{name}}} is not a valid regular expression: {e}", name) from e

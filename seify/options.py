@@ -5,11 +5,10 @@ store them. Importing this module does not import torch, so ``seify --help`` sta
 """
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, field, fields
 
 from .errors import SeifyError
-from .limits import check_choice
+from .limits import check_choice, check_pattern
 
 PLACEMENTS = ("auto", "residual", "module", "activation")
 VARIANTS = ("standard", "pre", "post", "identity", "3x3")
@@ -68,10 +67,7 @@ class SEOptions:
             raise SeifyError(f"{{variant}} {self.variant} places SE around residual sums; it needs {{at}} residual",
                              "variant", "at")
         for name in ("include", "exclude"):
-            try:
-                re.compile(getattr(self, name) or "")
-            except (re.error, TypeError) as e:
-                raise SeifyError(f"{{{name}}} is not a valid regular expression: {e}", name) from e
+            check_pattern(getattr(self, name), name)
 
     def to_dict(self) -> dict:
         d = asdict(self)

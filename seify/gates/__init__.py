@@ -12,7 +12,7 @@ A gate's value is read off the activation that makes it where its class is known
 ``<x, y> / <x, x>`` per channel (exact for ``y = x * g``; 1 where a channel of ``x`` is all zero, which any gate
 leaves unchanged).
 """
-from .find import LOOKED_FOR, Gate, check_pattern, find_gates, is_channel_gate, is_global_pool, no_gates
+from .find import LOOKED_FOR, Gate, find_gates, is_channel_gate, is_global_pool, no_gates
 from .record import GateStats, number, record_gates
 from .replace import (
            Plan,
@@ -25,6 +25,6 @@ from .replace import (
            without_gates,
 )
 
-__all__ = ["LOOKED_FOR", "Gate", "GateStats", "Plan", "check_pattern", "find_gates", "is_channel_gate",
+__all__ = ["LOOKED_FOR", "Gate", "GateStats", "Plan", "find_gates", "is_channel_gate",
            "is_global_pool", "multiplier", "no_gates", "number", "plan", "record_gates", "remove_se", "replace_module",
            "trace_with_gates", "without_any_gate", "without_gates"]

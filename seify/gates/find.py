@@ -89,13 +89,6 @@ def no_gates(spec: str, include: str | None = None, exclude: str | None = None) 
                       "adds SE blocks)")
 
 
-def check_pattern(text: str | None, name: str) -> None:
-    try:
-        re.compile(text or "")
-    except re.error as e:
-        raise SeifyError(f"{{{name}}} is not a valid regular expression: {e}", name) from e
-
-
 def _gate_by_shape(module: nn.Module) -> bool:
     """A small module (it holds layers, at most a dozen) whose output is ``x * s``, ``s`` made from ``x`` through a
     pool over the map; nothing added. Traced alone; a module that does not trace is no gate."""

@@ -181,13 +181,15 @@ def _check_limits(batch_size: int, img_size: int | None, workers: int | None) ->
         check_whole(workers, "workers", 0, 256)
 
 
-def _trained_on(root: Path, trained: dict) -> bool:
-    """Whether ``root`` is the tree a run was fine-tuned on, wherever it lies now: the same fingerprint (files
-    of 0.1.0 recorded the tree's path instead)."""
-    if "data_fingerprint" not in trained:
-        return trained.get("data") == str(root.resolve())
-    classes, train, val = discover(root, trained["val_split"], trained["seed"])
-    return fingerprint(root, classes, train, val) == trained["data_fingerprint"]
+def _run_split(root: Path, trained: dict) -> tuple | None:
+    """The run's split of ``root`` (classes, train, val) where ``root`` is the tree it was fine-tuned on, wherever
+    it lies now (the same fingerprint; files of 0.1.0 recorded the tree's path instead), else None."""
+    if "data_fingerprint" not in trained and trained.get("data") != str(root.resolve()):
+        return None
+    split = discover(root, trained["val_split"], trained["seed"])
+    if "data_fingerprint" in trained and fingerprint(root, *split) != trained["data_fingerprint"]:
+        return None
+    return split
 
 
 def _images(data: str, trained: dict, val_split: float | None, seed: int | None, all_images: bool):
@@ -203,16 +205,19 @@ def _images(data: str, trained: dict, val_split: float | None, seed: int | None,
         classes = class_folders(root / "val")
         return classes, scan(root / "val", classes), f"{root / 'val'}"
     tree = root / "train" if (root / "train").is_dir() else root
+    split, how = None, "held out"
     if all_images:
         val_split = None
-    elif val_split is None and trained.get("val_split") and _trained_on(root, trained):
-        val_split, seed = trained["val_split"], trained["seed"] if seed is None else seed
-        how = "that the run held out"
-    else:
-        how = "held out"
+    elif val_split is None and trained.get("val_split"):
+        split = _run_split(root, trained)
+        if split is not None:
+            val_split, seed, how = trained["val_split"], trained["seed"] if seed is None else seed, \
+                "that the run held out"
     if val_split is not None:
         seed = trained.get("seed", 0) if seed is None else seed
-        classes, _, val = discover(root, val_split, seed)
+        if split is None or seed != trained["seed"]:  # the run's split is scanned once, here or above
+            split = discover(root, val_split, seed)
+        classes, _, val = split
         return classes, val, f"the images of {tree} {how} with --val-split {val_split:g} --seed {seed}"
     classes = class_folders(tree)
     return classes, scan(tree, classes), f"every image of {tree}"
