@@ -120,9 +120,9 @@ def _check_output(path: Path, format: str, force: bool, inputs: list[Path]) -> N
     if format in ("onnx", "pt2"):
         check_writable(path, force=force, inputs=tuple(inputs))
         sidecar = sidecar_of(path)
-        if sidecar.exists() and not force:
-            raise SeifyError(f"{sidecar} already exists; pass {{force}} to replace it with {path} or choose another "
-                             "path", "force")
+        if sidecar.exists() and not (force and _weights_of(path, sidecar)):
+            raise SeifyError(f"{sidecar} is there and is not the weights of an ONNX {path} that {{force}} replaces; "
+                             "move it or choose another path", "force")
         return
     check_output_folder(path, force=force)
     if not path.parent.is_dir():
@@ -137,6 +137,18 @@ def _check_output(path: Path, format: str, force: bool, inputs: list[Path]) -> N
             raise SeifyError(f"{path} holds files an earlier seify export did not write ({', '.join(foreign[:3])}"
                              f"{', ...' if len(foreign) > 3 else ''}); {{force}} replaces only such an export: "
                              "choose another folder", "force")
+
+
+def _weights_of(path: Path, sidecar: Path) -> bool:
+    """Whether the ONNX file at ``path`` keeps its weights in ``sidecar``: then replacing the file replaces both."""
+    try:
+        import onnx
+        from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # no onnx here, or not an ONNX file: the sidecar is not known to be its
+        return False
+    return any(uses_external_data(t) and ExternalDataInfo(t).location == sidecar.name
+               for t in model.graph.initializer)
 
 
 def _input_size(module: nn.Module, given, loaded: LoadedModel | None, dynamic_size: bool) -> tuple[int, ...]:

@@ -111,6 +111,10 @@ def test_an_onnx_file_is_self_contained_and_force_leaves_no_sidecar(tmp_path, ga
     monkeypatch.setattr(ex, "EMBEDDED_BYTES", 2_000_000_000)
     export(gated_file, tmp_path / "r.onnx", force=True)  # the sidecar goes with the file it belonged to
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["r.onnx"]
+    (tmp_path / "r.onnx.data").write_text("mine")  # a file of the user's that the .onnx does not use: kept
+    with pytest.raises(SeifyError, match="is not the weights of an ONNX"):
+        export(gated_file, tmp_path / "r.onnx", force=True)
+    assert (tmp_path / "r.onnx.data").read_text() == "mine"
 
 
 def test_opsets_are_honoured_or_refused(cli, tmp_path, gated_file):
