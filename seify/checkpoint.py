@@ -26,7 +26,8 @@ from .options import SEOptions
 RECIPE_KEY = "seify"
 # What a recipe holds and means. A change that an older seify would read wrongly takes the next number; seify
 # reads every format up to its own (0.1.0 wrote format 1 without saying so), and tests/fixtures keeps a file of each.
-RECIPE_FORMAT = 1
+# A file is written in the oldest format that holds it: 2 for adapters and scale blocks, else 1.
+RECIPE_FORMAT = 2
 _CHECKPOINT_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")  # timm's order: EMA first
 
 
@@ -211,10 +212,40 @@ def check_folder_writable(folder: Path) -> None:
 
 
 def save(model: nn.Module, path: str | Path, recipe: dict, *, force: bool = False, inputs: tuple = ()) -> Path:
-    """Write ``model``'s weights and ``recipe`` (see ``make_recipe``) as one safetensors file."""
-    from safetensors.torch import save_model
+    """Write ``model``'s weights and ``recipe`` (see ``make_recipe``) as one safetensors file; for an adapter
+    (``recipe["adapter"]``), only the tensors it lists."""
+    from safetensors.torch import save_file, save_model
+    recipe = {**recipe, "recipe_format": format_of(recipe)}
     metadata = {"format": "pt", RECIPE_KEY: json.dumps(recipe, sort_keys=True)}
-    return atomic_write(path, lambda tmp: save_model(model, tmp, metadata=metadata), force=force, inputs=inputs)
+    adapter = recipe.get("adapter")
+    if adapter is None:
+        return atomic_write(path, lambda tmp: save_model(model, tmp, metadata=metadata), force=force, inputs=inputs)
+    state = model.state_dict()
+    tensors = {k: state[k].detach().cpu().contiguous() for k in adapter["tensors"]}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), force=force, inputs=inputs)
+
+
+def format_of(recipe: dict) -> int:
+    """The oldest recipe format that holds ``recipe``: seify 0.2 reads format 1 and would misread adapters and scale
+    blocks."""
+    blocks = [r.get("options") or {} for r in _lineage(recipe)]
+    return 2 if recipe.get("adapter") or any(o.get("block", "se") != "se" for o in blocks) else 1
+
+
+def without_adapter(recipe: dict) -> dict:
+    """The recipe of the whole model an adapter makes on its base: what it was merged from is kept as
+    ``adapter_base``."""
+    merged = {k: v for k, v in recipe.items() if k != "adapter"}
+    merged["adapter_base"] = recipe["adapter"]["base"]
+    return merged
+
+
+def _lineage(recipe: dict) -> list[dict]:
+    """A recipe and its parents."""
+    chain = [recipe]
+    while isinstance(chain[-1].get("parent"), dict):
+        chain.append(chain[-1]["parent"])
+    return chain
 
 
 def make_recipe(spec: str, num_classes: int, options: dict | None, input_size, data_config: dict,
@@ -292,11 +323,25 @@ def _check_recipe(recipe, depth: int = 0) -> None:
         folded = recipe.get(key)
         need(folded is None or (isinstance(folded, list) and all(isinstance(f, str) for f in folded)),
              f"'{key}' is not a list of module paths")
+    if depth == 0 and recipe.get("adapter") is not None:
+        _check_adapter(recipe["adapter"], need)
     classes = recipe.get("classes")
     need(classes is None or (isinstance(classes, list) and all(isinstance(c, str) for c in classes)
                              and len(classes) == recipe["num_classes"]), "'classes' does not match num_classes")
     if recipe.get("parent") is not None:
         _check_recipe(recipe["parent"], depth + 1)
+
+
+def _check_adapter(adapter, need) -> None:
+    need(isinstance(adapter, dict), "'adapter' is not an object")
+    base = adapter.get("base")
+    need(isinstance(base, dict) and isinstance(base.get("model"), str), "its adapter names no base model")
+    need(isinstance(base.get("sha256"), str) and len(base["sha256"]) == 64 and
+         all(c in "0123456789abcdef" for c in base["sha256"]), "its base's sha256 is not a sha256 digest")
+    need(base.get("weights") is None or isinstance(base["weights"], str), "its base's weights are not a file name")
+    for key in ("tensors", "trains"):
+        need(isinstance(adapter.get(key), list) and all(isinstance(k, str) for k in adapter[key]),
+             f"its adapter's '{key}' is not a list of names")
 
 
 def read_state_dict(path: str | Path) -> tuple[dict, str]:

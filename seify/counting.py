@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .errors import SeifyError, first_line
-from .se import SqueezeExcite
+from .se import ChannelScale, SiteBlock, SqueezeExcite
 
 
 @dataclass
@@ -34,12 +34,13 @@ def se_macs(channels: int, reduced: int, height: int, width: int) -> tuple[int, 
 def count_macs(model: nn.Module, input_size, gates: dict[str, nn.Module] | None = None
                ) -> tuple[int, int, dict[str, int]]:
     """(all MACs, conv/linear MACs, MACs per gate) of one image through ``model``; ``gates`` are the channel gates
-    to count one by one (default: seify's SE blocks), each with its squeeze, its excitation layers and its scale.
+    to count one by one (default: seify's blocks), each with its squeeze, its excitation layers and its scale (a
+    scale-and-shift block: one multiply-add per element).
 
     Forward hooks see every call, also inside modules that tracing treats as leaves (timm's ConvMlp).
     """
     if gates is None:
-        gates = {name: m for name, m in model.named_modules() if isinstance(m, SqueezeExcite)}
+        gates = {name: m for name, m in model.named_modules() if isinstance(m, SiteBlock)}
     names = {m: path for path, m in gates.items()}
     inside_gate = {id(c): path for path, m in gates.items() for c in m.modules() if c is not m}
     conv_linear, squeeze_scale = [0], [0]
@@ -58,8 +59,10 @@ def count_macs(model: nn.Module, input_size, gates: dict[str, nn.Module] | None 
 
     def on_gate(m, inputs, out):
         c, h, w = inputs[0].shape[1], inputs[0].shape[2], inputs[0].shape[3]
-        excite, pool_scale = se_macs(c, m.fc1.out_channels, h, w) if isinstance(m, SqueezeExcite) else \
-            (0, 2 * inputs[0][0].numel())
+        if isinstance(m, SqueezeExcite):
+            excite, pool_scale = se_macs(c, m.fc1.out_channels, h, w)
+        else:  # a scale and shift: one multiply-add per element; another gate: its squeeze and its scale
+            excite, pool_scale = 0, (1 if isinstance(m, ChannelScale) else 2) * inputs[0][0].numel()
         conv_linear[0] += excite  # seify's fc1 and fc2 run as matrix products, not module calls
         squeeze_scale[0] += pool_scale
         per_block[names[m]] += excite + pool_scale

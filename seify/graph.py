@@ -15,7 +15,7 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import SeifyError, first_line
-from .se import SqueezeExcite
+from .se import SiteBlock
 
 
 def _timm_notrace():
@@ -44,7 +44,7 @@ class SeifyTracer(fx.Tracer):
     def __init__(self, leaves: frozenset[int] | set[int] = frozenset()):
         leaf_modules, functions = _timm_notrace()
         super().__init__(autowrap_functions=functions)
-        self.leaf_types = leaf_modules + _torchvision_leaves() + (SqueezeExcite,)
+        self.leaf_types = leaf_modules + _torchvision_leaves() + (SiteBlock,)
         self.leaves = leaves  # ids of more modules to keep whole
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:

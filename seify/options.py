@@ -15,6 +15,8 @@ VARIANTS = ("standard", "pre", "post", "identity", "3x3")
 SQUEEZES = ("avg", "max")
 GATES = ("sigmoid", "hard-sigmoid", "tanh", "relu")
 INITS = ("identity", "paper")
+BLOCKS = ("se", "scale")
+SE_ONLY = ("reduction", "divisor", "min_channels", "squeeze", "gate", "init")  # what a scale block has none of
 # The groups of a command's --help that options are shown in.
 SOURCE, SE_BLOCK, DATA, SCHEDULE = "Source", "SE block", "Data and augmentation", "Schedule"
 DEVICES, OUTPUT, COMPARISON = "Precision and devices", "Output and logging", "Comparison"
@@ -48,10 +50,12 @@ class SEOptions:
     exclude: str | None = option(None, "Skip sites whose SE module path matches this regex.")
     init: str = option("identity", "identity: the converted model computes exactly what the original did; "
                                     "paper: plain random init, for training from scratch.")
+    block: str = option("se", "The block put at each site: se, or scale (a static per-channel scale and shift, "
+                              "identity at the start: SE without input-conditioning, the control for SE).")
 
     def __post_init__(self):
         for name, allowed in (("at", PLACEMENTS), ("variant", VARIANTS), ("squeeze", SQUEEZES),
-                              ("gate", GATES), ("init", INITS)):
+                              ("gate", GATES), ("init", INITS), ("block", BLOCKS)):
             check_choice(getattr(self, name), name, allowed)
         for name, low, high in (("reduction", 1, 4096), ("divisor", 1, 1024), ("min_channels", 1, 4096)):
             value = getattr(self, name)
@@ -68,6 +72,10 @@ class SEOptions:
                              "variant", "at")
         for name in ("include", "exclude"):
             check_pattern(getattr(self, name), name)
+        if self.block == "scale":
+            for name in SE_ONLY:
+                if getattr(self, name) != getattr(SEOptions, name):
+                    raise SeifyError(f"{{{name}}} is an option of SE blocks; {{block}} scale has none", name, "block")
 
     def to_dict(self) -> dict:
         d = asdict(self)

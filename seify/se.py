@@ -1,4 +1,5 @@
-"""The Squeeze-and-Excitation block (Hu et al., Sec. 3), laid out like timm's ``SEModule``.
+"""The blocks seify inserts at a site: the Squeeze-and-Excitation block (Hu et al., Sec. 3), laid out like timm's
+``SEModule``, and its control without input-conditioning, a static per-channel scale and shift.
 
 Attribute names (``fc1``, ``bn``, ``act``, ``fc2``, ``gate``) match timm's so that a converted ResNet's
 state_dict loads strictly into timm's native SE twin (``seresnet50`` and friends).
@@ -25,7 +26,34 @@ def reduced_channels(channels: int, reduction: float = 16, divisor: int = 8, min
     return max(min_channels, rounded)
 
 
-class SqueezeExcite(nn.Module):
+class SiteBlock(nn.Module):
+    """What seify inserts at a site: called as ``block(x)``, or ``block(x, shortcut, factor)`` where surgery fused
+    the residual sum that follows into it (``shortcut + block(x) * factor``)."""
+
+
+class ChannelScale(SiteBlock):
+    """x * weight + bias per channel, the identity at the start: SE without input-conditioning.
+
+    SSF's scale and shift (Lian et al., NeurIPS 2022) at the sites where SE would go, the control that tells
+    whether SE's gains come from attention or from rescaling alone.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor, shortcut: Optional[torch.Tensor] = None,
+                factor: Optional[torch.Tensor] = None) -> torch.Tensor:
+        y = x * self.weight[:, None, None].to(x.dtype) + self.bias[:, None, None].to(x.dtype)
+        if shortcut is None:
+            return y
+        if factor is not None:
+            y = y * factor.to(y.dtype)
+        return shortcut + y
+
+
+class SqueezeExcite(SiteBlock):
     """x * gate(fc2(act(fc1(squeeze(x))))), channel-wise.
 
     ``scale`` multiplies the gate. Surgery sets it to 2 only where the gate's initial 0.5 could not be folded

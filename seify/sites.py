@@ -24,14 +24,15 @@ from . import graph as g
 from . import layers as L
 from .gates import is_channel_gate
 from .options import SEOptions
-from .se import SqueezeExcite, reduced_channels
+from .se import SiteBlock, reduced_channels
 
 _SLOTS = ("se", "attn", "attn_last")  # empty (Identity) attention slots that timm's blocks keep for SE
 
 
 @dataclass
 class Site:
-    """One SE block: where it goes, what it costs, and how its fresh gate was made an identity."""
+    """One site's block (SE, or a scale and shift): where it goes, what it costs, and how its fresh gate was made
+    an identity."""
     path: str
     owner: str
     kind: str
@@ -43,6 +44,7 @@ class Site:
     width: int
     skipped: str | None = None
     compensation: str = ""
+    block: str = "se"
     producer: fx.Node | None = field(default=None, repr=False, compare=False)
     consumers: list = field(default_factory=list, repr=False, compare=False)
     slot: fx.Node | None = field(default=None, repr=False, compare=False)  # the Identity the block replaces
@@ -50,11 +52,11 @@ class Site:
     @property
     def params(self) -> int:
         c, r = self.channels, self.reduced_channels
-        return 2 * c * r + r + c
+        return 2 * c if self.block == "scale" else 2 * c * r + r + c
 
     def to_dict(self) -> dict:
         keys = ("path", "owner", "kind", "after", "stage", "channels", "reduced_channels", "params",
-                "height", "width", "compensation", "skipped")
+                "height", "width", "compensation", "skipped", "block")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -65,7 +67,7 @@ def _residual_edges(gm: fx.GraphModule, variant: str):
     """(owner, producer, consumers) for each sum of a convolutional branch and its block's input."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for add in gm.graph.nodes:
-        if isinstance(g.called_module(gm, add), SqueezeExcite) and len(add.args) >= 2:
+        if isinstance(g.called_module(gm, add), SiteBlock) and len(add.args) >= 2:
             yield g.owner(add), add.args[0], [add]  # a sum already fused into an SE block (gated, so skipped)
             continue
         if not g.is_call(add, g.ADD_TARGETS) or len(add.args) < 2:
@@ -251,7 +253,7 @@ def _gated_scopes(gm: fx.GraphModule) -> dict[str, str]:
     """Module path -> path of the gate inside it, for every module that already holds a channel gate."""
     gated: dict[str, str] = {}
     for node in gm.graph.nodes:
-        is_ours = isinstance(g.called_module(gm, node), SqueezeExcite)
+        is_ours = isinstance(g.called_module(gm, node), SiteBlock)
         if is_ours or is_channel_gate(node):
             where = g.target(node) if is_ours else g.owner(node)
             for scope in g.module_stack(node):
@@ -329,10 +331,12 @@ def find_sites(model: nn.Module, options: SEOptions, input_size: tuple[int, int,
         if (options.stages is not None and stage not in options.stages) \
                 or (include and not include.search(path)) or (exclude and exclude.search(path)):
             continue
-        rd = reduced_channels(channels, options.reduction, options.divisor, options.min_channels)
+        rd = reduced_channels(channels, options.reduction, options.divisor, options.min_channels) \
+            if options.block == "se" else 0
         gate = gated.get(owner)
         skipped = f"already gated by '{gate}'" if gate is not None else None
         sites.append(Site(path, owner, placement, _label(producer), stage, channels, rd, height, width,
-                          skipped=skipped, producer=producer, consumers=consumers, slot=slot))
+                          skipped=skipped, block=options.block, producer=producer, consumers=consumers,
+                          slot=slot))
     return gm, placement, sites
 

@@ -21,7 +21,7 @@ from . import layers as L
 from .compensation import compensate, join
 from .errors import SeifyError
 from .options import SEOptions
-from .se import SqueezeExcite
+from .se import ChannelScale, SiteBlock, SqueezeExcite
 from .sites import Site, find_sites
 
 
@@ -79,7 +79,7 @@ def add_se(model: nn.Module, options: SEOptions, input_size: tuple[int, int, int
     if not chosen:
         raise SeifyError(f"nothing to convert in {type(part).__name__}: no block that owns a site could be rebuilt "
                          f"({skipped[0].skipped})")
-    if options.init == "identity":
+    if options.init == "identity" and options.block == "se":  # a fresh scale block is the identity already
         compensate(part, gm, chosen, scope)
     _check_same_computation(gm, part)
     for site in chosen + skipped:
@@ -219,9 +219,7 @@ def _rebuild_owner(model: nn.Module, gm_whole: fx.GraphModule, owner: str, sites
             inside = next(c for c in site.consumers if c in key_of)
             producer = local_node(inside).all_input_nodes[inside.all_input_nodes.index(site.producer)]
         name = site.path[len(prefix):]
-        block = SqueezeExcite(site.channels, site.reduced_channels, options.squeeze, options.gate)
-        if options.init == "identity":
-            block.init_identity()
+        block = _block(site, options)
         local.add_submodule(name, block)
         if not _fuse_with_sum(local, name, producer, consumers):
             order = {n: i for i, n in enumerate(local.graph.nodes)}
@@ -237,6 +235,15 @@ def _rebuild_owner(model: nn.Module, gm_whole: fx.GraphModule, owner: str, sites
             if hasattr(module, attr):
                 setattr(local, attr, getattr(module, attr))
     return _set_submodule(model, owner, local)
+
+
+def _block(site: Site, options: SEOptions) -> SiteBlock:
+    if options.block == "scale":
+        return ChannelScale(site.channels)
+    block = SqueezeExcite(site.channels, site.reduced_channels, options.squeeze, options.gate)
+    if options.init == "identity":
+        block.init_identity()
+    return block
 
 
 def _fuse_with_sum(local: fx.GraphModule, name: str, producer: fx.Node, consumers: list[fx.Node]) -> bool:
@@ -285,7 +292,7 @@ def _computation(graph: fx.Graph, root: nn.Module) -> Counter:
     ops: Counter = Counter()
     helpers = set()  # the ones that a fused block's drop-path factor is drawn on, and their size
     for node in graph.nodes:
-        if isinstance(g.called_module(root, node), SqueezeExcite) and len(node.args) > 2:
+        if isinstance(g.called_module(root, node), SiteBlock) and len(node.args) > 2:
             producer = node.args[0]
             helpers |= g.ancestors(node.args[2]) - g.ancestors(producer) - {producer}
     for node in graph.nodes:
@@ -294,7 +301,7 @@ def _computation(graph: fx.Graph, root: nn.Module) -> Counter:
             continue
         if node.op == "call_module":
             m = root.get_submodule(node.target)
-            if isinstance(m, SqueezeExcite):
+            if isinstance(m, SiteBlock):
                 ops.update([("add", 2)] * (len(node.args) >= 2 and isinstance(node.args[1], fx.Node)))
             elif not isinstance(m, nn.Identity):
                 ops[(type(m).__name__, inputs)] += 1

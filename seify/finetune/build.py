@@ -18,7 +18,9 @@ from torch import nn
 
 from ..errors import SeifyError
 from ..images import folders
+from ..checkpoint import read_recipe
 from ..models import resolve
+from ..models.spec import Spec, seify_file
 from . import device_data
 from .config import FinetuneConfig, Source
 from .dist import Dist
@@ -102,23 +104,34 @@ def build(source: Source, data_dir: str, config: FinetuneConfig, dist: Dist, dev
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
         ema = AveragedModel(prepared.model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
     everything = parameter_names(prepared.model)
+    warms_up = prepared.fresh and prepared.fresh != everything and prepared.trains is None
     return Training(prepared, images, optimizer, schedule(optimizer, config, config.epochs, images.steps_per_epoch),
-                    ema, precision(config, device), device, dist,
-                    config.se_warmup_epochs if prepared.fresh and prepared.fresh != everything else 0)
+                    ema, precision(config, device), device, dist, config.se_warmup_epochs if warms_up else 0)
 
 
 def _model(source: Source, classes: list[str], config: FinetuneConfig, resumed_from: Path | None, fresh: set[str],
            given: set[str]) -> Prepared:
     if resumed_from is not None:
-        loaded = resolve(str(resumed_from / LAST))
-        assert loaded.recipe is not None
-        prepared = Prepared(loaded.model, loaded.recipe, fresh)
+        recipe = read_recipe(resumed_from / LAST)
+        assert recipe is not None
+        loaded = resolve(str(resumed_from / LAST), **adapter_base(source)) if recipe.get("adapter") else \
+            resolve(str(resumed_from / LAST))
+        prepared = Prepared(loaded.model, recipe, fresh)
     else:
         prepared = prepare(source.model, classes, source.se, weights=source.weights, pretrained=source.pretrained,
-                           new_head=config.new_head, given=given)
+                           new_head=config.new_head, given=given, adapter=config.adapter,
+                           own_gates=config.own_gates)
     if prepared.recipe.get("classes") != classes:
         raise SeifyError(f"the run in {config.out} was trained on other classes than the data holds")
     return prepared
+
+
+def adapter_base(source: Source) -> dict:
+    """How a run's adapter files are given their base: MODEL itself where it is a whole model (a seify file or a
+    folder), else its weights."""
+    if seify_file(source.model) is not None or Spec.parse(source.model).folder is not None:
+        return {"weights": source.model}
+    return {"weights": source.weights, "pretrained": source.pretrained}
 
 
 def decodes_on_device(decode: str, device: torch.device) -> bool:
@@ -165,11 +178,15 @@ def _data(prepared: Prepared, classes, train, val, data_dir: str, config: Finetu
 
 
 def _optimizer(prepared: Prepared, config: FinetuneConfig) -> torch.optim.Optimizer:
-    """What is new trains at ``lr``, what was trained at ``lr * backbone_lr_scale``."""
+    """What is new trains at ``lr``, what was trained at ``lr * backbone_lr_scale``; an adapter run's optimizer
+    holds what it trains alone, at ``lr``."""
     named = list(prepared.model.named_parameters())
-    groups = [{"params": [p for n, p in named if n not in prepared.fresh], "name": "trained",
+    new = prepared.fresh if prepared.trains is None else prepared.trains
+    if prepared.trains is not None:
+        named = [(n, p) for n, p in named if n in new]
+    groups = [{"params": [p for n, p in named if n not in new], "name": "trained",
                "lr": config.lr * config.backbone_lr_scale},
-              {"params": [p for n, p in named if n in prepared.fresh], "lr": config.lr, "name": "new"}]
+              {"params": [p for n, p in named if n in new], "lr": config.lr, "name": "new"}]
     groups = [g for g in groups if g["params"]]
     if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)

@@ -62,6 +62,12 @@ class FinetuneConfig:
                                      panel=SCHEDULE)
     new_head: bool = option(False, "A new classifier even where the trained one has one output per class.",
                             panel=SCHEDULE)
+    adapter: bool = option(False, "Train only seify's blocks and the classifier, the whole run: every other weight "
+                                  "and BatchNorm statistic stays as loaded. best/last are adapter files (what "
+                                  "trained, and the base's identity); with --no-se, a linear probe.", panel=SCHEDULE)
+    own_gates: bool = option(False, "With --adapter: train the network's own channel gates too (EfficientNet, "
+                                    "MobileNetV3, RegNetY...); with --no-se, the adapter without surgery.",
+                             panel=SCHEDULE)
     img_size: int | None = option(None, "Train and evaluate at N px (default: the model's).", panel=DATA)
     aug: str = option("auto", "Augmentation preset: none, light (mild crops, flips), imagenet (timm's), auto "
                               "(imagenet from 160 px, else light).", panel=DATA)
@@ -129,6 +135,9 @@ class FinetuneConfig:
         check_choice(self.precision, "precision", ("auto", "fp32", "bf16", "fp16"))
         check_choice(self.aug, "aug", AUGMENTATIONS)
         check_choice(self.decode, "decode", DECODES)
+        if self.own_gates and not self.adapter:
+            raise SeifyError("{own_gates} chooses what an adapter trains; it goes with {adapter}", "own_gates",
+                             "adapter")
         if self.resume and self.force:
             raise SeifyError("pass {resume} to continue the run or {force} to start over, not both",
                              "resume", "force")

@@ -71,12 +71,24 @@ class Stop:
 # ---------------------------------------------------------------- one epoch
 
 
+PHASES = {"warmup": "new parts only (the rest frozen)", "full": "all layers",
+          "adapter": "the adapter only (the base frozen)"}
+
+
+def phase_of(training: Training, epoch: int) -> str:
+    """An adapter run's every epoch trains the adapter; others warm up what is new first, then train everything."""
+    if training.prepared.trains is not None:
+        return "adapter"
+    return "warmup" if epoch < training.se_warmup_epochs else "full"
+
+
 def enter_phase(training: Training, phase: str, compiled: bool) -> Callable:
     """The network a phase trains: in the warm-up only what is new gets gradients (and frozen BatchNorm keeps its
-    statistics); DDP and torch.compile wrap it anew, since what trains changed."""
-    warmup = phase == "warmup"
+    statistics), in an adapter run only the adapter (so backward computes no gradient of a frozen weight); DDP and
+    torch.compile wrap it anew, since what trains changed."""
+    trains = {"warmup": training.prepared.fresh, "adapter": training.prepared.trains}.get(phase)
     for name, p in training.model.named_parameters():
-        p.requires_grad_(not warmup or name in training.prepared.fresh)
+        p.requires_grad_(trains is None or name in trains)
     net: nn.Module = training.model
     if training.dist.enabled:
         net = nn.parallel.DistributedDataParallel(
@@ -84,8 +96,12 @@ def enter_phase(training: Training, phase: str, compiled: bool) -> Callable:
     return torch.compile(net) if compiled else net
 
 
-def _train_mode(model: nn.Module) -> None:
-    """Training mode, except for BatchNorm layers whose parameters are all frozen."""
+def _train_mode(model: nn.Module, phase: str) -> None:
+    """Training mode, except for BatchNorm layers whose parameters are all frozen; an adapter's base computes as
+    loaded (eval mode: its statistics, no dropout or drop-path), and the adapter has no mode of its own."""
+    if phase == "adapter":
+        model.eval()
+        return
     model.train()
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine and \
@@ -103,11 +119,11 @@ class Epoch:
 
 
 def train_one_epoch(net: Callable, training: Training, progress: Progress, config: FinetuneConfig, stop: Stop,
-                    log, commit: Callable[[], None], last_good: Callable[[], str]) -> Epoch:
+                    log, commit: Callable[[], None], last_good: Callable[[], str], phase: str = "full") -> Epoch:
     """One pass from ``progress``'s batch on, counting into ``progress``; ``commit`` saves every ``save_every``
     steps, and the pass ends early when a signal asks (``stopped``)."""
     images_data, p = training.data, progress
-    _train_mode(training.model)
+    _train_mode(training.model, phase)
     images_data.train_sampler.set_epoch(p.epoch, p.batch_in_epoch * config.batch_size)
     epoch, start = Epoch(), time.perf_counter()
     for images, labels, failed in batches(training, images_data.train_set, images_data.train_sampler, True):
@@ -293,12 +309,13 @@ class Trainer:
                 phase = None
                 for epoch_number in range(p.epoch, config.epochs):
                     p.epoch = epoch_number
-                    entered = "warmup" if epoch_number < self.training.se_warmup_epochs else "full"
+                    entered = phase_of(self.training, epoch_number)
                     if entered != phase:
                         net, phase = enter_phase(self.training, entered, config.compile), entered
                     log.epoch_start(p.epoch, config.epochs, self.training.data.steps_per_epoch, p.batch_in_epoch,
-                                    "new parts only (the rest frozen)" if phase == "warmup" else "all layers")
-                    epoch = train_one_epoch(net, self.training, p, config, stop, log, self._commit, self._last_good)
+                                    PHASES[phase])
+                    epoch = train_one_epoch(net, self.training, p, config, stop, log, self._commit, self._last_good,
+                                            phase)
                     if epoch.stopped:
                         return self._interrupted(stop)
                     self._end_epoch(phase, epoch)

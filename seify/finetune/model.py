@@ -2,6 +2,8 @@
 
 What starts untrained is recorded, because what trains when depends on it: the SE blocks just inserted and a new
 classifier are warmed up first with the rest frozen, and a model with random weights trains everything at once.
+An adapter run (``--adapter``) trains seify's blocks and the classifier alone; its recipe names what trains, the
+tensors its files hold and the base they belong to.
 """
 from __future__ import annotations
 
@@ -10,12 +12,16 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+import torch
+
 from .. import checkpoint
 from ..api import convert_loaded
 from ..errors import SeifyError, shown
+from ..gates import find_gates
 from ..models import LoadedModel, classifier_keys, num_classes_of, reorder_classifier, reset_classifier, resolve
+from ..models.adapters import identity
 from ..options import SEOptions
-from ..se import SqueezeExcite
+from ..se import SiteBlock
 from ..surgery import convertible_scope
 
 
@@ -27,11 +33,18 @@ class Prepared:
     notes: list[str] = field(default_factory=list)
     head_kept: bool = False  # the trained classifier fits the data: the starting accuracy means something
 
+    @property
+    def trains(self) -> set[str] | None:
+        """What an adapter run trains (parameter names); None for any other run."""
+        adapter = self.recipe.get("adapter")
+        return set(adapter["trains"]) if adapter else None
+
 
 def prepare(spec: str, classes: list[str], options: SEOptions | None, *, weights: str | None = None,
-            pretrained: bool = False, new_head: bool = False, given: set[str] | frozenset[str] = frozenset()
-            ) -> Prepared:
-    """The model to fine-tune on ``classes``; ``options`` None gives the plain model (``--no-se``).
+            pretrained: bool = False, new_head: bool = False, given: set[str] | frozenset[str] = frozenset(),
+            adapter: bool = False, own_gates: bool = False) -> Prepared:
+    """The model to fine-tune on ``classes``; ``options`` None gives the plain model (``--no-se``); ``adapter``
+    plans an adapter run (``own_gates``: the network's own gates train too).
 
     ``given`` names the SE options the user set: on a model that already has SE they must agree with its blocks.
     """
@@ -39,12 +52,48 @@ def prepare(spec: str, classes: list[str], options: SEOptions | None, *, weights
     if convertible_scope(loaded.model):
         raise SeifyError(f"{spec} is a detection or segmentation model; seify finetune trains image classifiers "
                          "(convert it with seify convert and train it in your detection pipeline)")
+    base = identity(loaded.model, spec, weights, pretrained) if adapter else None  # before the head changes
     if options is None:
         prepared = _plain(loaded)
     else:
         prepared = _with_se(loaded, options, given)
     _fit_head(prepared, loaded, classes, new_head)
+    if base is not None:
+        _plan_adapter(prepared, loaded, base, own_gates)
     return prepared
+
+
+def _plan_adapter(prepared: Prepared, loaded: LoadedModel, base: dict, own_gates: bool) -> None:
+    """Record in the recipe what an adapter run trains (seify's blocks, the classifier, the network's own gates
+    with ``own_gates``), the tensors its files hold (those, and what the conversion changed in the base) and the
+    base."""
+    if not loaded.trained:
+        raise SeifyError(f"{{adapter}} trains on a frozen base, and {loaded.spec} has random weights; give it "
+                         "{weights} or {pretrained}", "adapter", "weights", "pretrained")
+    if (loaded.recipe or {}).get("adapter_base"):
+        raise SeifyError(f"{loaded.spec} is an adapter; to train another on it, merge it into a whole model first "
+                         "(seify export MODEL --weights BASE --format safetensors -o merged.safetensors)", "adapter")
+    model = prepared.model
+    owners = [path for path, m in model.named_modules() if isinstance(m, SiteBlock)]
+    head = set(classifier_keys(model))
+    if own_gates:
+        native = [path for path, gate in find_gates(model).items() if not gate.ours]
+        if not native:
+            raise SeifyError(f"{{own_gates}}: {loaded.spec} has no channel gates of its own", "own_gates")
+        owners += native
+    trains = {name for name, _ in model.named_parameters()
+              if name in head or any(name.startswith(f"{o}.") for o in owners)}
+    frozen = loaded.model.state_dict()
+    changed = {k for k, t in model.state_dict().items() if k not in frozen or t.shape != frozen[k].shape or
+               not torch.equal(t, frozen[k])}
+    prepared.recipe["adapter"] = {"base": base, "trains": sorted(trains), "tensors": sorted(trains | changed)}
+    count = sum(p.numel() for n, p in model.named_parameters() if n in trains)
+    frozen_count = sum(p.numel() for n, p in model.named_parameters() if n not in trains)
+    what = ", ".join(filter(None, ["seify's blocks" if any(isinstance(model.get_submodule(o), SiteBlock)
+                                                           for o in owners) else "",
+                                   "its own gates" if own_gates else "", "the classifier" if head else ""]))
+    prepared.notes.append(f"adapter: {what} train ({count:,} parameters); the base ({frozen_count:,} parameters "
+                          "and its BatchNorm statistics) stays frozen")
 
 
 def _plain(loaded: LoadedModel) -> Prepared:
@@ -65,7 +114,7 @@ def _with_se(loaded: LoadedModel, options: SEOptions, given: set[str] | frozense
         model, recipe = loaded.model, copy.deepcopy(loaded.recipe)
         se_fresh = not recipe.get("finetune")  # converted but never trained
     else:
-        if not loaded.trained and options.init == "identity":
+        if not loaded.trained and options.init == "identity" and options.block == "se":
             options = SEOptions.from_dict({**options.to_dict(), "init": "paper"})  # nothing to preserve
         result = convert_loaded(loaded, options)
         model, recipe, se_fresh = result.model, result.recipe(), True
@@ -127,4 +176,4 @@ def parameter_names(model: nn.Module) -> set[str]:
 
 def _in_se(model: nn.Module, name: str) -> bool:
     parts = name.split(".")
-    return any(isinstance(model.get_submodule(".".join(parts[:i])), SqueezeExcite) for i in range(1, len(parts)))
+    return any(isinstance(model.get_submodule(".".join(parts[:i])), SiteBlock) for i in range(1, len(parts)))

@@ -26,17 +26,27 @@ def describe(training: Training, source: Source, config: FinetuneConfig, data_di
              f"device {training.device} x{dist.world}, {training.precision.name}"
              f"{', channels_last' if images.channels_last else ''}{', compiled' if config.compile else ''}, "
              f"{threads}, {images.steps_per_epoch} steps per epoch",
-             f"model: {'plain (no SE)' if source.se is None else 'with SE'}, {images.img_size} px; augmentation: "
+             f"model: {_blocks(source)}, {images.img_size} px; augmentation: "
              f"{images.augmentation.describe()}"]
     if config.val_split is not None and folders.has_val_folder(data_dir):
         lines.append(f"{flag('val_split')} {config.val_split:g} is not used: {data_dir} has train/ and val/")
     return lines + training.prepared.notes + [plan(training, config)]
 
 
+def _blocks(source: Source) -> str:
+    if source.se is None:
+        return "plain (no SE)"
+    return "with SE" if source.se.block == "se" else f"with {source.se.block} blocks at SE's sites"
+
+
 def plan(training: Training, config: FinetuneConfig) -> str:
     """What trains when, at which learning rate."""
-    fresh, model = training.prepared.fresh, training.model
+    fresh, model, trains = training.prepared.fresh, training.model, training.prepared.trains
     trained_lr = config.lr * config.backbone_lr_scale
+    if trains is not None:
+        count = sum(p.numel() for n, p in model.named_parameters() if n in trains)
+        return (f"plan: an adapter run: all {config.epochs} epoch(s) train {count:,} parameters at lr {config.lr:g}, "
+                "the base frozen; best and last are adapter files, loaded with their base")
     if fresh == parameter_names(model):
         return f"plan: random weights, so everything trains from the start at lr {config.lr:g}"
     if not fresh:
@@ -67,4 +77,5 @@ def run_info(training: Training, source: Source, config: FinetuneConfig, data_di
         "world_size": training.dist.world, "threads": threads, "workers": images.workers,
         "se_warmup_epochs": training.se_warmup_epochs, "lr_warmup_epochs": config.lr_warmup_epochs,
         "new_parameters": len(training.prepared.fresh), "parameters": len(parameter_names(model)),
+        "adapter_parameters": None if training.prepared.trains is None else len(training.prepared.trains),
         "notes": training.prepared.notes, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

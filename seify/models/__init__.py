@@ -17,7 +17,8 @@ from torch import nn
 from ..checkpoint import read_recipe, read_state_dict
 from ..errors import SeifyError
 from ..limits import MAX_CLASSES, check_whole
-from ..se import SqueezeExcite
+from ..se import SiteBlock
+from . import adapters
 from .classifier import classifier_keys, classifier_name, num_classes_of, reorder_classifier, reset_classifier
 from .files import freeze_batchnorm, from_recipe, has_frozen_batchnorm, load_strict, model_of, rebuild
 from .folders import build_folder
@@ -52,7 +53,8 @@ class LoadedModel:
 
     @property
     def has_se(self) -> bool:
-        return any(isinstance(m, SqueezeExcite) for m in self.model.modules())
+        """Whether seify's blocks (SE, or their scale-and-shift control) are in it."""
+        return any(isinstance(m, SiteBlock) for m in self.model.modules())
 
     @property
     def trained(self) -> bool:
@@ -75,6 +77,8 @@ def resolve(spec: str | nn.Module, *, weights: str | None = None, pretrained: bo
     file = seify_file(spec)
     recipe = read_recipe(file) if file is not None else None
     with torch.device(device) if device is not None else contextlib.nullcontext():
+        if file is not None and recipe is not None and recipe.get("adapter") is not None:
+            return _adapter(spec, file, recipe, weights, pretrained, meta)
         if file is not None and recipe is not None:
             if pretrained or weights:
                 raise SeifyError(f"{spec} is a seify file and carries its own weights; drop {{pretrained}}/"
@@ -103,6 +107,42 @@ def resolve(spec: str | nn.Module, *, weights: str | None = None, pretrained: bo
         if source == RANDOM:
             notes.append("random weights: pass --weights or --pretrained to start from a trained model")
     return LoadedModel(model.eval(), spec, data_config(model, spec), notes, weights=source)
+
+
+def _adapter(spec: str, file: str, recipe: dict, weights: str | None, pretrained: bool, meta: bool) -> LoadedModel:
+    """An adapter file on the base it was trained on (given as ``weights`` or ``pretrained``), checked by its
+    digest; the whole model, whose recipe no longer says adapter. On the meta device the architecture only."""
+    from ..checkpoint import without_adapter
+    base_id = recipe["adapter"]["base"]
+    merged = without_adapter(recipe)
+    model, arch_base = rebuild(file, merged, meta=True)  # its weights come from the base and the file
+    if meta:
+        return LoadedModel(model, spec, recipe["data_config"], [], merged, weights=base_id.get("weights") or
+                           base_id["model"], base=arch_base)
+    if not weights and not pretrained:
+        raise adapters.no_base(spec, base_id)
+    base = _base_of(spec, base_id, weights, pretrained)
+    adapters.check_base(spec, base_id, base.model, weights or "the pretrained weights")
+    tensors, _ = read_state_dict(file)
+    adapters.assemble(model, base.model, tensors, spec)
+    trained = sum(t.numel() for k, t in tensors.items() if k in set(recipe["adapter"]["trains"]))
+    note = f"adapter: {len(tensors)} tensors ({trained:,} trained parameters) on {adapters.named(base_id)}, checked"
+    return LoadedModel(model.eval(), spec, recipe["data_config"], [note], merged,
+                       weights=base_id.get("weights") or base_id["model"], base=arch_base)
+
+
+def _base_of(spec: str, base_id: dict, weights: str | None, pretrained: bool) -> LoadedModel:
+    """The base an adapter is given: a whole model (a seify file, a folder) or the weights of its architecture."""
+    whole = seify_file(weights) if weights else None
+    recipe = read_recipe(whole) if whole else None
+    if weights and (recipe is not None or Spec.parse(weights).folder is not None):
+        if recipe is not None and recipe.get("adapter") is not None:
+            raise SeifyError(f"{weights} is an adapter itself, not a base: give {spec} the base it was trained on "
+                             f"with {adapters.how_to_give(base_id)}", "weights")
+        return resolve(weights)
+    if base_id.get("whole") or (pretrained and not base_id.get("pretrained")):
+        raise adapters.no_base(spec, base_id)
+    return resolve(base_id["model"], weights=weights, pretrained=pretrained)
 
 
 def _held(model: nn.Module, weights, pretrained: bool, num_classes, device) -> LoadedModel:
