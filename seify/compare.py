@@ -1,4 +1,5 @@
-"""``seify compare``: does SE pay on my data? Arms (plain, SE, SE variants) fine-tuned under one budget, per seed.
+"""``seify compare``: does SE pay on my data? Arms (plain, SE, SE variants, and the controls that tell attention
+from rescaling) fine-tuned under one budget, per seed.
 
 Every arm-seed is an ordinary run folder, ``DIR/<arm>/seed-<n>``: rerunning the comparison skips finished runs
 and resumes killed ones. Seeds run in turns with the arm order alternating, so drift in the machine's speed hits
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy
 import torch
 
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, read_recipe
 from .counting import cost
 from .device import check_device
 from .errors import SeifyError
@@ -40,10 +41,14 @@ REPORT, TABLE, FIGURE = "compare.json", "compare.csv", "compare.png"
 
 @dataclass(frozen=True)
 class Arm:
-    """One way to fine-tune: ``plain`` (no SE), ``se`` (convert's defaults) or ``se:name=value:...``."""
+    """One way to fine-tune: ``plain`` (no SE), ``se`` (convert's defaults) or ``se:name=value:...``; ``scale``
+    (a static scale and shift where ``se`` puts its blocks); ``probe`` (the head alone on the frozen base) and
+    ``gates`` (the network's own gates and the head), adapter runs whatever the comparison's ``--adapter``."""
     name: str
     options: SEOptions | None
     given: frozenset[str] = frozenset()  # the SE options the arm names: on an SE model they must be its own
+    adapter: bool = False  # an adapter run even without --adapter
+    own_gates: bool = False
 
     @property
     def folder(self) -> str:
@@ -56,7 +61,7 @@ def parse_arms(text: str) -> list[Arm]:
     paper's tables (``paper:reduction`` is Table 10's: r = 2, 4, 8, 16, 32 and no SE)."""
     pieces: list[str] = []
     for piece in (p.strip() for p in text.split(",")):
-        if piece.split(":", 1)[0] in ("plain", "se", "paper") or not pieces:
+        if piece.split(":", 1)[0] in KINDS or not pieces:
             pieces.append(piece)
         else:
             pieces[-1] += "," + piece
@@ -64,20 +69,25 @@ def parse_arms(text: str) -> list[Arm]:
     arms = []
     for piece in pieces:
         kind, _, rest = piece.partition(":")
-        if kind == "plain" and not rest:
-            arms.append(Arm("plain", None))
-        elif kind == "se":
+        if kind in ("plain", "probe", "gates") and not rest:
+            arms.append(Arm(kind, None, adapter=kind != "plain", own_gates=kind == "gates"))
+        elif kind in ("se", "scale"):
             pairs = parse_pairs(rest)
-            arms.append(Arm(piece, SEOptions(**pairs), frozenset(pairs)))
+            if "block" in pairs:
+                raise SeifyError(f"{piece!r}: the arm's kind says its block (se or scale)", "arms")
+            arms.append(Arm(piece, SEOptions(**pairs, block=kind), frozenset(pairs)))
         else:
-            raise SeifyError(f"{piece!r} is not an arm; write plain, se or se:name=value[:name=value] (for example "
-                             "se:reduction=8)", "arms")
+            raise SeifyError(f"{piece!r} is not an arm; write plain, se, se:name=value[:name=value] (for example "
+                             "se:reduction=8), scale[:...], probe or gates", "arms")
     names = [a.name for a in arms]
     if len(set(names)) != len(names) or len({a.folder for a in arms}) != len(arms):
         raise SeifyError(f"{{arms}} names an arm twice: {text}", "arms")
     if len(arms) < 2:
         raise SeifyError("{arms} needs at least two arms to compare, for example plain,se", "arms")
     return arms
+
+
+KINDS = ("plain", "se", "scale", "probe", "gates", "paper")
 
 
 def _preset(piece: str) -> list[str]:
@@ -161,7 +171,8 @@ def _run_one(spec, data_dir, arm: Arm, seed: int, config: FinetuneConfig, root: 
     folder = RunFolder(out)
     committed = folder.committed()
     run_config = dataclasses.replace(config, out=str(out), seed=seed, resume=committed is not None,
-                                     force=committed is None and bool(folder.holds_outputs()))
+                                     force=committed is None and bool(folder.holds_outputs()),
+                                     adapter=config.adapter or arm.adapter, own_gates=arm.own_gates)
     source = Source(spec, arm.options, weights, pretrained)
     return Trainer(spec, data_dir, run_config, arm.options, weights=weights, pretrained=pretrained, log=log,
                    split=split, explicit=given_options(source, run_config) | arm.given).run()
@@ -179,9 +190,10 @@ def _run_record(out: Path) -> dict | None:
     trained = [r for r in rows if r["epoch"] > 0]
     if not trained:
         return None
-    # Step time is compared where every layer trains: a warm-up with a frozen backbone is cheaper per step, and
-    # one arm may warm up (new SE blocks) where the other does not (a kept head), so warm-ups are not compared.
-    full = [r for r in trained if r["phase"] == "full"]
+    # Step time is compared where every layer trains, or an adapter all run: a warm-up with a frozen backbone is
+    # cheaper per step, and one arm may warm up (new SE blocks) where the other does not (a kept head), so warm-ups
+    # are not compared.
+    full = [r for r in trained if r["phase"] in ("full", "adapter")]
     full_seconds = sum(r["seconds"] for r in full)
     start = next((r["val_top1"] for r in rows if r["epoch"] == 0), None)
     return {"seed": state["config"]["seed"], "folder": str(out), "epochs": [r["epoch"] for r in rows],
@@ -200,13 +212,20 @@ def _stats(values: list[float]) -> dict:
 
 
 def _arm_cost(runs: list[dict]) -> dict:
-    """Parameters and MACs of the arm's model and of the model without SE, at the size it was trained at."""
-    loaded = resolve(str(Path(runs[0]["folder"]) / "last.safetensors"), device="meta")
+    """Parameters and MACs of the arm's model and of the model without SE, at the size it was trained at; what
+    trained and the size of its files."""
+    last = Path(runs[0]["folder"]) / "last.safetensors"
+    loaded = resolve(str(last), device="meta")
     size = tuple(loaded.data_config["input_size"])
     own, _ = cost(loaded.model, size)
     base, _ = cost(loaded.base, size) if loaded.base is not None else (own, None)
+    adapter = (read_recipe(last) or {}).get("adapter")
+    trained = own.params if adapter is None else \
+        sum(p.numel() for n, p in loaded.model.named_parameters() if n in set(adapter["trains"]))
     return {"img_size": size[-1], "params": own.params, "macs": own.macs, "base_params": base.params,
-            "base_macs": base.macs, "added_params": own.params - base.params, "added_macs": own.macs - base.macs}
+            "base_macs": base.macs, "added_params": own.params - base.params, "added_macs": own.macs - base.macs,
+            "trained_params": trained, "adapter": adapter is not None,
+            "file_bytes": (Path(runs[0]["folder"]) / "best.safetensors").stat().st_size}
 
 
 def summarize(root: Path, arms: list[Arm], seeds: list[int], spec: str) -> dict:
@@ -343,7 +362,8 @@ def _write(root: Path, document: dict) -> None:
         buf = io.StringIO()
         run_columns = ["seed", "final_top1", "best_top1", "start_top1", "seconds", "images_per_sec", "complete",
                        "folder"]
-        arm_columns = ["params", "macs", "added_params", "added_macs"]  # the arm's model: the same for every seed
+        # the arm's model: the same for every seed
+        arm_columns = ["params", "macs", "added_params", "added_macs", "trained_params", "file_bytes"]
         writer = csv.DictWriter(buf, fieldnames=["arm", *run_columns, *arm_columns], extrasaction="ignore")
         writer.writeheader()
         for arm in document["arms"]:

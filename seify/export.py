@@ -45,7 +45,8 @@ from .models import LoadedModel, load, resolve
 from .models.twins import timm_twin
 from .surgery import convertible_scope
 
-FORMATS = ("onnx", "pt2", "timm", "folder")
+FORMATS = ("onnx", "pt2", "timm", "folder", "safetensors")
+FILES = ("onnx", "pt2", "safetensors")  # formats written as one file; the others are folders
 INSTALL = "pip install 'seify[export]'"
 CONFIG, WEIGHTS, CARD = "config.json", "model.safetensors", "README.md"
 MANIFEST = ".seify-export.json"  # what an export wrote in a folder: all that a later --force may replace
@@ -105,7 +106,10 @@ def export(model: str | nn.Module, path: str | Path, format: str = "onnx", *, we
                 raise SeifyError(f"{{format}} {format} writes a seify file (what convert and finetune write): "
                                  f"convert {model if isinstance(model, str) else 'the model'} first, or save it with "
                                  "seify.save", "format")
-            result = _write_folder(path, format, lambda tmp: _folder_with_card(loaded, format, tmp, size, path.name))
+            seify_model = loaded
+            result = _write_files(path, force, lambda tmp: _whole_file(seify_model, tmp, size)) \
+                if format == "safetensors" else \
+                _write_folder(path, format, lambda tmp: _folder_with_card(seify_model, format, tmp, size, path.name))
     result.notes = notes + result.notes
     return result
 
@@ -117,7 +121,10 @@ def _input_files(model: str | nn.Module, weights: str | None) -> list[Path]:
 
 
 def _check_output(path: Path, format: str, force: bool, inputs: list[Path]) -> None:
-    if format in ("onnx", "pt2"):
+    if format == "safetensors" and path.suffix != ".safetensors":
+        raise SeifyError(f"{path}: a seify file's name ends in .safetensors (what seify.load and every command "
+                         "open)", "format")
+    if format in FILES:
         check_writable(path, force=force, inputs=tuple(inputs))
         sidecar = sidecar_of(path)
         if sidecar.exists() and not (force and _weights_of(path, sidecar)):
@@ -314,6 +321,14 @@ def _pt2(module: nn.Module, tmp: str, size) -> Exported:
         reloaded = torch.export.load(f).module()
     result = _checked("pt2", module, reloaded, _shapes(size, False))
     result.details = {"exporter": "torch.export", "dynamic": ["batch"], "torch": torch.__version__}
+    return result
+
+
+def _whole_file(loaded: LoadedModel, tmp: str, size) -> Exported:
+    """The seify file of the whole model: an adapter merged onto its base, loaded with no base."""
+    save(loaded.model, tmp, dict(loaded.recipe or {}), force=True)
+    result = _checked("safetensors", loaded.model, load(tmp), _shapes(size, False))
+    result.details = {"load": "seify.load(PATH)"}
     return result
 
 

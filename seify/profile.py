@@ -102,13 +102,14 @@ class Profile:
         }
 
 
-def _build_pair(spec: str | nn.Module, options: SEOptions, input_size, num_classes, device: str):
+def _build_pair(spec: str | nn.Module, options: SEOptions, input_size, num_classes, device: str, weights=None,
+                pretrained=False):
     """(base, SE model, SE sites, placement, input size) for ``spec``: a model, or a seify file against the base
     it came from (placement None for files written before seify recorded it).
 
     The input size defaults to the one the model was trained (or converted) at.
     """
-    loaded = resolve(spec, num_classes=num_classes, device=device)
+    loaded = resolve(spec, num_classes=num_classes, device=device, weights=weights, pretrained=pretrained)
     size = tuple(input_size or loaded.data_config["input_size"])
     if loaded.base is not None and loaded.recipe is not None:
         return loaded.base, loaded.model, loaded.recipe["sites"], loaded.recipe.get("placement"), size
@@ -147,32 +148,33 @@ def _gate_sites(model: nn.Module, gates: dict[str, Gate], size) -> list[dict]:
     return sites
 
 
-def _count_pair(spec, options, input_size, num_classes):
+def _count_pair(spec, options, input_size, num_classes, weights, pretrained):
     try:
-        return _build_pair(spec, options, input_size, num_classes, "meta")
+        return _build_pair(spec, options, input_size, num_classes, "meta", weights, pretrained)
     except (NotImplementedError, RuntimeError) as e:
         if "meta" not in str(e):
             raise
-        return _build_pair(spec, options, input_size, num_classes, "cpu")  # a model that cannot be built on meta
+        # a model that cannot be built on meta
+        return _build_pair(spec, options, input_size, num_classes, "cpu", weights, pretrained)
 
 
 def profile(spec: str | nn.Module, options: SEOptions = SEOptions(), *, input_size=None,
             num_classes: int | None = None, latency: bool = True, batch_sizes=(1,), device: str | None = None,
-            repeats: int = 10, warmup: int = 3) -> Profile:
+            repeats: int = 10, warmup: int = 3, weights: str | None = None, pretrained: bool = False) -> Profile:
     """Count and (unless ``latency=False``) time ``spec`` (a spec, or a module you hold) against its SE
-    conversion."""
+    conversion; ``weights``/``pretrained`` as for ``resolve`` (an adapter's base: counting needs none)."""
     check_whole(repeats, "repeats", 1, 10_000)
     check_whole(warmup, "warmup", 0, 10_000)
     for batch in batch_sizes:
         check_whole(batch, "batch_size", 1, MAX_TIMED_BATCH)
     device = check_device(device)
-    base, se, sites, placement, size = _count_pair(spec, options, input_size, num_classes)
+    base, se, sites, placement, size = _count_pair(spec, options, input_size, num_classes, weights, pretrained)
     base_cost, _ = cost(base, size)
     se_cost, per_block = cost(se, size, {s["path"]: se.get_submodule(s["path"]) for s in sites})
     sites = [{**s, "macs": per_block[s["path"]]} for s in sites]
     result = Profile(name_of(spec), size, base_cost, se_cost, sites, placement)
     if latency:
-        base, se, _, _, _ = _build_pair(spec, options, size, num_classes, "cpu")
+        base, se, _, _, _ = _build_pair(spec, options, size, num_classes, "cpu", weights, pretrained)
         result.device = describe_device(device)
         result.timings = [measure(base, se, size, b, device, repeats, warmup) for b in batch_sizes]
     return result

@@ -94,7 +94,8 @@ def convert_command(
 @with_options(SEOptions, "se", skip=("init",))
 def profile_command(
         models: Annotated[list[str], typer.Argument(help="One or more MODELs (names or seify files).")],
-        num_classes: NumClasses = None, size: InputSize = None,
+        weights: Weights = None, pretrained: Pretrained = False, num_classes: NumClasses = None,
+        size: InputSize = None,
         batch_size: Annotated[str, typer.Option(help="Batch sizes to time, comma-separated.",
                                                 rich_help_panel=DEVICES)] = "1",
         device: Device = None,
@@ -122,7 +123,7 @@ def profile_command(
         raise SeifyError("pass {json} or {csv}, not both", "json", "csv")
     measured = [profile(m, options, input_size=input_size(size), num_classes=num_classes, latency=latency,
                         batch_sizes=whole_numbers(batch_size, "batch_size"), device=device, repeats=repeats,
-                        warmup=warmup) for m in models]
+                        warmup=warmup, weights=weights, pretrained=pretrained) for m in models]
     if json_out:
         reports = [p.to_dict() for p in measured]
         output.document(reports[0] if len(reports) == 1 else {"models": reports})
@@ -169,7 +170,10 @@ def compare_command(
                                          rich_help_panel=OUTPUT)],
         weights: Weights = None, pretrained: Pretrained = False,
         arms: Annotated[str, typer.Option(help="Arms to compare: plain (no SE), se, se:name=value[:...] (e.g. "
-                                               "se:reduction=8, se:variant=pre, se:stages=4,5).",
+                                               "se:reduction=8, se:variant=pre, se:stages=4,5), scale[:...] (a "
+                                               "static scale and shift where se puts SE), probe (the head alone "
+                                               "on the frozen base), gates (the network's own gates and the head), "
+                                               "paper:TABLE.",
                                           rich_help_panel=COMPARISON)] = "plain,se",
         seeds: Annotated[int, typer.Option(help="Runs per arm, seeds --seed, --seed+1, ...",
                                            rich_help_panel=COMPARISON)] = 3,
@@ -202,7 +206,7 @@ def evaluate_command(
         model: Model,
         data: Annotated[str, typer.Argument(help="DATA/train + DATA/val (val/ is scored), or one DATA/<class> "
                                                  "tree.")],
-        weights: Weights = None,
+        weights: Weights = None, pretrained: Pretrained = False,
         batch_size: Annotated[int, typer.Option(help="Images per batch.", rich_help_panel=DEVICES)] = 64,
         img_size: Annotated[Optional[int], typer.Option(help="Evaluate at N px (default: the size the model was "
                                                              "trained at).", rich_help_panel=DATA)] = None,
@@ -230,7 +234,7 @@ def evaluate_command(
     """
     from ..images.scoring import evaluate_folder
     report = evaluate_folder(model, data, batch_size, img_size, device, workers, weights=weights,
-                             val_split=val_split, seed=seed, all_images=all_images)
+                             val_split=val_split, seed=seed, all_images=all_images, pretrained=pretrained)
     output.document(report) if json_out else output.evaluation(report, model)
 
 
@@ -240,7 +244,8 @@ def export_command(
         out: Annotated[str, typer.Option("--output", "-o", help="Where to write: a file (onnx, pt2) or a folder "
                                                                 "(timm, folder).", rich_help_panel=OUTPUT)],
         format: Annotated[str, typer.Option(help="onnx, pt2 (torch.export), timm (a folder timm loads without "
-                                                 "seify), folder (a hub folder seify.load opens).",
+                                                 "seify), folder (a hub folder seify.load opens), safetensors (one "
+                                                 "seify file: an adapter merged onto its base).",
                                             rich_help_panel=OUTPUT)] = "onnx",
         weights: Weights = None, pretrained: Pretrained = False, size: InputSize = None,
         opset: Annotated[Optional[int], typer.Option(help="ONNX opset (default: the exporter's).",
@@ -259,6 +264,7 @@ def export_command(
       seify export runs/fl/best.safetensors -o flowers.pt2 --format pt2
       seify export runs/fl/best.safetensors -o flowers-timm --format timm
       seify export runs/fl/best.safetensors -o flowers-se --format folder
+      seify export runs/ad/best.safetensors --weights base.pth -o merged.safetensors --format safetensors
 
     The written model is run against MODEL before it is kept; a difference is an error.
     """

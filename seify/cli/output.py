@@ -186,12 +186,14 @@ def comparison(report: dict, out: str) -> None:
                f"{tests[arm['name']]:.2g}" if arm["name"] in tests else "",
                f"{arm['params'] / 1e6:.2f}M (+{arm['added_params']:,})",
                f"{arm['macs'] / 1e9:.4g} G (+{100 * arm['added_macs'] / arm['base_macs']:.2f}%)",
+               f"{arm['trained_params']:,}" + (" (adapter)" if arm["adapter"] else ""), _size(arm["file_bytes"]),
                f"{arm['images_per_sec']:.1f}" if arm["images_per_sec"] else ""]
         if paper:
             row.append(_paper_cell(arm["paper"]))
         rows.append(row)
     columns = ["arm", "runs", "final top-1", "best top-1", f"per-image p vs {report['reference']}", "params (added)",
-               "MACs (added)", "train img/s"] + (["paper: ImageNet top-1/top-5 error"] if paper else [])
+               "MACs (added)", "trained params", "file", "train img/s"] + \
+        (["paper: ImageNet top-1/top-5 error"] if paper else [])
     table(f"{report['model']}: {report['metric']} over seeds {', '.join(map(str, report['seeds']))}", columns, rows)
     for verdict in report["verdicts"]:
         print(verdict["text"])
@@ -201,6 +203,10 @@ def comparison(report: dict, out: str) -> None:
     if skipped:
         print(f"skipped {len(skipped)} unreadable file(s) of DATA (first: {skipped[0]})")
     print(f"wrote {out}/compare.json, compare.csv and compare.png")
+
+
+def _size(size: int) -> str:
+    return f"{size / 1e6:.2f} MB" if size >= 100_000 else f"{size / 1e3:.1f} kB"
 
 
 def _paper_cell(paper: dict | None) -> str:

@@ -21,6 +21,7 @@ from ..images import folders
 from ..checkpoint import read_recipe
 from ..models import resolve
 from ..models.spec import Spec, seify_file
+from ..se import SiteBlock
 from . import device_data
 from .config import FinetuneConfig, Source
 from .dist import Dist
@@ -178,16 +179,24 @@ def _data(prepared: Prepared, classes, train, val, data_dir: str, config: Finetu
 
 
 def _optimizer(prepared: Prepared, config: FinetuneConfig) -> torch.optim.Optimizer:
-    """What is new trains at ``lr``, what was trained at ``lr * backbone_lr_scale``; an adapter run's optimizer
-    holds what it trains alone, at ``lr``."""
-    named = list(prepared.model.named_parameters())
+    """What is new trains at ``lr``, seify's new blocks at ``lr * se_lr_scale``, what was trained at
+    ``lr * backbone_lr_scale``; an adapter run's optimizer holds what it trains alone. As in timm, biases, norms
+    and other 1-d parameters, seify's blocks and what the model exempts (``no_weight_decay``) are not decayed."""
+    model = prepared.model
     new = prepared.fresh if prepared.trains is None else prepared.trains
-    if prepared.trains is not None:
-        named = [(n, p) for n, p in named if n in new]
-    groups = [{"params": [p for n, p in named if n not in new], "name": "trained",
-               "lr": config.lr * config.backbone_lr_scale},
-              {"params": [p for n, p in named if n in new], "lr": config.lr, "name": "new"}]
-    groups = [g for g in groups if g["params"]]
+    blocks = {n for path, m in model.named_modules() if isinstance(m, SiteBlock)
+              for n, _ in m.named_parameters(prefix=path)}
+    exempt = set(model.no_weight_decay()) if callable(getattr(model, "no_weight_decay", None)) else set()
+    lrs = {"trained": config.lr * config.backbone_lr_scale, "new": config.lr, "blocks": config.lr * config.se_lr_scale}
+    grouped: dict[tuple[str, bool], list] = {}
+    for name, p in model.named_parameters():
+        if prepared.trains is not None and name not in new:
+            continue
+        role = "trained" if name not in new else "blocks" if name in blocks else "new"
+        decays = not (p.ndim <= 1 or name.endswith(".bias") or name in blocks or name in exempt)
+        grouped.setdefault((role, decays), []).append(p)
+    groups = [{"params": params, "name": role, "lr": lrs[role], "weight_decay": config.weight_decay * decays}
+              for (role, decays), params in grouped.items()]
     if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,

@@ -49,7 +49,9 @@ class FinetuneConfig:
     lr: float = option(1e-3, "Learning rate of what is new (SE blocks, a new head; everything for random weights).",
                        panel=SCHEDULE)
     backbone_lr_scale: float = option(0.1, "Learning rate of trained layers = lr x this.", panel=SCHEDULE)
-    weight_decay: float = option(0.05, "Weight decay (decoupled, as AdamW's).", panel=SCHEDULE)
+    se_lr_scale: float = option(1.0, "Learning rate of seify's new blocks = lr x this.", panel=SCHEDULE)
+    weight_decay: float = option(0.05, "Weight decay (decoupled, as AdamW's) of weights: not of biases, norms or "
+                                       "seify's blocks (as timm).", panel=SCHEDULE)
     optimizer: str = option("adamw", "adamw or sgd.", panel=SCHEDULE)
     momentum: float = option(0.9, "SGD momentum (Nesterov).", panel=SCHEDULE)
     warmup_epochs: float | None = option(None, "Linear learning-rate warm-up, then cosine (default: a tenth of "
@@ -114,6 +116,7 @@ class FinetuneConfig:
             check_whole(self.img_size, "img_size", 8, MAX_IMAGE_SIZE)
         check_number(self.lr, "lr", 0, 10, low_open=True)
         check_number(self.backbone_lr_scale, "backbone_lr_scale", 0, 100)
+        check_number(self.se_lr_scale, "se_lr_scale", 0, 1000, low_open=True)
         check_number(self.weight_decay, "weight_decay", 0, 10)
         check_number(self.momentum, "momentum", 0, 1)
         if self.warmup_epochs is not None:

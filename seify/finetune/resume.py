@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import SeifyError, flag, shown
+from ..errors import SeifyError, first_line, flag, shown
 from ..options import SEOptions
 from . import rng
 from .build import Training, schedule
@@ -177,7 +177,11 @@ def restore(training: Training, saved: Saved, config: FinetuneConfig) -> tuple[P
     if state["steps_per_epoch"] != steps:
         raise SeifyError(f"{{resume}}: the data now gives {steps} steps per epoch where the run had "
                          f"{state['steps_per_epoch']}; resume with the same data and batch size", "resume")
-    training.optimizer.load_state_dict(state["optimizer"])
+    try:
+        training.optimizer.load_state_dict(state["optimizer"])
+    except ValueError as e:  # another seify grouped the parameters otherwise
+        raise SeifyError(f"{{resume}}: the run's optimizer state does not fit this seify's ({first_line(e)}); resume "
+                         "it with the seify that started it, or start again with {force}", "resume", "force") from e
     training.scheduler.load_state_dict(state["scheduler"])
     if training.ema is not None and "ema" in state:
         training.ema.load_state_dict(state["ema"])

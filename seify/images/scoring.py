@@ -157,19 +157,26 @@ def batches_of(dataset: ImageDataset, batch_size: int, device: torch.device, wor
 
 def evaluate_folder(model_spec: str, data: str, batch_size: int = 64, img_size: int | None = None,
                     device: str | None = None, workers: int | None = None, weights: str | None = None,
-                    val_split: float | None = None, seed: int | None = None, all_images: bool = False) -> dict:
-    """``seify evaluate``: any MODEL (a seify file, or a name with ``weights``) on the images ``scored_images``
-    chooses, at the size the model was trained at unless ``img_size`` says otherwise."""
+                    val_split: float | None = None, seed: int | None = None, all_images: bool = False,
+                    pretrained: bool = False) -> dict:
+    """``seify evaluate``: any MODEL (a seify file, a name with ``weights`` or ``pretrained``, an adapter with its
+    base) on the images ``scored_images`` chooses, at the size the model was trained at unless ``img_size`` says
+    otherwise."""
     _check_limits(batch_size, img_size, workers)
     dev = torch.device(check_device(device))
-    loaded = resolve(model_spec, weights=weights)
+    loaded = resolve(model_spec, weights=weights, pretrained=pretrained)
     images = scored_images(loaded, data, img_size, val_split, seed, all_images)
     result = evaluate(loaded.model.to(dev), batches_of(images.dataset, batch_size, dev, workers), dev,
                       len(images.classes))
     size = img_size or loaded.data_config["input_size"][-1]
     skipped = images.skipped + [path for path, _ in result["undecodable"]]
     return {"model": model_spec, "weights": weights, "data": str(data), "scored": images.where, "img_size": size,
-            "classes": images.classes, "skipped": skipped, "notes": images.notes, **result}
+            "classes": images.classes, "skipped": skipped, "notes": _adapter_notes(loaded) + images.notes, **result}
+
+
+def _adapter_notes(loaded) -> list[str]:
+    """An adapter's line: which base it was put on, checked."""
+    return loaded.notes if (loaded.recipe or {}).get("adapter_base") else []
 
 
 def _check_limits(batch_size: int, img_size: int | None, workers: int | None) -> None:
