@@ -92,9 +92,9 @@ def lite0_weights(path: Path) -> Path:
 def imagenet_check(weights: Path) -> str:
     """What the checkpoint calls scikit-learn's two sample photographs: a proof that it is a trained network."""
     import timm
+    from safetensors.torch import load_file
     from sklearn.datasets import load_sample_images
     from timm.data import ImageNetInfo, create_transform, resolve_data_config
-    from safetensors.torch import load_file
     model = timm.create_model(LITE0)
     model.load_state_dict(load_file(str(weights)))
     transform = create_transform(**resolve_data_config(model=model))

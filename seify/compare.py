@@ -29,12 +29,14 @@ from .finetune.dist import choose_threads
 from .finetune.loop import RunResult, Trainer
 from .finetune.resume import given_options
 from .finetune.state import RunFolder
+from .gates import find_gates
 from .images import folders
 from .models import resolve
 from .options import SEOptions, parse_pairs
 from .paper import PREFIX, TABLES, figures
 from .plots import comparison, save_png
 from .sites import find_sites
+from .surgery import split_sites
 
 REPORT, TABLE, FIGURE = "compare.json", "compare.csv", "compare.png"
 
@@ -108,6 +110,7 @@ def compare(spec: str, data_dir: str, arms: list[Arm], config: FinetuneConfig, *
         raise SeifyError(f"{{seeds}} must be from 1 to 100, not {seeds}", "seeds")
     config.check()
     root = Path(config.out)
+    _check_arms(spec, arms, config.img_size, weights)
     arms, notes = _without_twins(spec, arms, config.img_size, weights)
     for note in notes:
         say(note)
@@ -125,6 +128,22 @@ def compare(spec: str, data_dir: str, arms: list[Arm], config: FinetuneConfig, *
     document["notes"] = notes
     _write(root, document)
     return document
+
+
+def _check_arms(spec: str, arms: list[Arm], img_size: int | None, weights: str | None) -> None:
+    """Refuse, before any run, an arm that cannot be built: blocks where the model has no site for them, its own
+    gates where it has none."""
+    loaded = resolve(spec, weights=weights, device="meta")
+    size = (3, img_size, img_size) if img_size else tuple(loaded.data_config["input_size"])
+    for arm in arms:
+        try:
+            if arm.options is not None and not loaded.has_se:
+                gm, placement, sites = find_sites(loaded.model, arm.options, size)
+                split_sites(loaded.model, placement, sites, arm.options)
+        except SeifyError as e:
+            raise SeifyError(f"{arm.name}: {e.template}", *e.options) from e
+        if arm.own_gates and not any(not gate.ours for gate in find_gates(loaded.model).values()):
+            raise SeifyError(f"{arm.name}: {spec} has no channel gates of its own", "arms")
 
 
 def _without_twins(spec: str, arms: list[Arm], img_size: int | None, weights: str | None

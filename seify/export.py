@@ -106,10 +106,9 @@ def export(model: str | nn.Module, path: str | Path, format: str = "onnx", *, we
                 raise SeifyError(f"{{format}} {format} writes a seify file (what convert and finetune write): "
                                  f"convert {model if isinstance(model, str) else 'the model'} first, or save it with "
                                  "seify.save", "format")
-            seify_model = loaded
-            result = _write_files(path, force, lambda tmp: _whole_file(seify_model, tmp, size)) \
-                if format == "safetensors" else \
-                _write_folder(path, format, lambda tmp: _folder_with_card(seify_model, format, tmp, size, path.name))
+            whole = loaded
+            result = _write_files(path, force, lambda tmp: _whole_file(whole, tmp, size)) if format == "safetensors" \
+                else _write_folder(path, format, lambda tmp: _folder_with_card(whole, format, tmp, size, path.name))
     result.notes = notes + result.notes
     return result
 
@@ -122,8 +121,7 @@ def _input_files(model: str | nn.Module, weights: str | None) -> list[Path]:
 
 def _check_output(path: Path, format: str, force: bool, inputs: list[Path]) -> None:
     if format == "safetensors" and path.suffix != ".safetensors":
-        raise SeifyError(f"{path}: a seify file's name ends in .safetensors (what seify.load and every command "
-                         "open)", "format")
+        raise SeifyError(f"{path}: a seify file's name ends in .safetensors, which seify.load opens", "format")
     if format in FILES:
         check_writable(path, force=force, inputs=tuple(inputs))
         sidecar = sidecar_of(path)
@@ -325,7 +323,7 @@ def _pt2(module: nn.Module, tmp: str, size) -> Exported:
 
 
 def _whole_file(loaded: LoadedModel, tmp: str, size) -> Exported:
-    """The seify file of the whole model: an adapter merged onto its base, loaded with no base."""
+    """The seify file of the whole model (an adapter merged onto its base), which loads with no base."""
     save(loaded.model, tmp, dict(loaded.recipe or {}), force=True)
     result = _checked("safetensors", loaded.model, load(tmp), _shapes(size, False))
     result.details = {"load": "seify.load(PATH)"}

@@ -95,7 +95,7 @@ def fold(model: str | nn.Module, out: str | Path | None, data: str | None = None
     gates = find_gates(loaded.model, include, exclude)
     if not gates:
         raise no_gates(loaded.spec, include, exclude)
-    if out is not None and loaded.weights == HELD:
+    if out is not None and loaded.weights == HELD and loaded.recipe is None:  # a module held, not a file of one
         raise SeifyError(f"{loaded.spec} carries no seify recipe to write a file with: fold it with out=None and keep "
                          "result.module, or fold the file that seify.save wrote")
     dev = torch.device(check_device(device))

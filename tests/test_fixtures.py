@@ -34,6 +34,10 @@ def test_seify_files_of_every_format_compute_what_they_did(fixture):
             _agrees(seify.load(folder / f"{name}.safetensors")(x), expected[name])
         _agrees(seify.load(f"local-dir:{folder / 'folder'}")(x), expected["finetuned"])
         _agrees(seify.resolve(f"local-dir:{folder / 'timm'}").model(x), expected["finetuned"])
+        if "adapter" in expected:  # format 2: an adapter on its base, scale blocks
+            _agrees(seify.load(folder / "adapter.safetensors", base=str(folder / "base.safetensors"))(x),
+                    expected["adapter"])
+            _agrees(seify.load(folder / "scale.safetensors")(x), expected["scale"])
 
 
 def test_exported_files_of_every_format_compute_what_they_did(fixture):

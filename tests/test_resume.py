@@ -37,6 +37,9 @@ CASES = {
     "crop_scale": (["--crop-scale", "0.7,1"], ["--crop-scale", "0.6,1"]),
     "hflip": (["--hflip", "0.25"], ["--hflip", "0.5"]),
     "new_head": (["--new-head"], None),  # a flag: its other value is its absence
+    "adapter": (["--adapter"], None),  # the run below is an adapter run, resumed with its base
+    "own_gates": ([], ["--own-gates"]),  # the test's model has no gates of its own: only the refusal is tried
+    "se_lr_scale": (["--se-lr-scale", "2"], ["--se-lr-scale", "3"]),
     "val_split": (["--val-split", "0.25"], ["--val-split", "0.5"]),
     "strict_data": (["--strict-data"], None),
     "seed": (["--seed", "3"], ["--seed", "4"]),
@@ -60,6 +63,8 @@ CASES = {
     "include": (["--include", "layer"], ["--include", "layer4"]),
     "exclude": (["--exclude", "layer1"], ["--exclude", "layer2"]),
     "init": (["--init", "paper"], ["--init", "identity"]),
+    # scale blocks have none of the SE options the run starts with: their refusal on resume is in test_adapters
+    "block": (["--block", "se"], None),
     # compare's own
     "arms": (["--arms", "plain,se:reduction=8"], ["--arms", "plain,se"]),
     "seeds": (["--seeds", "1"], None),

@@ -163,7 +163,7 @@ def finetune_command(ctx: typer.Context, model: Model, data: Data, weights: Weig
 
 
 @app.command("compare")
-@with_options(FinetuneConfig, "config", skip=("out", "resume", "force"))
+@with_options(FinetuneConfig, "config", skip=("out", "resume", "force", "own_gates"))
 def compare_command(
         model: Model, data: Data,
         out: Annotated[str, typer.Option(help="Folder for every run (DIR/<arm>/seed-<n>) and the comparison.",

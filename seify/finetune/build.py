@@ -16,9 +16,9 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..checkpoint import read_recipe
 from ..errors import SeifyError
 from ..images import folders
-from ..checkpoint import read_recipe
 from ..models import resolve
 from ..models.spec import Spec, seify_file
 from ..se import SiteBlock
@@ -186,7 +186,8 @@ def _optimizer(prepared: Prepared, config: FinetuneConfig) -> torch.optim.Optimi
     new = prepared.fresh if prepared.trains is None else prepared.trains
     blocks = {n for path, m in model.named_modules() if isinstance(m, SiteBlock)
               for n, _ in m.named_parameters(prefix=path)}
-    exempt = set(model.no_weight_decay()) if callable(getattr(model, "no_weight_decay", None)) else set()
+    listed = getattr(model, "no_weight_decay", None)  # timm's models name what must not decay
+    exempt = set(listed()) if callable(listed) else set()
     lrs = {"trained": config.lr * config.backbone_lr_scale, "new": config.lr, "blocks": config.lr * config.se_lr_scale}
     grouped: dict[tuple[str, bool], list] = {}
     for name, p in model.named_parameters():

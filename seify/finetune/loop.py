@@ -25,6 +25,7 @@ from . import artifacts, device_data, rng
 from .build import Training, build
 from .config import FinetuneConfig, Source
 from .dist import choose_threads, setup, teardown
+from .phases import PHASES, enter_phase, phase_of, train_mode
 from .plan import describe, run_info
 from .progress import PlainLog
 from .resume import SE_OPTIONS, Saved, given_options, open_folder, restore, resumed_config, state_of
@@ -71,44 +72,6 @@ class Stop:
 # ---------------------------------------------------------------- one epoch
 
 
-PHASES = {"warmup": "new parts only (the rest frozen)", "full": "all layers",
-          "adapter": "the adapter only (the base frozen)"}
-
-
-def phase_of(training: Training, epoch: int) -> str:
-    """An adapter run's every epoch trains the adapter; others warm up what is new first, then train everything."""
-    if training.prepared.trains is not None:
-        return "adapter"
-    return "warmup" if epoch < training.se_warmup_epochs else "full"
-
-
-def enter_phase(training: Training, phase: str, compiled: bool) -> Callable:
-    """The network a phase trains: in the warm-up only what is new gets gradients (and frozen BatchNorm keeps its
-    statistics), in an adapter run only the adapter (so backward computes no gradient of a frozen weight); DDP and
-    torch.compile wrap it anew, since what trains changed."""
-    trains = {"warmup": training.prepared.fresh, "adapter": training.prepared.trains}.get(phase)
-    for name, p in training.model.named_parameters():
-        p.requires_grad_(trains is None or name in trains)
-    net: nn.Module = training.model
-    if training.dist.enabled:
-        net = nn.parallel.DistributedDataParallel(
-            net, device_ids=[training.device.index] if training.device.type == "cuda" else None)
-    return torch.compile(net) if compiled else net
-
-
-def _train_mode(model: nn.Module, phase: str) -> None:
-    """Training mode, except for BatchNorm layers whose parameters are all frozen; an adapter's base computes as
-    loaded (eval mode: its statistics, no dropout or drop-path), and the adapter has no mode of its own."""
-    if phase == "adapter":
-        model.eval()
-        return
-    model.train()
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine and \
-                not any(p.requires_grad for p in m.parameters()):
-            m.eval()
-
-
 @dataclass
 class Epoch:
     """What one pass over the training data saw."""
@@ -123,7 +86,7 @@ def train_one_epoch(net: Callable, training: Training, progress: Progress, confi
     """One pass from ``progress``'s batch on, counting into ``progress``; ``commit`` saves every ``save_every``
     steps, and the pass ends early when a signal asks (``stopped``)."""
     images_data, p = training.data, progress
-    _train_mode(training.model, phase)
+    train_mode(training.model, phase)
     images_data.train_sampler.set_epoch(p.epoch, p.batch_in_epoch * config.batch_size)
     epoch, start = Epoch(), time.perf_counter()
     for images, labels, failed in batches(training, images_data.train_set, images_data.train_sampler, True):

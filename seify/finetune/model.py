@@ -10,9 +10,8 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
-from torch import nn
-
 import torch
+from torch import nn
 
 from .. import checkpoint
 from ..api import convert_loaded

@@ -163,9 +163,10 @@ def name_of(model: str | nn.Module) -> str:
     return (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
 
 
-def load(path: str | Path) -> nn.Module:
-    """The model a seify file holds, ready in eval mode."""
-    loaded = resolve(str(path))
+def load(path: str | Path, base: str | None = None, pretrained: bool = False) -> nn.Module:
+    """The model a seify file holds, ready in eval mode; an adapter file on its ``base`` (the weights file or whole
+    model it was trained on, or ``pretrained``)."""
+    loaded = resolve(str(path), weights=base, pretrained=pretrained)
     if loaded.recipe is None:
         raise SeifyError(f"{path} was not written by seify (no recipe in its metadata); load it with "
                          "{weights} and a model name instead", "weights")

@@ -1,0 +1,239 @@
+"""Adapter runs and files: what trains is counted, the base stays bit for bit, an adapter loads on its base alone and
+scores what its merged exports score; the controls (probe, scale, a network's own gates) train only what they
+should."""
+import json
+
+import pytest
+import timm
+import torch
+from safetensors import safe_open
+
+import seify
+from conftest import ARCH, KillAt, config, realistic, save_weights, weights
+from seify.checkpoint import read_recipe
+from seify.errors import SeifyError
+from seify.finetune.loop import Trainer, finetune
+from seify.images.scoring import evaluate_folder
+from seify.models import classifier_keys
+from seify.se import ChannelScale, SqueezeExcite
+
+
+def _keys(path) -> set[str]:
+    with safe_open(str(path), "pt") as f:
+        return set(f.keys())
+
+
+def _trained(tiny, plain4, out, **kw):
+    """A finished adapter run: (the trainer, its model's tensors before training)."""
+    trainer = Trainer(ARCH, str(tiny), config(out, adapter=True, lr=1e-2, **kw), weights=plain4)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.run()
+    return trainer, before
+
+
+@pytest.fixture(scope="module")
+def adapter_run(tmp_path_factory, tiny, plain4):
+    out = tmp_path_factory.mktemp("adapter") / "run"
+    trainer, before = _trained(tiny, plain4, out)
+    return trainer, before, out
+
+
+def test_an_adapter_run_trains_its_blocks_and_head_alone(adapter_run, plain4):
+    trainer, before, out = adapter_run
+    model, trains = trainer.model, trainer.prepared.trains
+    blocks = {n for n, _ in model.named_parameters() if ".se." in n}
+    assert trains == blocks | set(classifier_keys(model)) and blocks  # counted by name, independently
+    after = model.state_dict()
+    frozen = [k for k in after if k not in trains]
+    assert all(torch.equal(before[k], after[k]) for k in frozen)  # every other tensor, BN statistics included
+    assert any(k.endswith("running_mean") for k in frozen)
+    assert all(not torch.equal(before[k], after[k]) for k in trains if k.endswith("weight"))
+    # the base the run was given is the model's frozen part, bit for bit, where the conversion left it alone
+    base = weights(plain4)
+    untouched = [k for k in frozen if k in base and k not in _keys(out / "last.safetensors")]
+    assert untouched and all(torch.equal(base[k], after[k]) for k in untouched)
+    # the optimizer holds state for what trains and nothing else; no frozen weight got a gradient
+    state = trainer.training.optimizer.state
+    held = {id(p) for group in trainer.training.optimizer.param_groups for p in group["params"]}
+    assert held == {id(p) for n, p in model.named_parameters() if n in trains} and len(state) == len(trains)
+    assert all(p.grad is None for n, p in model.named_parameters() if n not in trains)
+
+
+def test_adapter_files_hold_what_trained_and_what_conversion_changed(adapter_run, plain4):
+    trainer, _, out = adapter_run
+    recipe = read_recipe(out / "best.safetensors")
+    assert recipe["recipe_format"] == 2 and recipe["adapter"]["base"]["weights"] == "plain-4.safetensors"
+    held = _keys(out / "best.safetensors")
+    assert held >= trainer.prepared.trains
+    extra = held - trainer.prepared.trains  # the norms before each block, which took the fresh gate's x2
+    base = weights(plain4)
+    assert extra and all(torch.equal(trainer.model.state_dict()[k], 2 * base[k]) for k in extra)
+    full = sum(t.numel() for t in trainer.model.state_dict().values())
+    assert sum(weights(out / "best.safetensors")[k].numel() for k in held) < 0.05 * full
+
+
+def test_an_adapter_loads_on_its_base_and_on_nothing_else(adapter_run, plain4, tmp_path):
+    trainer, _, out = adapter_run
+    last = str(out / "last.safetensors")
+    model = seify.resolve(last, weights=plain4).model
+    assert all(torch.equal(v, trainer.model.state_dict()[k]) for k, v in model.state_dict().items())
+    assert torch.equal(seify.load(last, base=plain4)(torch.ones(1, 3, 32, 32)),
+                       trainer.model.eval()(torch.ones(1, 3, 32, 32)))
+    with pytest.raises(SeifyError, match="is an adapter.*give that base with weights plain-4.safetensors"):
+        seify.resolve(last)
+    other = save_weights(realistic(timm.create_model(ARCH, num_classes=4), seed=3), tmp_path / "other.safetensors")
+    with pytest.raises(SeifyError, match="is not the base .* trained on: it expects test_resnet with the weights "
+                                         "plain-4.safetensors"):
+        seify.resolve(last, weights=other)
+    modified = weights(plain4)
+    modified["layer4.0.conv1.weight"][0, 0, 0, 0] += 1e-3
+    from safetensors.torch import save_file
+    save_file(modified, str(tmp_path / "plain-4.safetensors"))  # the same name, one weight changed
+    with pytest.raises(SeifyError, match="is not the base"):
+        seify.resolve(last, weights=str(tmp_path / "plain-4.safetensors"))
+    with pytest.raises(SeifyError, match="is an adapter itself, not a base"):
+        seify.resolve(last, weights=str(out / "best.safetensors"))
+    with pytest.raises(SeifyError, match="is an adapter"):
+        seify.resolve(last, pretrained=True)  # trained on a file, not on pretrained weights
+
+
+def _with_recipe(src, dst, change):
+    from safetensors.torch import save_file
+    recipe = read_recipe(src)
+    change(recipe)
+    save_file(weights(src), str(dst), metadata={"format": "pt", "seify": json.dumps(recipe)})
+    return str(dst)
+
+
+def test_a_tampered_digest_is_refused(adapter_run, plain4, tmp_path):
+    _, _, out = adapter_run
+    other = _with_recipe(out / "last.safetensors", tmp_path / "a.safetensors",
+                         lambda r: r["adapter"]["base"].update(sha256="0" * 64))
+    with pytest.raises(SeifyError, match="is not the base"):
+        seify.resolve(other, weights=plain4)
+    broken = _with_recipe(out / "last.safetensors", tmp_path / "b.safetensors",
+                          lambda r: r["adapter"]["base"].update(sha256="not a digest"))
+    with pytest.raises(SeifyError, match="damaged seify recipe .*sha256"):
+        seify.resolve(broken, weights=plain4)
+
+
+def test_adapter_and_base_score_what_every_merged_export_scores(adapter_run, plain4, tiny, tmp_path, cli):
+    _, _, out = adapter_run
+    best = str(out / "best.safetensors")
+    scored = evaluate_folder(best, str(tiny), weights=plain4, device="cpu", workers=0)
+    assert any(n.startswith("adapter:") for n in scored["notes"])
+    merged = tmp_path / "merged.safetensors"
+    code, _, err = cli("export", best, "--weights", plain4, "-o", merged, "--format", "safetensors")
+    assert code == 0, err
+    assert read_recipe(merged).get("adapter") is None and read_recipe(merged)["recipe_format"] == 1
+    again = evaluate_folder(str(merged), str(tiny), device="cpu", workers=0)
+    assert (again["top1"], again["loss"], again["confusion"]) == (scored["top1"], scored["loss"], scored["confusion"])
+    assert merged.stat().st_size > 20 * (out / "best.safetensors").stat().st_size
+    code, _, err = cli("export", best, "--weights", plain4, "-o", tmp_path / "m.onnx", "--legacy")
+    assert code == 0, err
+    import onnxruntime
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"))
+    x = torch.randn(2, 3, 32, 32)
+    expected = seify.load(str(merged))(x).detach().numpy()
+    assert abs(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0] - expected).max() < 1e-4
+    code, _, err = cli("export", best, "-o", tmp_path / "n.onnx")
+    assert code == 2 and "is an adapter" in err and err.count("\n") == 1
+    assert not (tmp_path / "n.onnx").exists()
+
+
+def test_commands_take_an_adapter_with_its_base(adapter_run, plain4, tiny, tmp_path, cli):
+    _, _, out = adapter_run
+    best = str(out / "best.safetensors")
+    code, stdout, err = cli("evaluate", best, tiny, "--weights", plain4, "--workers", "0")
+    assert code == 0 and "adapter: " in stdout and "checked" in stdout, err
+    code, _, err = cli("evaluate", best, tiny, "--workers", "0")
+    assert code == 2 and "give that base with --weights plain-4.safetensors" in err and err.count("\n") == 1
+    code, stdout, err = cli("profile", best, "--no-latency")  # counting needs the architecture alone
+    assert code == 0 and "+9,368" in stdout, err
+    code, stdout, err = cli("analyze", best, tiny, "--weights", plain4, "--out", tmp_path / "an")
+    assert code == 0 and (tmp_path / "an" / "analysis.json").exists(), err
+    code, stdout, err = cli("fold", best, tiny, "--weights", plain4, "-o", tmp_path / "f.safetensors", "--no-latency",
+                            "--max-gate-std", "1")
+    assert code == 0, err  # a whole file: the adapter merged, its gates folded at their mean
+    assert read_recipe(tmp_path / "f.safetensors").get("adapter") is None
+
+
+def test_a_probe_trains_the_head_alone(tiny, plain4, tmp_path):
+    trainer = Trainer(ARCH, str(tiny), config(tmp_path / "p", adapter=True), options=None, weights=plain4)
+    assert trainer.prepared.trains == set(classifier_keys(trainer.model)) == {"fc.weight", "fc.bias"}
+    trainer.run()
+    assert _keys(tmp_path / "p" / "best.safetensors") == {"fc.weight", "fc.bias"}
+
+
+def test_a_scale_adapter_trains_a_scale_and_shift_where_se_goes(tiny, plain4, tmp_path):
+    options = seify.SEOptions(block="scale")
+    trainer = Trainer(ARCH, str(tiny), config(tmp_path / "s", adapter=True, lr=1e-2), options, weights=plain4)
+    scales = {n: m for n, m in trainer.model.named_modules() if isinstance(m, ChannelScale)}
+    se = seify.convert(ARCH, weights=plain4, input_size=(3, 32, 32))
+    assert sorted(scales) == sorted(s.path for s in se.sites)  # the same sites
+    assert not any(isinstance(m, SqueezeExcite) for m in trainer.model.modules())
+    counted = sum(p.numel() for n, p in trainer.model.named_parameters() if n in trainer.prepared.trains)
+    head = 4 * trainer.model.get_classifier().in_features + 4
+    assert counted == sum(2 * s.channels for s in se.sites) + head  # 2C per site and the 4-way head
+    trainer.run()
+    assert read_recipe(tmp_path / "s" / "best.safetensors")["recipe_format"] == 2
+    assert not torch.equal(trainer.model.get_submodule(se.sites[0].path).weight,
+                           torch.ones_like(trainer.model.get_submodule(se.sites[0].path).weight))
+
+
+def test_own_gates_are_an_adapter_without_surgery(tiny, tmp_path):
+    plain = save_weights(realistic(timm.create_model("test_efficientnet", num_classes=4)), tmp_path / "e.pth")
+    trainer = Trainer("test_efficientnet", str(tiny), config(tmp_path / "g", adapter=True, own_gates=True),
+                      options=None, weights=plain)
+    gates = {n for n, _ in trainer.model.named_parameters() if n.startswith(("blocks.3.0.se.", "blocks.4.0.se."))}
+    assert gates and trainer.prepared.trains == gates | set(classifier_keys(trainer.model))
+    trainer.run()
+    model = seify.resolve(str(tmp_path / "g" / "best.safetensors"), weights=plain).model
+    assert torch.equal(model(torch.ones(1, 3, 32, 32)), trainer.model.eval()(torch.ones(1, 3, 32, 32)))
+    assert {n for n, _ in model.named_parameters()} == {n for n, _ in trainer.model.named_parameters()}
+
+
+def test_an_adapter_run_resumes_exactly(tiny, plain4, tmp_path):
+    uninterrupted = tmp_path / "whole"
+    finetune(ARCH, str(tiny), config(uninterrupted, adapter=True, ema_decay=0.9), weights=plain4)
+    stopped = tmp_path / "stopped"
+    result = finetune(ARCH, str(tiny), config(stopped, adapter=True, ema_decay=0.9), weights=plain4, log=KillAt)
+    assert result.stopped_by == "SIGTERM"
+    finetune(ARCH, str(tiny), config(stopped, adapter=True, ema_decay=0.9, resume=True), weights=plain4)
+    for name in ("last.safetensors", "best.safetensors"):
+        a, b = weights(uninterrupted / name), weights(stopped / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_adapter_input_is_one_line(cli, tiny, tmp_path, plain4):
+    cases = [
+        (["finetune", ARCH, tiny, "--adapter", "--out", tmp_path / "r"], "--adapter trains on a frozen base"),
+        (["finetune", ARCH, tiny, "--own-gates", "--weights", plain4, "--out", tmp_path / "r"],
+         "--own-gates chooses what an adapter trains; it goes with --adapter"),
+        (["finetune", ARCH, tiny, "--adapter", "--own-gates", "--weights", plain4, "--out", tmp_path / "r"],
+         "has no channel gates of its own"),
+        (["finetune", ARCH, tiny, "--block", "scale", "--reduction", "8", "--weights", plain4],
+         "--reduction is an option of SE blocks; --block scale has none"),
+        (["compare", ARCH, tiny, "--weights", plain4, "--arms", "probe,gates", "--out", tmp_path / "c"],
+         "gates: test_resnet has no channel gates of its own"),
+        (["compare", "vit_tiny_patch16_224", tiny, "--arms", "probe,scale", "--out", tmp_path / "d"],
+         "scale: nothing to convert"),
+        (["compare", ARCH, tiny, "--weights", plain4, "--arms", "probe,scale:block=se", "--out", tmp_path / "e"],
+         "the arm's kind says its block"),
+    ]
+    for args, message in cases:
+        code, _, err = cli(*args)
+        assert code == 2 and message in err and err.count("\n") == 1, (args, err)
+    assert not (tmp_path / "r").exists() and not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+
+
+def test_weight_decay_spares_biases_norms_and_blocks_and_blocks_take_their_lr(tiny, plain4, tmp_path):
+    trainer = Trainer(ARCH, str(tiny), config(tmp_path / "o", se_lr_scale=10, weight_decay=0.05), weights=plain4)
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    for group in trainer.training.optimizer.param_groups:
+        for p in group["params"]:
+            name = names[id(p)]
+            spared = p.ndim <= 1 or ".se." in name
+            assert group["weight_decay"] == (0 if spared else 0.05), name
+            expected = 1e-2 if ".se." in name else 1e-4  # the kept head was trained: the backbone's lr
+            assert group["initial_lr"] == pytest.approx(expected), name
