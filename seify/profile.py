@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .counting import Cost, cost
-from .device import check_device, describe_device
+from .device import check_device, describe_device, peak_memory
 from .gates import Gate, find_gates, without_any_gate
 from .limits import MAX_TIMED_BATCH, check_whole
 from .models import name_of, resolve
@@ -187,16 +187,6 @@ def _train_step(model: nn.Module, x: torch.Tensor):
     return step
 
 
-def _peak_memory(step, device: str) -> int | None:
-    if torch.device(device).type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats(device)
-    step()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated(device)
-
-
 def measure(base: nn.Module, se: nn.Module, input_size, batch_size: int, device: str, repeats: int = 10,
             warmup: int = 3) -> Timing:
     """Inference and training-step latency of both models in one process, interleaved."""
@@ -210,7 +200,7 @@ def measure(base: nn.Module, se: nn.Module, input_size, batch_size: int, device:
     memory: list[int | None]
     try:
         train = [1000 * t for t in interleaved_medians(steps, repeats, warmup, sync)]
-        memory = [_peak_memory(step, device) for step in steps]
+        memory = [peak_memory(step, device) for step in steps]
     except ValueError as e:
         if "more than 1 value per channel" not in str(e):
             raise

@@ -39,10 +39,17 @@ def _scalable_params(node: fx.Node, root: nn.Module, calls: Counter) -> list[str
                 if inner is None:
                     break
                 arg = inner
-            if arg.op == "get_attr" and isinstance(root.get_parameter(g.target(arg)), nn.Parameter) \
-                    and calls[arg.target] == 1:
+            if arg.op == "get_attr" and _is_parameter(root, g.target(arg)) and calls[arg.target] == 1:
                 return [g.target(arg)]
     return None
+
+
+def _is_parameter(root: nn.Module, name: str) -> bool:
+    """A parameter, not a buffer or a constant that tracing made an attribute: those are not ours to scale."""
+    try:
+        return isinstance(root.get_parameter(name), nn.Parameter)
+    except AttributeError:
+        return False
 
 
 def fold_backward(producer: fx.Node | None, readers: list[fx.Node], root: nn.Module, calls: Counter

@@ -2,6 +2,7 @@
 drift and load hit every model alike. Ratios from one run are what seify reports."""
 from __future__ import annotations
 
+import functools
 import statistics
 import tempfile
 import time
@@ -11,10 +12,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .device import synchronize
+
 
 def synchronizer(device: str):
-    """What waits for the device's queued work (nothing to wait for on a CPU)."""
-    return torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    """What waits for the device's queued work: that device's, whichever is current (nothing on a CPU)."""
+    return functools.partial(synchronize, device)
 
 
 def interleaved_medians(fns, repeats: int, warmup: int, sync) -> list[float]:

@@ -237,3 +237,31 @@ def test_weight_decay_spares_biases_norms_and_blocks_and_blocks_take_their_lr(ti
             assert group["weight_decay"] == (0 if spared else 0.05), name
             expected = 1e-2 if ".se." in name else 1e-4  # the kept head was trained: the backbone's lr
             assert group["initial_lr"] == pytest.approx(expected), name
+
+
+@pytest.mark.slow
+def test_two_ranks_train_an_adapter_on_a_whole_base(tmp_path, tiny, se_file):
+    import os
+    import subprocess
+    import sys
+
+    from test_finetune import _free_port
+    out = tmp_path / "ddp"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(_free_port()), "-m", "seify", "finetune", se_file, str(tiny), "--adapter", "--new-head",
+                          "--out", str(out), "--epochs", "1", "--batch-size", "4", "--img-size", "32", "--workers",
+                          "0", "--device", "cpu", "--log-every", "0", "--lr", "0.01"], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "device cpu x2" in run.stdout and "an adapter run" in run.stdout
+    recipe = read_recipe(out / "best.safetensors")
+    assert recipe["adapter"]["base"]["whole"] and recipe["adapter"]["base"]["model"] == "se.safetensors"
+    trains = set(recipe["adapter"]["trains"])
+    assert _keys(out / "best.safetensors") == trains  # SE converted already: nothing else changed
+    model = seify.load(out / "best.safetensors", base=se_file)
+    base = seify.load(se_file).state_dict()
+    trained = model.state_dict()
+    assert all(torch.equal(trained[k], base[k]) for k in trained if k not in trains)
+    assert all(not torch.equal(trained[k], base[k]) for k in trains if k in base and k.endswith("fc2.weight"))
+    with pytest.raises(SeifyError, match="give that base with weights se.safetensors"):
+        seify.load(out / "best.safetensors", base=str(tmp_path.parent))  # a folder: refused, not crashed

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import read_recipe
+from ..device import native_bf16
 from ..errors import SeifyError
 from ..images import folders
 from ..models import resolve
@@ -217,10 +218,11 @@ def schedule(optimizer: torch.optim.Optimizer, config: FinetuneConfig, epochs: i
 
 
 def precision(config: FinetuneConfig, device: torch.device) -> Precision:
-    """auto: bf16 on CUDA (fp16 with a grad scaler where bf16 is missing), fp32 on a CPU."""
+    """auto: bf16 on a GPU that computes it natively, fp16 with a grad scaler on one that would emulate bf16 (T4,
+    V100), fp32 on a CPU."""
     wanted = config.precision
     if wanted == "auto":
-        wanted = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
+        wanted = ("bf16" if native_bf16(device) else "fp16") if device.type == "cuda" else "fp32"
     if wanted == "fp32":
         return Precision(contextlib.nullcontext, None, None)
     dtype = torch.bfloat16 if wanted == "bf16" else torch.float16

@@ -117,10 +117,12 @@ def _with_se(loaded: LoadedModel, options: SEOptions, given: set[str] | frozense
             options = SEOptions.from_dict({**options.to_dict(), "init": "paper"})  # nothing to preserve
         result = convert_loaded(loaded, options)
         model, recipe, se_fresh = result.model, result.recipe(), True
+    notes = [f"{'SE' if options.block == 'se' else 'scale'} blocks: {len(recipe['sites'])} at the "
+             f"{recipe.get('placement')} placement{' (auto)' if options.at == 'auto' else ''}"]
     if not loaded.trained:
-        return Prepared(model, recipe, parameter_names(model))
+        return Prepared(model, recipe, parameter_names(model), notes)
     fresh = {name for name, _ in model.named_parameters() if _in_se(model, name)} if se_fresh else set()
-    return Prepared(model, recipe, fresh)
+    return Prepared(model, recipe, fresh, notes)
 
 
 def _check_same_blocks(loaded: LoadedModel, options: SEOptions, given: set[str] | frozenset[str]) -> None:

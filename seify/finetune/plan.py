@@ -75,6 +75,7 @@ def run_info(training: Training, source: Source, config: FinetuneConfig, data_di
         "skipped_files": len(images.skipped), "img_size": images.img_size,
         "augmentation": dataclasses.asdict(images.augmentation), "device": str(training.device),
         "world_size": training.dist.world, "threads": threads, "workers": images.workers,
+        "precision": training.precision.name,
         "se_warmup_epochs": training.se_warmup_epochs, "lr_warmup_epochs": config.lr_warmup_epochs,
         "new_parameters": len(training.prepared.fresh), "parameters": len(parameter_names(model)),
         "adapter_parameters": None if training.prepared.trains is None else len(training.prepared.trains),

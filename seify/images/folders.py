@@ -244,18 +244,19 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 @contextlib.contextmanager
 def sample_draws(seed: int):
-    """Every generator an augmentation may draw from (torch's, Python's, numpy's) seeded for one image, and put
-    back afterwards, so that loading in this process leaves the training draws (dropout, drop-path) as they were."""
-    saved = torch.get_rng_state(), random.getstate(), numpy.random.get_state()
-    torch.manual_seed(seed)
-    random.seed(seed)
-    numpy.random.seed(seed % 2**32)
-    try:
-        yield
-    finally:
-        torch.set_rng_state(saved[0])
-        random.setstate(saved[1])
-        numpy.random.set_state(saved[2])
+    """Every CPU generator an augmentation may draw from (torch's, Python's, numpy's) seeded for one image, and put
+    back afterwards, so that loading in this process leaves the training draws (dropout, drop-path) as they were.
+    The CUDA generators are left alone: augmentation never draws from them, and dropout on a GPU does."""
+    saved = random.getstate(), numpy.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        random.seed(seed)
+        numpy.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            random.setstate(saved[0])
+            numpy.random.set_state(saved[1])
 
 
 def loading_process(worker_id: int) -> None:

@@ -6,7 +6,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..device import guarded
 from .common import BLOCK_C, BLOCK_HW, grid, hw_strides, per_channel
+from .index import offsets
 
 
 @triton.jit
@@ -23,8 +25,8 @@ def gate_grad_kernel(g_ptr, x_ptr, z_ptr, ds_ptr, count_ptr, C, HW, sgn, sgc, sg
     for start in range(0, HW, BHW):
         hw = start + tl.arange(0, BHW)
         ok = c_ok[:, None] & (hw < HW)[None, :]
-        g = tl.load(g_ptr + n * sgn + c[:, None] * sgc + hw[None, :] * sghw, mask=ok, other=0.0).to(acc_t)
-        x = tl.load(x_ptr + n * sxn + c[:, None] * sxc + hw[None, :] * sxhw, mask=ok, other=0.0).to(acc_t)
+        g = tl.load(g_ptr + offsets(n, c, hw, sgn, sgc, sghw), mask=ok, other=0.0).to(acc_t)
+        x = tl.load(x_ptr + offsets(n, c, hw, sxn, sxc, sxhw), mask=ok, other=0.0).to(acc_t)
         acc += tl.sum(g * x, axis=1)
         if MAX:
             ties += tl.sum(tl.where(ok & (x == z[:, None]), 1.0, 0.0), axis=1)
@@ -38,8 +40,9 @@ def se_gate_grad(grad: torch.Tensor, x: torch.Tensor, z: torch.Tensor, use_max: 
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     n, c, h, w = x.shape
     ds, ties = per_channel(x), per_channel(x)
-    gate_grad_kernel[grid(x)](grad, x, z, ds, ties, c, h * w, *hw_strides(grad), *hw_strides(x), MAX=use_max,
-                              BC=BLOCK_C, BHW=BLOCK_HW)
+    with guarded(x.device):  # kernels launch on the current device, which may be another
+        gate_grad_kernel[grid(x)](grad, x, z, ds, ties, c, h * w, *hw_strides(grad), *hw_strides(x), MAX=use_max,
+                                  BC=BLOCK_C, BHW=BLOCK_HW)
     return ds, ties
 
 

@@ -5,7 +5,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..device import guarded
 from .common import BLOCK_C, BLOCK_HW, grid, hw_strides
+from .index import offsets
 
 
 @triton.jit
@@ -17,11 +19,11 @@ def scale_kernel(x_ptr, s_ptr, sc_ptr, out_ptr, C, HW, sxn, sxc, sxhw, ssn, ssc,
     hw = tl.program_id(2) * BHW + tl.arange(0, BHW)
     ok = (c < C)[:, None] & (hw < HW)[None, :]
     s = tl.load(s_ptr + n * C + c, mask=c < C, other=0.0)
-    x = tl.load(x_ptr + n * sxn + c[:, None] * sxc + hw[None, :] * sxhw, mask=ok, other=0.0).to(acc_t)
+    x = tl.load(x_ptr + offsets(n, c, hw, sxn, sxc, sxhw), mask=ok, other=0.0).to(acc_t)
     y = x * s[:, None]
     if HAS_SC:
-        y += tl.load(sc_ptr + n * ssn + c[:, None] * ssc + hw[None, :] * sshw, mask=ok, other=0.0).to(acc_t)
-    tl.store(out_ptr + n * son + c[:, None] * soc + hw[None, :] * sohw, y.to(out_ptr.dtype.element_ty), mask=ok)
+        y += tl.load(sc_ptr + offsets(n, c, hw, ssn, ssc, sshw), mask=ok, other=0.0).to(acc_t)
+    tl.store(out_ptr + offsets(n, c, hw, son, soc, sohw), y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def _output(x: torch.Tensor, shortcut: torch.Tensor | None) -> torch.Tensor:
@@ -33,8 +35,9 @@ def se_scale(x: torch.Tensor, s: torch.Tensor, shortcut: torch.Tensor | None) ->
     n, c, h, w = x.shape
     out = _output(x, shortcut)
     sc = x if shortcut is None else shortcut
-    scale_kernel[grid(x, True)](x, s, sc, out, c, h * w, *hw_strides(x), *hw_strides(sc), *hw_strides(out),
-                                HAS_SC=shortcut is not None, BC=BLOCK_C, BHW=BLOCK_HW)
+    with guarded(x.device):  # kernels launch on the current device, which may be another
+        scale_kernel[grid(x, True)](x, s, sc, out, c, h * w, *hw_strides(x), *hw_strides(sc), *hw_strides(out),
+                                    HAS_SC=shortcut is not None, BC=BLOCK_C, BHW=BLOCK_HW)
     return out
 
 

@@ -5,7 +5,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..device import guarded
 from .common import BLOCK_C, BLOCK_HW, grid, hw_strides, per_channel
+from .index import offsets
 
 
 @triton.jit
@@ -21,7 +23,7 @@ def squeeze_kernel(x_ptr, z_ptr, C, HW, sxn, sxc, sxhw, MAX: tl.constexpr, BC: t
     for start in range(0, HW, BHW):
         hw = start + tl.arange(0, BHW)
         ok = c_ok[:, None] & (hw < HW)[None, :]
-        ptrs = x_ptr + n * sxn + c[:, None] * sxc + hw[None, :] * sxhw
+        ptrs = x_ptr + offsets(n, c, hw, sxn, sxc, sxhw)
         if MAX:
             v = tl.load(ptrs, mask=ok, other=float("-inf")).to(acc_t)
             acc = tl.maximum(acc, tl.max(v, axis=1))
@@ -37,7 +39,8 @@ def squeeze_kernel(x_ptr, z_ptr, C, HW, sxn, sxc, sxhw, MAX: tl.constexpr, BC: t
 def se_squeeze(x: torch.Tensor, use_max: bool) -> torch.Tensor:
     n, c, h, w = x.shape
     z = per_channel(x)
-    squeeze_kernel[grid(x)](x, z, c, h * w, *hw_strides(x), MAX=use_max, BC=BLOCK_C, BHW=BLOCK_HW)
+    with guarded(x.device):  # kernels launch on the current device, which may be another
+        squeeze_kernel[grid(x)](x, z, c, h * w, *hw_strides(x), MAX=use_max, BC=BLOCK_C, BHW=BLOCK_HW)
     return z
 
 

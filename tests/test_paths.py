@@ -1,0 +1,95 @@
+"""Paths no CPU test machine walks by itself, walked on the CPU: another GPU's device, a GPU that emulates bf16,
+the CUDA generator during loading, 64-bit kernel indices, a branch scaled by a buffer."""
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import seify
+from seify.device import native_bf16, synchronize
+
+
+def test_bf16_is_chosen_only_where_the_gpu_computes_it(monkeypatch):
+    from seify.finetune.build import precision
+    from seify.finetune.config import FinetuneConfig
+    asked = []
+
+    def supported(including_emulation=True):
+        asked.append(including_emulation)
+        return including_emulation  # a T4: bf16 only by emulation
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", supported)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: __import__("contextlib").nullcontext())
+    chosen = precision(FinetuneConfig(), torch.device("cuda", 1))
+    assert asked == [False] and chosen.name == "fp16" and chosen.scaler is not None
+    assert not native_bf16("cpu") and precision(FinetuneConfig(), torch.device("cpu")).name == "fp32"
+
+
+def test_the_device_measured_is_the_device_synchronized(monkeypatch):
+    waited = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append(device))
+    synchronize("cuda:1")
+    synchronize("cpu")
+    assert waited == [torch.device("cuda", 1)]
+    from seify.timing import synchronizer
+    synchronizer("cuda:1")()
+    assert waited[-1] == torch.device("cuda", 1)
+
+
+def test_loading_an_image_leaves_every_cuda_generator_alone(monkeypatch):
+    from seify.images.folders import sample_draws
+    seeded = []
+    for name in ("manual_seed", "manual_seed_all", "set_rng_state", "set_rng_state_all"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, name=name, **k: seeded.append(name))
+    before = torch.get_rng_state()
+    with sample_draws(1234):
+        first = torch.rand(3)
+    with sample_draws(1234):
+        assert torch.equal(torch.rand(3), first)  # the image's draws depend on its seed alone
+    assert torch.equal(torch.get_rng_state(), before) and seeded == []
+
+
+try:
+    import triton
+    import triton.language as tl
+
+    from seify.kernels.index import offsets
+
+    @triton.jit
+    def _probe(out_ptr, sn, sc, BC: tl.constexpr, BHW: tl.constexpr):
+        n = tl.program_id(0)
+        c, hw = tl.arange(0, BC), tl.arange(0, BHW)
+        tl.store(out_ptr + n * BC * BHW + c[:, None] * BHW + hw[None, :], offsets(n, c, hw, sn, sc, 1))
+except ImportError:
+    triton = None
+
+
+@pytest.mark.skipif(triton is None or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="checked in Triton's CPU interpreter")
+def test_kernel_offsets_are_64_bit():
+    sample = 2**30 + 7  # a sample of a 64 x 2048 x 90 x 90 map: samples 2 and 3 start past 2**31
+    out = torch.zeros(4, 2, 4, dtype=torch.int64)
+    _probe[(4,)](out, sample, 8100, BC=2, BHW=4)
+    expected = torch.arange(4)[:, None, None] * sample + torch.arange(2)[None, :, None] * 8100 + \
+        torch.arange(4)[None, None, :]
+    assert torch.equal(out, expected)
+
+
+class ScaledBranch(nn.Module):
+    """A residual block whose branch ends in a multiplication by a buffer (a fixed per-channel gain)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.register_buffer("gain", torch.linspace(0.5, 1.5, 8)[None, :, None, None])
+
+    def forward(self, x):
+        return x + self.conv(x) * self.gain
+
+
+def test_a_branch_scaled_by_a_buffer_is_not_foldable_and_still_converts():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), ScaledBranch()).eval()
+    result = seify.convert(model, input_size=(3, 16, 16))
+    assert len(result.sites) == 1 and result.max_abs_diff <= 1e-5
+    assert result.sites[0].compensation in ("gate scaled x2",) or "folded into" in result.sites[0].compensation
+    assert torch.equal(result.model.get_buffer("1.gain"), model.get_buffer("1.gain"))  # a buffer is never scaled
