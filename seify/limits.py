@@ -14,6 +14,7 @@ MAX_CHANNELS = 64  # input channels
 MAX_BATCH_SIZE = 65536
 MAX_TIMED_BATCH = 4096  # profile's timed batches
 MAX_CLASSES = 1_000_000
+CONFUSION_CLASSES = 1000  # a confusion matrix is reported up to this many classes (a million counts)
 
 
 def check_whole(value, name: str, low: int, high: int | None) -> None:

@@ -93,3 +93,43 @@ def test_a_branch_scaled_by_a_buffer_is_not_foldable_and_still_converts():
     assert len(result.sites) == 1 and result.max_abs_diff <= 1e-5
     assert result.sites[0].compensation in ("gate scaled x2",) or "folded into" in result.sites[0].compensation
     assert torch.equal(result.model.get_buffer("1.gain"), model.get_buffer("1.gain"))  # a buffer is never scaled
+
+
+def test_scoring_a_huge_head_keeps_counts_not_a_matrix():
+    from seify.images.scoring import evaluate
+    classes = 21_841  # ImageNet-21k: a dense confusion matrix would be 3.8 GB of counts
+    labels = torch.tensor([0, 5, 21_840, 7])
+    logits = torch.full((4, classes), -1.0)
+    logits[torch.arange(4), torch.tensor([0, 5, 3, 7])] = 1.0  # right on 3 of 4
+    model = nn.Sequential(nn.Flatten(), nn.Identity())
+    report = evaluate(model, [(logits, labels, [])], torch.device("cpu"), classes)
+    assert report["confusion"] is None and len(report["per_class"]) == classes
+    assert report["top1"] == 75.0 and report["per_class"][21_840] == 0.0 and report["per_class"][5] == 100.0
+    assert report["correct"] == [1, 1, 0, 1]
+    small = evaluate(model, [(logits[:, :10], torch.tensor([0, 5, 3, 1]), [])], torch.device("cpu"), 10)
+    assert small["confusion"][1][7] == 1 and sum(map(sum, small["confusion"])) == 4 and small["top1"] == 75.0
+
+
+def test_synchronising_every_few_steps_trains_and_counts_the_same(tmp_path, tiny, se_file, monkeypatch):
+    """What a GPU run does (loss and accuracy summed on the device, read every --log-every steps), on the CPU: the
+    same weights and the same metrics as reading them every step; a non-finite loss is reported with its own step,
+    not the step it was read at."""
+    import seify.finetune.loop as loop
+    from conftest import config, rows_of, weights
+    every_step = tmp_path / "every"
+    loop.finetune(se_file, str(tiny), config(every_step, log_every=3))
+    monkeypatch.setattr(loop, "sync_interval", lambda training, config: config.log_every)
+    batched = tmp_path / "batched"
+    loop.finetune(se_file, str(tiny), config(batched, log_every=3))
+    a, b = weights(every_step / "last.safetensors"), weights(batched / "last.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [{k: v for k, v in r.items() if k not in ("seconds", "images_per_sec")} for r in rows_of(every_step)] == \
+        [{k: v for k, v in r.items() if k not in ("seconds", "images_per_sec")} for r in rows_of(batched)]
+    real, calls = loop.F.cross_entropy, []
+
+    def blows_up_at_step_3(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs) * (float("nan") if len(calls) == 3 else 1.0)
+    monkeypatch.setattr(loop.F, "cross_entropy", blows_up_at_step_3)
+    with pytest.raises(seify.SeifyError, match="loss became nan at epoch 1, step 3; stopped"):  # read at step 4
+        loop.finetune(se_file, str(tiny), config(tmp_path / "nan", log_every=2))

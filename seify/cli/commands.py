@@ -151,7 +151,8 @@ def finetune_command(ctx: typer.Context, model: Model, data: Data, weights: Weig
 
     The command that started a run, plus --resume, continues it.
     """
-    from ..finetune.loop import exit_code, finetune
+    from ..finetune.loop import finetune
+    from ..finetune.signals import exit_code
     settings, given = config
     options, se_given = se
     given |= se_given | passed(ctx, ("weights", "pretrained")) | ({"se"} if passed(ctx, ("with_se",)) else set())
@@ -188,8 +189,8 @@ def compare_command(
     Rerunning the same command skips finished runs and resumes a stopped one.
     """
     from ..compare import compare, parse_arms
-    from ..finetune.loop import exit_code
     from ..finetune.progress import SilentLog
+    from ..finetune.signals import exit_code
     settings, _ = config
     report = compare(model, data, parse_arms(arms), dataclasses.replace(settings, out=out), seeds=seeds,
                      weights=weights, pretrained=pretrained, log=SilentLog if json_out else output.run_log(),

@@ -220,9 +220,11 @@ def evaluation(report: dict, model: str) -> None:
     classes = report["classes"]
     for note in report["notes"]:
         print(note)
-    table(f"{model} on {report['data']} at {report['img_size']} px", ["class", "accuracy", *[c[:12] for c in classes]],
+    confusion = report["confusion"] or [[] for _ in classes]  # none past CONFUSION_CLASSES classes
+    table(f"{model} on {report['data']} at {report['img_size']} px",
+          ["class", "accuracy", *[c[:12] for c in classes if report["confusion"]]],
           [[name, f"{acc:.1f}%", *map(str, row)] for name, acc, row in
-           zip(classes, report["per_class"], report["confusion"], strict=True)])
+           zip(classes, report["per_class"], confusion, strict=True)])
     skipped = report["skipped"]
     print(f"top-1 {report['top1']:.2f}%  top-5 {report['top5']:.2f}%  loss {report['loss']:.4f}  "
           f"({report['images']} images: {report['scored']}" +

@@ -29,6 +29,7 @@ from .phases import PHASES, enter_phase, phase_of, train_mode
 from .plan import describe, run_info
 from .progress import PlainLog
 from .resume import SE_OPTIONS, Saved, given_options, open_folder, restore, resumed_config, state_of
+from .signals import Stop
 from .state import LAST, Progress, RunFolder
 
 
@@ -45,30 +46,6 @@ class RunResult:
     skipped: list[str] = dataclasses.field(default_factory=list)  # files of DATA that are not readable images
 
 
-def exit_code(stopped_by: str | None) -> int:
-    """A run stopped by a signal exits as the shell expects of it: 128 + the signal's number."""
-    return {"SIGINT": 130, "SIGTERM": 143}.get(stopped_by or "", 0)
-
-
-class Stop:
-    """SIGINT/SIGTERM ask the loop to save and leave at the next step."""
-
-    def __init__(self):
-        self.signum = None
-
-    def __call__(self, signum, frame):
-        self.signum = signum
-
-    @contextlib.contextmanager
-    def installed(self):
-        previous = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield self
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-
-
 # ---------------------------------------------------------------- one epoch
 
 
@@ -81,43 +58,83 @@ class Epoch:
     stopped: bool = False
 
 
+SYNC_EVERY = 25  # steps between host synchronisations on a GPU when --log-every is 0 (per epoch)
+
+
+def sync_interval(training: Training, config: FinetuneConfig) -> int:
+    """Steps between host synchronisations: reading the loss, the accuracy and the ranks' stop flags waits for the
+    GPU's queue to drain, so on CUDA it happens every ``--log-every`` steps (as nanoGPT logs); on a CPU, where it
+    costs nothing, every step."""
+    return (config.log_every or SYNC_EVERY) if training.device.type == "cuda" else 1
+
+
 def train_one_epoch(net: Callable, training: Training, progress: Progress, config: FinetuneConfig, stop: Stop,
                     log, commit: Callable[[], None], last_good: Callable[[], str], phase: str = "full") -> Epoch:
     """One pass from ``progress``'s batch on, counting into ``progress``; ``commit`` saves every ``save_every``
-    steps, and the pass ends early when a signal asks (``stopped``)."""
+    steps, and the pass ends early when a signal asks (``stopped``). Loss and accuracy are summed on the device and
+    read every ``sync_interval`` steps, when the ranks also agree whether to stop and whether a loss went
+    non-finite."""
     images_data, p = training.data, progress
     train_mode(training.model, phase)
     images_data.train_sampler.set_epoch(p.epoch, p.batch_in_epoch * config.batch_size)
-    epoch, start = Epoch(), time.perf_counter()
+    epoch, start, every = Epoch(), time.perf_counter(), sync_interval(training, config)
+    tally = Tally(training.device)
     for images, labels, failed in batches(training, images_data.train_set, images_data.train_sampler, True):
         epoch.failures += undecodable(failed, config.strict_data)
-        loss_sum, correct, epoch.stopped = _train_step(net, training, config, *to_device(training, images, labels),
-                                                       stop, p, last_good)
-        p.partial = [p.partial[0] + loss_sum, p.partial[1] + correct, p.partial[2] + len(labels)]
+        tally.add(_train_step(net, training, config, *to_device(training, images, labels)), p.step + 1)
         p.batch_in_epoch, p.step, epoch.seen = p.batch_in_epoch + 1, p.step + 1, epoch.seen + len(labels)
+        saves = bool(config.save_every) and p.step % config.save_every == 0
+        if p.step % every and not saves and not (stop.signum is not None and not training.dist.enabled):
+            continue
+        epoch.stopped = tally.settle(training, p, stop, last_good)
         lrs = training.lrs()
         log.step(p.batch_in_epoch, p.partial[0] / p.partial[2], 100 * p.partial[1] / p.partial[2],
                  lrs.get("new", lrs.get("trained")), epoch.seen * training.dist.world / (time.perf_counter() - start))
         if epoch.stopped:
             break
-        if config.save_every and p.step % config.save_every == 0:
+        if saves:
             commit()
+    if not epoch.stopped:
+        tally.settle(training, p, stop, last_good)
     epoch.seconds = time.perf_counter() - start
     return epoch
 
 
-def _train_step(net: Callable, training: Training, config: FinetuneConfig, images, labels, stop: Stop,
-                progress: Progress, last_good: Callable[[], str]) -> tuple[float, int, bool]:
-    """(loss summed over the batch, correct predictions, whether any rank was asked to stop)."""
+class Tally:
+    """The training loss, correct predictions and images since the last synchronisation, summed on the device, and
+    the first step whose loss was not finite."""
+
+    def __init__(self, device: torch.device):
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+        self.bad = torch.tensor([-1.0, 0.0], dtype=torch.float64, device=device)  # (step, loss) or (-1, 0)
+
+    def add(self, step: tuple[torch.Tensor, torch.Tensor, int], number: int) -> None:
+        loss, correct, images = step
+        self.sums += torch.stack([loss.double() * images, correct.double(), self.sums.new_tensor(images)])
+        first = (self.bad[0] < 0) & ~torch.isfinite(loss)
+        self.bad = torch.where(first, torch.stack([self.sums.new_tensor(number), loss.double()]), self.bad)
+
+    def settle(self, training: Training, p: Progress, stop: Stop, last_good: Callable[[], str]) -> bool:
+        """Add the sums into ``p.partial``; refuse a non-finite loss (on any rank); whether any rank must stop."""
+        loss_sum, correct, images, bad_step, bad_loss = torch.cat([self.sums, self.bad]).tolist()
+        asked, failed = training.dist.all_sum([float(stop.signum is not None), float(bad_step >= 0)],
+                                              training.device)
+        if failed:
+            where = f"at epoch {p.epoch + 1}, step {int(bad_step)}" if bad_step >= 0 else "on another rank"
+            raise SeifyError(f"loss became {bad_loss if bad_step >= 0 else 'non-finite'} {where}; stopped. "
+                             f"{last_good()}; {unstable(training)}", "lr", "precision")
+        p.partial = [p.partial[0] + loss_sum, p.partial[1] + correct, p.partial[2] + images]
+        self.sums.zero_()
+        return asked > 0
+
+
+def _train_step(net: Callable, training: Training, config: FinetuneConfig, images, labels
+                ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(the batch's mean loss, its correct predictions, its images), the first two on the device."""
     scaler = training.precision.scaler
     with training.precision.autocast():
         logits = net(images)
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
-    local_loss = loss.item()
-    loss_value, stop_flag = training.dist.all_sum([local_loss, float(stop.signum is not None)], training.device)
-    if not math.isfinite(loss_value):
-        raise SeifyError(f"loss became {loss_value} at epoch {progress.epoch + 1}, step {progress.step}; stopped. "
-                         f"{last_good()}; {unstable(training)}", "lr", "precision")
     training.optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
@@ -134,8 +151,7 @@ def _train_step(net: Callable, training: Training, config: FinetuneConfig, image
     training.scheduler.step()
     if training.ema is not None:
         training.ema.update_parameters(training.model)
-    correct = (logits.argmax(dim=1) == labels).sum().item()
-    return local_loss * len(labels), correct, stop_flag > 0
+    return loss.detach(), (logits.argmax(dim=1) == labels).sum(), len(labels)
 
 
 def validate(training: Training) -> dict:

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..device import check_device
 from ..errors import SeifyError
-from ..limits import MAX_BATCH_SIZE, MAX_IMAGE_SIZE, check_number, check_whole
+from ..limits import CONFUSION_CLASSES, MAX_BATCH_SIZE, MAX_IMAGE_SIZE, check_number, check_whole
 from ..models import LoadedModel, resolve
 from .folders import (
     EpochSampler,
@@ -48,12 +48,13 @@ class _OneProcess:
 def evaluate(model: nn.Module, batches, device: torch.device, num_classes: int, autocast=contextlib.nullcontext,
              dist: Ranks | None = None, channels_last: bool = False) -> dict:
     """Metrics over every batch (summed over ranks when distributed); ``correct`` says per image, in order, whether
-    the top-1 prediction was right (this rank's images only when distributed)."""
+    the top-1 prediction was right (this rank's images only when distributed). Counts stay on the device until the
+    end; the confusion matrix is reported up to ``CONFUSION_CLASSES`` classes (per-class accuracy always)."""
     dist = dist or _OneProcess()
     model.eval()
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-    loss_sum = top5 = 0.0
-    failures, correct = [], []
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    top5 = torch.zeros((), dtype=torch.int64, device=device)
+    labels_seen, predicted, failures = [], [], []
     with torch.inference_mode():
         for images, labels, failed in batches:
             failures += failed
@@ -66,22 +67,27 @@ def evaluate(model: nn.Module, batches, device: torch.device, num_classes: int, 
             with autocast():
                 logits = model(images)
             logits = logits.float()
-            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-            k = min(5, num_classes)
-            top5 += (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1).sum().item()
-            pred = logits.argmax(dim=1)
-            correct += (pred == labels).int().tolist()
-            confusion += torch.bincount(labels.cpu() * num_classes + pred.cpu(),
-                                        minlength=num_classes ** 2).view(num_classes, num_classes)
-    totals = dist.all_sum([loss_sum, top5] + confusion.flatten().tolist(), device)
-    loss_sum, top5 = totals[0], totals[1]
-    confusion = torch.tensor(totals[2:], dtype=torch.int64).view(num_classes, num_classes)
-    n = int(confusion.sum())
-    per_class = (confusion.diag().double() / confusion.sum(dim=1).clamp(min=1)).tolist()
-    return {"images": n, "loss": loss_sum / max(n, 1), "top1": 100.0 * int(confusion.diag().sum()) / max(n, 1),
-            "top5": 100.0 * top5 / max(n, 1), "per_class": [100.0 * a for a in per_class],
-            "confusion": confusion.tolist(), "undecodable": [list(f) for f in failures],
-            "correct": correct if not dist.enabled else None}
+            loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
+            top5 += (logits.topk(min(5, num_classes), dim=1).indices == labels[:, None]).any(dim=1).sum()
+            labels_seen.append(labels)
+            predicted.append(logits.argmax(dim=1))
+    labels = torch.cat(labels_seen) if labels_seen else torch.zeros(0, dtype=torch.int64, device=device)
+    pred = torch.cat(predicted) if predicted else labels
+    dense = num_classes <= CONFUSION_CLASSES
+    counts = torch.bincount(labels * num_classes + pred, minlength=num_classes ** 2) if dense else \
+        torch.cat([torch.bincount(labels, minlength=num_classes), torch.bincount(labels[pred == labels],
+                                                                                 minlength=num_classes)])
+    totals = dist.all_sum([float(loss_sum), float(top5), *counts.tolist()], device)
+    counts = torch.tensor(totals[2:], dtype=torch.int64)
+    confusion = counts.view(num_classes, num_classes) if dense else None
+    images, right = (confusion.sum(dim=1), confusion.diag()) if confusion is not None else counts.view(2, -1)
+    n = int(images.sum())
+    return {"images": n, "loss": totals[0] / max(n, 1), "top1": 100.0 * int(right.sum()) / max(n, 1),
+            "top5": 100.0 * totals[1] / max(n, 1),
+            "per_class": (100 * right.double() / images.clamp(min=1)).tolist(),
+            "confusion": confusion.tolist() if confusion is not None else None,
+            "undecodable": [list(f) for f in failures],
+            "correct": (pred == labels).int().tolist() if not dist.enabled else None}
 
 
 @dataclass
