@@ -4,12 +4,16 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from ..device import check_device
+from ..errors import SeifyError, first_line
 from ..images.folders import usable_cores
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -40,6 +44,38 @@ class Dist:
         gathered: list = [None] * self.world
         dist.all_gather_object(gathered, obj)
         return gathered
+
+    def decided(self, decide: Callable[[], T]) -> T:
+        """``decide()`` run on rank 0 alone, and its outcome (a value, or the error it raised) on every rank: a
+        start-up decision (the lock, ``--force``, what to resume) must be one for all ranks before any reads the run
+        folder, or one rank would leave while the others wait for it until the timeout."""
+        if not self.enabled:
+            return decide()
+        outcome: list = [None]
+        failure: BaseException | None = None
+        if self.main:
+            try:
+                outcome[0] = ("value", decide())
+            except SeifyError as e:
+                failure, outcome[0] = e, ("refused", e.template, e.options)
+            except BaseException as e:
+                failure, outcome[0] = e, ("failed", f"rank 0 failed to start the run: {first_line(e)}", ())
+        dist.broadcast_object_list(outcome, src=0)
+        kind, *rest = outcome[0]
+        if kind == "value":
+            return rest[0]
+        if failure is not None:
+            raise failure
+        raise SeifyError(rest[0], *rest[1]) if kind == "refused" else RuntimeError(rest[0])
+
+    def same_buffers(self, *modules: torch.nn.Module) -> None:
+        """Rank 0's buffers (BatchNorm statistics) on every rank. DDP sends them at each forward, but each rank's
+        last forward of an epoch updates them with its own batch: validation must score one model (as timm's
+        ``distribute_bn``), and the ranks' weights must be what rank 0 saves."""
+        if self.enabled:
+            for module in modules:
+                for buffer in module.buffers():
+                    dist.broadcast(buffer, src=0)
 
     def barrier(self) -> None:
         if self.enabled:

@@ -213,8 +213,6 @@ class Trainer:
         self.log = (log or PlainLog)(self.dist.main, config.log_every)
         self._lock = contextlib.ExitStack()
         try:
-            if self.dist.main:
-                self._lock.enter_context(self.folder.locked())
             self._open(config, explicit, split)
         except BaseException:
             self.close()
@@ -222,7 +220,8 @@ class Trainer:
             raise
 
     def _open(self, config: FinetuneConfig, explicit: set[str] | None, split) -> None:
-        saved = open_folder(self.folder, config, self.source, self.dist.main)
+        saved = open_folder(self.folder, config, self.source, self.dist,
+                            lambda: self._lock.enter_context(self.folder.locked()))
         self.config = config = resumed_config(saved.state, self.source, config, explicit) if saved else config
         self.threads, self.threads_why = choose_threads(config.threads, self.device, self.dist.world,
                                                         saved.recorded("threads") if saved else None)
@@ -313,6 +312,7 @@ class Trainer:
     def _end_epoch(self, phase: str, epoch: Epoch) -> None:
         """Validate, add the epoch's metrics row, and commit (the best weights too, where they improved)."""
         p, training = self.progress, self.training
+        training.dist.same_buffers(*{id(m): m for m in (training.model, training.judged)}.values())
         metrics = validate(training)
         failures = undecodable([tuple(f) for f in metrics["undecodable"]], self.config.strict_data) + epoch.failures
         if failures:

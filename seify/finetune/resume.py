@@ -11,6 +11,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -19,6 +20,7 @@ from ..options import SEOptions
 from . import rng
 from .build import Training, schedule
 from .config import CHANGEABLE_ON_RESUME, FinetuneConfig, Source, resolved_file
+from .dist import Dist
 from .state import Progress, RunFolder
 
 SE_OPTIONS = frozenset(f.name for f in dataclasses.fields(SEOptions))
@@ -118,10 +120,22 @@ class Saved:
         return self.state.get(name)
 
 
-def open_folder(folder: RunFolder, config: FinetuneConfig, source: Source, main: bool) -> Saved | None:
-    """The checkpoint to resume from, or None for a new run; refuses to mix runs or to lose files."""
+def open_folder(folder: RunFolder, config: FinetuneConfig, source: Source, dist: Dist,
+                lock: Callable[[], object]) -> Saved | None:
+    """The checkpoint to resume from, or None for a new run; refuses to mix runs or to lose files. Rank 0 takes the
+    ``lock``, clears and decides; every rank gets its decision, or its error, before reading the folder."""
+    committed = dist.decided(lambda: _decide(folder, config, source, lock))
+    if committed is None:
+        return None
+    state, rows = folder.read(Path(committed))
+    return Saved(state, rows, Path(committed))
+
+
+def _decide(folder: RunFolder, config: FinetuneConfig, source: Source, lock: Callable[[], object]) -> str | None:
+    """The committed checkpoint's folder to resume from, or None: what rank 0 decides for every rank."""
+    lock()
     out = folder.out
-    if main and out.is_dir():
+    if out.is_dir():
         _check_not_an_input(out, source)
         if config.force:
             folder.clear()
@@ -132,11 +146,8 @@ def open_folder(folder: RunFolder, config: FinetuneConfig, source: Source, main:
         if committed is None and not outputs:
             raise SeifyError(f"nothing to resume in {out}: start without {{resume}}", "resume")
         if committed is None:  # stopped before its first checkpoint: nothing to lose, so it starts over
-            if main:
-                folder.clear()
-            return None
-        state, rows = folder.read(committed)
-        return Saved(state, rows, committed)
+            folder.clear()
+        return str(committed) if committed is not None else None
     if outputs:
         what = "a run" if committed is not None or "run.json" in outputs else \
             f"files a run writes ({', '.join(outputs)})"
