@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_finetune import _free_port
 
 from conftest import config, weights
 from seify.finetune.loop import finetune
 from seify.finetune.state import RunFolder
-from test_finetune import _free_port
 
 pytestmark = pytest.mark.slow
 HERE = Path(__file__).parent
