@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .errors import SeifyError, first_line
-from .se import ChannelScale, SiteBlock, SqueezeExcite
+from .se import ChannelScale, SiteBlock
 
 
 @dataclass
@@ -24,11 +24,6 @@ class Cost:
     trainable: int
     macs: int
     conv_linear_macs: int
-
-
-def se_macs(channels: int, reduced: int, height: int, width: int) -> tuple[int, int]:
-    """(excitation layers' MACs, squeeze + scale MACs) of one SE block."""
-    return 2 * channels * reduced, 2 * channels * height * width
 
 
 def count_macs(model: nn.Module, input_size, gates: dict[str, nn.Module] | None = None
@@ -58,19 +53,15 @@ def count_macs(model: nn.Module, input_size, gates: dict[str, nn.Module] | None 
             per_block[inside_gate[id(m)]] += macs
 
     def on_gate(m, inputs, out):
-        c, h, w = inputs[0].shape[1], inputs[0].shape[2], inputs[0].shape[3]
-        if isinstance(m, SqueezeExcite):
-            excite, pool_scale = se_macs(c, m.fc1.out_channels, h, w)
-        else:  # a scale and shift: one multiply-add per element; another gate: its squeeze and its scale
-            excite, pool_scale = 0, (1 if isinstance(m, ChannelScale) else 2) * inputs[0][0].numel()
-        conv_linear[0] += excite  # seify's fc1 and fc2 run as matrix products, not module calls
+        # a gate's excitation layers count as layers; here its squeeze and its scale, or a scale and shift's one
+        # multiply-add per element
+        pool_scale = (1 if isinstance(m, ChannelScale) else 2) * inputs[0][0].numel()
         squeeze_scale[0] += pool_scale
-        per_block[names[m]] += excite + pool_scale
+        per_block[names[m]] += pool_scale
 
-    ours = {id(c) for m in gates.values() if isinstance(m, SqueezeExcite) for c in m.modules()}
     hooks = [m.register_forward_hook(on_gate) for m in gates.values()] + \
         [m.register_forward_hook(on_layer) for m in model.modules()
-         if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and id(m) not in ours]
+         if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
     param = next(model.parameters())
     try:
         with torch.no_grad():

@@ -141,8 +141,7 @@ def _gate_sites(model: nn.Module, gates: dict[str, Gate], size) -> list[dict]:
     sites = []
     for path, gate in gates.items():
         _, channels, height, width = shapes[path]
-        inner = next((m for m in gate.module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))), None)
-        reduced = getattr(inner, "out_channels", getattr(inner, "out_features", None))
+        reduced = gate.hidden
         sites.append({"path": path, "kind": gate.kind, "stage": None, "height": height, "width": width,
                       "channels": channels, "reduced_channels": reduced, "params": gate.params})
     return sites

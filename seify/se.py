@@ -8,7 +8,6 @@ state_dict loads strictly into timm's native SE twin (``seresnet50`` and friends
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
@@ -77,15 +76,15 @@ class SqueezeExcite(SiteBlock):
     def excite(self, x: torch.Tensor) -> torch.Tensor:
         """The per-channel gate s, shaped (N, C, 1, 1).
 
-        fc1 and fc2 are 1x1 convolutions (timm's layout) applied as matrix products on the pooled (N, C)
-        vector: the same arithmetic without a convolution's per-call set-up, which dominates at this size.
+        fc1 and fc2 are called as the modules they are, as timm's ``SEModule`` calls them, so that forward hooks,
+        pruning, quantization and LoRA wrappers see them (a matrix product on their weights would hide them: at
+        most tens of microseconds per block on a CPU, about 1% of ResNet-50 at batch 1).
         """
-        z = x.mean((2, 3)) if self.squeeze == "avg" else x.amax((2, 3))
-        z = self.act(self.bn(F.linear(z, self.fc1.weight.flatten(1), self.fc1.bias)))
-        s = self.gate(F.linear(z, self.fc2.weight.flatten(1), self.fc2.bias))
+        z = x.mean((2, 3), keepdim=True) if self.squeeze == "avg" else x.amax((2, 3), keepdim=True)
+        s = self.gate(self.fc2(self.act(self.bn(self.fc1(z)))))
         if self.scale != 1.0:
             s = s * self.scale
-        return s[:, :, None, None]
+        return s
 
     def forward(self, x: torch.Tensor, shortcut: Optional[torch.Tensor] = None,
                 factor: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -133,3 +133,36 @@ def test_synchronising_every_few_steps_trains_and_counts_the_same(tmp_path, tiny
     monkeypatch.setattr(loop.F, "cross_entropy", blows_up_at_step_3)
     with pytest.raises(seify.SeifyError, match="loss became nan at epoch 1, step 3; stopped"):  # read at step 4
         loop.finetune(se_file, str(tiny), config(tmp_path / "nan", log_every=2))
+
+
+def test_the_se_block_calls_its_layers_so_hooks_pruning_and_quantizers_see_them(se_file):
+    import warnings
+
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+    from torch.nn.utils import prune
+    model = seify.load(se_file)
+    block = next(m for m in model.modules() if isinstance(m, seify.SqueezeExcite))
+    with torch.no_grad():
+        block.fc2.weight.normal_()  # gates that depend on the input
+    seen = []
+    block.fc1.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    reference = model(x)
+    assert seen == [torch.Size([4, block.fc1.out_channels, 1, 1])]
+    prune.l1_unstructured(block.fc2, "weight", amount=1.0)  # every weight masked: the gate is its bias again
+    y = torch.randn(4, block.fc1.in_channels, 4, 4)
+    assert torch.allclose(block(y), y * torch.sigmoid(block.fc2.bias)[:, None, None] * block.scale, atol=1e-6)
+    prune.remove(block.fc2, "weight")
+    with torch.no_grad():
+        block.fc2.weight.normal_(generator=torch.Generator().manual_seed(1))
+    reference = model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization says it is deprecated in favour of torchao
+        prepared = prepare_fx(model, get_default_qconfig_mapping("x86"), (x,))
+        for k in range(4):
+            prepared(torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(k)))
+        quantized = convert_fx(prepared)
+    path = next(n for n, m in model.named_modules() if m is block)
+    assert type(quantized.get_submodule(f"{path}.fc1")).__module__.startswith("torch.ao.nn.quantized")
+    assert (quantized(x) - reference).abs().max() < 0.15 * reference.abs().max()

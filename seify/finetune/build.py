@@ -181,12 +181,14 @@ def _data(prepared: Prepared, classes, train, val, data_dir: str, config: Finetu
 
 def _optimizer(prepared: Prepared, config: FinetuneConfig) -> torch.optim.Optimizer:
     """What is new trains at ``lr``, seify's new blocks at ``lr * se_lr_scale``, what was trained at
-    ``lr * backbone_lr_scale``; an adapter run's optimizer holds what it trains alone. As in timm, biases, norms
-    and other 1-d parameters, seify's blocks and what the model exempts (``no_weight_decay``) are not decayed."""
+    ``lr * backbone_lr_scale``; an adapter run's optimizer holds what it trains alone, all of it at ``lr``. As in
+    timm, biases, norms and other 1-d parameters, seify's blocks and what the model exempts (``no_weight_decay``)
+    are not decayed."""
     model = prepared.model
     new = prepared.fresh if prepared.trains is None else prepared.trains
     blocks = {n for path, m in model.named_modules() if isinstance(m, SiteBlock)
               for n, _ in m.named_parameters(prefix=path)}
+    faster = blocks if prepared.trains is None else set()
     listed = getattr(model, "no_weight_decay", None)  # timm's models name what must not decay
     exempt = set(listed()) if callable(listed) else set()
     lrs = {"trained": config.lr * config.backbone_lr_scale, "new": config.lr, "blocks": config.lr * config.se_lr_scale}
@@ -194,7 +196,7 @@ def _optimizer(prepared: Prepared, config: FinetuneConfig) -> torch.optim.Optimi
     for name, p in model.named_parameters():
         if prepared.trains is not None and name not in new:
             continue
-        role = "trained" if name not in new else "blocks" if name in blocks else "new"
+        role = "trained" if name not in new else "blocks" if name in faster else "new"
         decays = not (p.ndim <= 1 or name.endswith(".bias") or name in blocks or name in exempt)
         grouped.setdefault((role, decays), []).append(p)
     groups = [{"params": params, "name": role, "lr": lrs[role], "weight_decay": config.weight_decay * decays}

@@ -50,6 +50,12 @@ class Gate:
     def params(self) -> int:
         return sum(p.numel() for p in self.module.parameters())
 
+    @property
+    def hidden(self) -> int | None:
+        """The width of its excitation: the output of its first layer (None for a gate without one)."""
+        first = next((m for m in self.module.modules() if isinstance(m, (nn.Conv2d, nn.Conv1d, nn.Linear))), None)
+        return getattr(first, "out_channels", getattr(first, "out_features", None))
+
     def constant(self) -> torch.Tensor | None:
         """The per-channel multiplier where the gate does not depend on the input, else None."""
         if self.last is None or self.activation is None or self.last.weight.count_nonzero():
