@@ -53,7 +53,7 @@ class Gate:
     @property
     def hidden(self) -> int | None:
         """The width of its excitation: the output of its first layer (None for a gate without one)."""
-        first = next((m for m in self.module.modules() if isinstance(m, (nn.Conv2d, nn.Conv1d, nn.Linear))), None)
+        first = next((m for m in self.module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))), None)
         return getattr(first, "out_channels", getattr(first, "out_features", None))
 
     def constant(self) -> torch.Tensor | None:
