@@ -1,10 +1,11 @@
 """Whether two models compute the same: the one check that convert, export and fold make, with one tolerance.
 
-Two models agree when, over every tensor they return (logits; a detector's boxes, scores and labels; a backbone's
-feature maps), ``max |a - b| <= TOLERANCE x max |a|``: relative to the reference's own scale, since fp32 kernels
-that sum in another order (onnxruntime, timm's 1x1 convs against seify's matmuls, a folded multiplier) differ in
-the last bits of each output, and those bits grow with the outputs. Outputs of other shapes, and any NaN or Inf on
-either side, never agree: a NaN difference would otherwise compare as no difference at all.
+Two models agree when, for every tensor they return (logits; a detector's boxes, scores and labels; a backbone's
+feature maps), ``max |a - b| <= TOLERANCE x max |a|``: relative to that tensor's own scale in the reference, since
+fp32 kernels that sum in another order (onnxruntime, a folded multiplier) differ in the last bits of each output,
+and those bits grow with the outputs; and per tensor, so that a detector's scores (at most 1) are not checked
+against its box coordinates (hundreds). Outputs of other shapes, and any NaN or Inf on either side, never agree:
+a NaN difference would otherwise compare as no difference at all.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ TOLERANCE = 1e-4
 
 @dataclass(frozen=True)
 class Difference:
-    """The largest difference between two models' outputs and the reference's largest magnitude."""
+    """The worst tensor of two models' outputs: its largest difference and the reference's largest magnitude in
+    it (the tensor whose difference is the largest share of its magnitude)."""
     max_abs: float = 0.0
     scale: float = 0.0
     finite: bool = True  # both sides' outputs were finite
@@ -34,10 +36,18 @@ class Difference:
     def agrees(self) -> bool:
         return self.finite and self.same_shapes and self.max_abs <= self.allowed
 
+    @property
+    def share(self) -> float:
+        """The difference as a share of the magnitude (inf where a zero tensor got anything else)."""
+        if self.max_abs == 0:
+            return 0.0
+        return self.max_abs / self.scale if self.scale else math.inf
+
     def __or__(self, other: Difference) -> Difference:
-        """The worst of two checks (two inputs, two parts of a model)."""
-        return Difference(max(self.max_abs, other.max_abs), max(self.scale, other.scale),
-                          self.finite and other.finite, self.same_shapes and other.same_shapes)
+        """The worst of two checks (two inputs, two parts of a model, two tensors)."""
+        worst = max(self, other, key=lambda d: d.share)
+        return Difference(worst.max_abs, worst.scale, self.finite and other.finite,
+                          self.same_shapes and other.same_shapes)
 
     def why(self) -> str:
         """What disagrees, in words, for an error message."""
@@ -63,7 +73,10 @@ def difference(expected, got) -> Difference:
         return Difference(math.inf, scale, finite, same_shapes=False)
     if not finite:
         return Difference(math.inf, scale if math.isfinite(scale) else math.inf, finite=False)
-    return Difference(max(((p - q).abs().max().item() for p, q in zip(a, b, strict=True)), default=0.0), scale)
+    checked = Difference()
+    for p, q in zip(a, b, strict=True):
+        checked = checked | Difference((p - q).abs().max().item(), p.abs().max().item())
+    return checked
 
 
 def probe(input_size, batch: int = 2, seed: int = 0) -> torch.Tensor:

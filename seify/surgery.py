@@ -269,7 +269,10 @@ def _fuse_with_sum(local: fx.GraphModule, name: str, producer: fx.Node, consumer
         factor: tuple[fx.Node, ...] = ()
         if drops:  # drop-path's per-sample draw, computed in the graph: the block takes tensors only
             size = local.graph.call_method("size", (producer, 0))
-            ones = local.graph.call_method("new_ones", (producer, (size, 1, 1, 1)), {"dtype": torch.float32})
+            # at least fp32 (a bf16 1/keep_prob is off by 1e-3), and fp64 in a float64 model
+            dtype = local.graph.call_function(torch.promote_types, (
+                local.graph.call_function(getattr, (producer, "dtype")), torch.float32))
+            ones = local.graph.call_method("new_ones", (producer, (size, 1, 1, 1)), {"dtype": dtype})
             factor = (local.graph.call_module(g.target(drops[0]), (ones,)),)
         fused = local.graph.call_module(name, (producer, shortcut, *factor))
     add.replace_all_uses_with(fused)

@@ -10,6 +10,7 @@ from timm.layers import SEModule
 
 import seify
 from conftest import outputs, realistic
+from seify.equivalence import difference
 from seify.errors import SeifyError
 from seify.options import SEOptions
 from seify.surgery import add_se as convert
@@ -104,7 +105,7 @@ def test_torchvision_detector_backbone_without_downloads(tmp_path, monkeypatch):
         raise AssertionError("seify reached for the network")
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     model = realistic(torchvision.models.get_model("fasterrcnn_resnet50_fpn", weights=None, weights_backbone=None,
-                                                   min_size=128, max_size=128))
+                                                   min_size=128, max_size=128, box_score_thresh=0.0))
     result = convert(model, SEOptions(), SIZE)
     assert result.scope == "backbone.body" and len(result.sites) == 16
     assert result.sites[0].path == "backbone.body.layer1.0.se"
@@ -113,8 +114,9 @@ def test_torchvision_detector_backbone_without_downloads(tmp_path, monkeypatch):
         before, after = model.backbone.body(x), result.model.backbone.body(x)
         assert all(torch.allclose(before[k], after[k], atol=1e-5, rtol=1e-5) for k in before)
         det_before, det_after = model(list(x)), result.model(list(x))
-    assert [d["boxes"].shape for d in det_before] == [d["boxes"].shape for d in det_after]
-    assert all(torch.allclose(a["scores"], b["scores"], atol=1e-5) for a, b in zip(det_before, det_after, strict=False))
+    assert all(len(d["boxes"]) > 0 for d in det_before)  # every score kept: there are detections to compare
+    checked = difference(det_before, det_after)  # boxes, scores and labels, each against its own scale
+    assert checked.agrees, checked.why()
     from seify.models import freeze_batchnorm
     freeze_batchnorm(model)  # what a pretrained detector has: its norms' affine terms are buffers
     frozen = convert(model, SEOptions(), SIZE)

@@ -166,3 +166,12 @@ def test_the_se_block_calls_its_layers_so_hooks_pruning_and_quantizers_see_them(
     path = next(n for n, m in model.named_modules() if m is block)
     assert type(quantized.get_submodule(f"{path}.fc1")).__module__.startswith("torch.ao.nn.quantized")
     assert (quantized(x) - reference).abs().max() < 0.15 * reference.abs().max()
+
+
+def test_each_output_is_checked_against_its_own_scale():
+    from seify.equivalence import difference
+    expected = {"boxes": torch.tensor([[120.0, 40.0, 300.0, 210.0]]), "scores": torch.tensor([0.90])}
+    got = {"boxes": expected["boxes"].clone(), "scores": torch.tensor([0.905])}  # a score off by 0.005
+    checked = difference(expected, got)
+    assert not checked.agrees and checked.scale == pytest.approx(0.9)  # not hidden under the boxes' 300
+    assert difference(expected, {k: v.clone() for k, v in expected.items()}).agrees

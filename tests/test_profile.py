@@ -73,8 +73,20 @@ def test_seify_file_against_its_base(tmp_path):
     assert report["placement"] == result.placement == "residual"  # recorded in the file, as convert reports it
 
 
-def test_latency_is_measured_interleaved():
+def test_latency_is_measured_interleaved(monkeypatch):
+    import seify.profile
+    import seify.timing
+    calls = []
+    real = seify.timing.inference
+
+    def recorded(model, x):
+        step = real(model, x)
+        return lambda: (calls.append(id(model)), step())[1]
+    monkeypatch.setattr(seify.profile, "inference", recorded)
     report = profile("resnet18", input_size=SIZE, batch_sizes=(1, 2), device="cpu", repeats=2, warmup=1).to_dict()
+    base, se = calls[0], calls[1]
+    assert base != se and calls[:6] == [base, se] + [base, se] + [se, base]  # warm-up, then in turns, alternating
+    assert calls[6:] == calls[:6]  # batch 2 alike
     assert report["device"].startswith("cpu")
     assert [t["batch_size"] for t in report["timings"]] == [1, 2]
     for t in report["timings"]:
