@@ -175,3 +175,14 @@ def test_each_output_is_checked_against_its_own_scale():
     checked = difference(expected, got)
     assert not checked.agrees and checked.scale == pytest.approx(0.9)  # not hidden under the boxes' 300
     assert difference(expected, {k: v.clone() for k, v in expected.items()}).agrees
+
+
+def test_response_normalisation_is_not_a_gate_for_convert_nor_for_the_gates_room():
+    import timm
+
+    from seify.gates import find_gates
+    model = timm.create_model("convnextv2_atto")
+    assert find_gates(model) == {}  # analyze, fold and profile: no channel gates, "convert it first"
+    result = seify.convert(model, input_size=(3, 64, 64))  # and convert does: SE goes in beside the GRN
+    assert len(result.sites) == 12 and not result.skipped and result.max_abs_diff <= 1e-5
+    assert set(find_gates(result.model)) == {s.path for s in result.sites}

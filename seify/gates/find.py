@@ -118,10 +118,13 @@ def _gate_by_shape(module: nn.Module) -> bool:
 
 
 def _spatial_pool(node: fx.Node) -> bool:
+    """A pool over the map (a squeeze): not a mean over channels, nor a norm (ConvNeXt-V2's response
+    normalisation divides a map's L2 norm by its mean over channels, and adds the result back: not a gate)."""
     if node.op == "call_module":
+        from timm.layers import SelectAdaptivePool2d
         root = node.graph.owning_module
         return root is not None and isinstance(root.get_submodule(str(node.target)),
-                                               (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d))
+                                               (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, SelectAdaptivePool2d))
     if not is_global_pool(node):
         return False
     if g.is_call(node, {torch.nn.functional.adaptive_avg_pool2d, torch.nn.functional.adaptive_max_pool2d}):
@@ -155,6 +158,6 @@ def is_channel_gate(node: fx.Node) -> bool:
         if xs is None or ss is None:
             continue
         if len(xs) == 4 and len(ss) == 4 and ss[1] == xs[1] and ss[2:] == (1, 1) and x in g.ancestors(s) \
-                and any(is_global_pool(a) for a in g.ancestors(s)):
+                and any(_spatial_pool(a) for a in g.ancestors(s)):
             return True
     return False
