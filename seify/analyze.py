@@ -72,7 +72,7 @@ def analyze(model: str | nn.Module, data: str, *, weights: str | None = None, pr
     stats = record_gates(loaded.model, gates, batches_of(images.dataset, batch_size, dev), len(images.classes), dev,
                          _sites(loaded, gates), failed)
     skipped = images.skipped + [path for path, _ in failed]
-    notes = images.notes + ([f"skipped {len(skipped)} unreadable file(s): {', '.join(skipped[:3])}"
+    notes = images.notes + gates.note() + ([f"skipped {len(skipped)} unreadable file(s): {', '.join(skipped[:3])}"
                              f"{', ...' if len(skipped) > 3 else ''}"] if skipped else [])
     result = Analysis(name_of(model), str(data), images.where, images.classes, list(stats.values()), [], notes, skipped)
     result.files = _write(folder, result)

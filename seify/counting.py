@@ -66,7 +66,9 @@ def count_macs(model: nn.Module, input_size, gates: dict[str, nn.Module] | None 
     try:
         with torch.no_grad():
             model.eval()(torch.zeros((1, *input_size), device=param.device, dtype=param.dtype))
-    except Exception as e:
+    except (RuntimeError, ValueError) as e:
+        if not _shape_error(e):  # a fault of ours is a bug, not the user's input
+            raise
         size = "x".join(map(str, input_size))
         raise SeifyError(f"{type(model).__name__} cannot take an input of {size} "
                          f"({first_line(e)}); pass an {{input_size}} the model accepts", "input_size") from e
@@ -74,6 +76,16 @@ def count_macs(model: nn.Module, input_size, gates: dict[str, nn.Module] | None 
         for h in hooks:
             h.remove()
     return conv_linear[0] + squeeze_scale[0], conv_linear[0], per_block
+
+
+_SHAPE_WORDS = ("size", "shape", "dimension", "kernel", "expected", "channels", "match", "divisible", "too small")
+
+
+def _shape_error(e: BaseException) -> bool:
+    """Whether a model's forward refused its input's shape (what users can change), from torch's and timm's
+    words for it."""
+    text = str(e).lower()
+    return any(word in text for word in _SHAPE_WORDS)
 
 
 def cost(model: nn.Module, input_size, gates: dict[str, nn.Module] | None = None) -> tuple[Cost, dict[str, int]]:

@@ -125,6 +125,7 @@ def fold(model: str | nn.Module, out: str | Path | None, data: str | None = None
     result.kept = [{"path": p, "why": why} for p, why in kept.items()]
     result.max_output_change, result.top1_after = measure.measured(folded_model)
     result.params_saved, result.macs_saved = (sum(sites[p].params for p in chosen), sum(sites[p].macs for p in chosen))
+    result.notes += gates.note()
     if not chosen:
         result.notes.append(f"the budget of {max_top1_drop:g} points allows no gate: the model is written unchanged")
     if latency:

@@ -186,3 +186,46 @@ def test_response_normalisation_is_not_a_gate_for_convert_nor_for_the_gates_room
     result = seify.convert(model, input_size=(3, 64, 64))  # and convert does: SE goes in beside the GRN
     assert len(result.sites) == 12 and not result.skipped and result.max_abs_diff <= 1e-5
     assert set(find_gates(result.model)) == {s.path for s in result.sites}
+
+
+class UntraceableGate(nn.Module):
+    """An SE-style gate whose forward branches on its input's values: torch.fx cannot trace it."""
+
+    def __init__(self, channels=8):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        s = torch.sigmoid(self.fc(self.pool(x)))
+        return x * s if s.mean() > 0 else x
+
+
+def test_a_module_that_cannot_be_traced_is_reported_not_taken_for_no_gate():
+    from seify.gates import find_gates
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), UntraceableGate())
+    found = find_gates(model)
+    assert found == {} and found.untraced == ["1"]
+    assert "1 module(s) could not be traced to tell whether they are channel gates (e.g. 1)" in found.note()[0]
+    assert find_gates(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())).note() == []
+
+
+def test_running_out_of_device_memory_says_what_to_lower(cli, monkeypatch):
+    import seify.api
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(seify.api, "convert", out_of_memory)
+    code, _, err = cli("convert", "resnet18", "--dry-run")
+    assert code == 2 and err.count("\n") == 1 and "lower --batch-size" in err and "seify bug" not in err
+
+
+def test_a_fault_inside_counting_is_a_bug_not_a_wrong_input_size(monkeypatch):
+    import seify.counting
+    from seify.errors import SeifyError
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten())
+    with pytest.raises(SeifyError, match="cannot take an input of 3x2x2"):
+        seify.counting.count_macs(model, (3, 2, 2))  # the user's size: smaller than the kernel
+    monkeypatch.setattr(torch.Tensor, "numel", lambda self: (_ for _ in ()).throw(RuntimeError("an internal slip")))
+    with pytest.raises(RuntimeError, match="an internal slip"):
+        seify.counting.count_macs(model, (3, 8, 8))

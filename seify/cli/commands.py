@@ -373,11 +373,20 @@ def main() -> None:
         _fail(e, 2, e.render(flag))
     except (KeyboardInterrupt, typer.Abort):
         sys.exit(130)
+    except torch_out_of_memory() as e:  # the machine's limit, not a seify bug: say what to lower
+        _fail(e, 2, f"out of memory on the device ({first_line(e).split('. ')[0]}); lower --batch-size (or "
+                    "--img-size, --input-size), or use a device with more memory")
     except Exception as e:
         if _usage_error(e):  # a flag or argument the parser refused: one line too, as seify's own errors
             _fail(e, 2, _usage_line(e))
         _fail(e, 1, f"{first_line(e)} (this is a seify bug; run with --debug for the traceback)")
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def torch_out_of_memory() -> tuple[type[Exception], ...]:
+    """torch's out-of-memory error, where torch is loaded (the CLI imports it only when a command needs it)."""
+    torch = sys.modules.get("torch")
+    return (torch.OutOfMemoryError,) if torch is not None else ()
 
 
 def _usage_error(e: Exception) -> bool:

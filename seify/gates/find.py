@@ -65,11 +65,24 @@ class Gate:
             return self.activation(bias.detach().clone()).flatten() * self.scale
 
 
-def find_gates(model: nn.Module, include: str | None = None, exclude: str | None = None) -> dict[str, Gate]:
+class Found(dict):
+    """Gates by module path, and ``untraced``: the paths of modules that might have been gates but could not be
+    traced to tell (a gate among them is missed: commands say so)."""
+    untraced: list[str]
+
+    def note(self) -> list[str]:
+        if not self.untraced:
+            return []
+        return [f"{len(self.untraced)} module(s) could not be traced to tell whether they are channel gates (e.g. "
+                f"{self.untraced[0]}); a gate among them is left out"]
+
+
+def find_gates(model: nn.Module, include: str | None = None, exclude: str | None = None) -> Found:
     """Every channel gate of ``model`` by module path (those ``include``/``exclude``, regular expressions on the
     path, leave)."""
     known = _known()
     found: dict[str, Gate] = {}
+    untraced: list[str] = []
     for path, module in model.named_modules():
         if any(path.startswith(f"{p}.") for p in found):
             continue
@@ -77,11 +90,17 @@ def find_gates(model: nn.Module, include: str | None = None, exclude: str | None
         if entry is not None:
             found[path] = Gate(path, module, type(module).__name__, getattr(module, entry[0]),
                                getattr(module, entry[1]), float(getattr(module, "scale", 1.0)))
-        elif _gate_by_shape(module):
+            continue
+        shaped = _gate_by_shape(module)
+        if shaped is None:
+            untraced.append(path)
+        elif shaped:
             found[path] = Gate(path, module, type(module).__name__, None, None)
     patterns = [re.compile(p) if p else None for p in (include, exclude)]
-    return {p: gate for p, gate in found.items() if (patterns[0] is None or patterns[0].search(p))
-            and not (patterns[1] is not None and patterns[1].search(p))}
+    chosen = Found({p: gate for p, gate in found.items() if (patterns[0] is None or patterns[0].search(p))
+                    and not (patterns[1] is not None and patterns[1].search(p))})
+    chosen.untraced = [p for p in untraced if not any(p.startswith(f"{q}.") for q in found)]
+    return chosen
 
 
 LOOKED_FOR = ("seify's SE blocks, timm's and torchvision's SE, ECA and ESE modules, and any block computing "
@@ -95,16 +114,17 @@ def no_gates(spec: str, include: str | None = None, exclude: str | None = None) 
                       "adds SE blocks)")
 
 
-def _gate_by_shape(module: nn.Module) -> bool:
+def _gate_by_shape(module: nn.Module) -> bool | None:
     """A small module (it holds layers, at most a dozen) whose output is ``x * s``, ``s`` made from ``x`` through a
-    pool over the map; nothing added. Traced alone; a module that does not trace is no gate."""
+    pool over the map; nothing added. Traced alone; None where it holds a pool but does not trace (cannot tell)."""
     children = list(module.modules())[1:]
     if not children or len(children) > 12 or type(module).__module__.startswith("torch.nn"):
         return False
     try:
         traced = fx.GraphModule(module, g.SeifyTracer().trace(module))
     except Exception:
-        return False
+        pooled = any(isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) for m in children)
+        return None if pooled or "mean(" in _source(module) else False
     nodes = list(traced.graph.nodes)
     inputs = [n for n in nodes if n.op == "placeholder"]
     output = next(n for n in nodes if n.op == "output").args[0]
@@ -115,6 +135,14 @@ def _gate_by_shape(module: nn.Module) -> bool:
     operands = [a for a in output.args if isinstance(a, fx.Node)]
     return len(operands) == 2 and x in operands and any(
         _spatial_pool(a) for other in operands if other is not x for a in g.ancestors(other) | {other})
+
+
+def _source(module: nn.Module) -> str:
+    import inspect
+    try:
+        return inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return ""
 
 
 def _spatial_pool(node: fx.Node) -> bool:
