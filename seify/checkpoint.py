@@ -20,7 +20,7 @@ from torch import nn
 
 from . import __version__
 from .errors import SeifyError, first_line
-from .limits import MAX_CLASSES
+from .limits import MAX_CLASSES, MAX_IMAGE_SIZE
 from .options import SEOptions
 
 RECIPE_KEY = "seify"
@@ -309,8 +309,9 @@ def _check_recipe(recipe, depth: int = 0) -> None:
              f"'{key}' missing or not a {kind.__name__}")
     need(0 < recipe["num_classes"] <= MAX_CLASSES, f"num_classes {recipe['num_classes']} out of range")
     for size in (recipe["input_size"], recipe["data_config"].get("input_size")):
-        need(isinstance(size, list) and len(size) == 3 and all(isinstance(v, int) and 0 < v <= 4096 for v in size),
-             f"input size {size!r} is not three whole numbers up to 4096")
+        need(isinstance(size, list) and len(size) == 3 and all(isinstance(v, int) and 0 < v <= MAX_IMAGE_SIZE
+                                                               for v in size),
+             f"input size {size!r} is not three whole numbers up to {MAX_IMAGE_SIZE}")
     need(recipe.get("options") is None or isinstance(recipe["options"], dict), "'options' is not an object")
     if recipe.get("options") is not None:
         try:  # in the recipe's own words: the user passed none of these options

@@ -41,6 +41,7 @@ from .images.scoring import Scored, batches_of, scored_images
 from .limits import check_number, check_pattern, check_whole
 from .models import HELD, LoadedModel, num_classes_of, resolve
 from .models.files import module_or_none
+from .options import FOLD_LATENCY
 from .timing import inference_ms, onnxruntime_ms
 
 
@@ -83,7 +84,7 @@ class Folded:
 def fold(model: str | nn.Module, out: str | Path | None, data: str | None = None, *, weights: str | None = None,
          pretrained: bool = False, max_gate_std: float = 0.01, max_top1_drop: float | None = None,
          include: str | None = None, exclude: str | None = None, max_images: int | None = 512, batch_size: int = 64,
-         device: str | None = None, latency: bool = False, force: bool = False) -> Folded:
+         device: str | None = None, latency: bool = FOLD_LATENCY, force: bool = False) -> Folded:
     """Fold the gates of ``model`` that do nothing input-dependent (see the module's doc) and write the result to
     ``out`` as a seify file whose recipe records what was folded. ``model`` may be a module you hold (it is left as
     it is); with ``out`` None nothing is written, and the folded model is ``result.module``."""

@@ -22,6 +22,7 @@ SOURCE, SE_BLOCK, DATA, SCHEDULE = "Source", "SE block", "Data and augmentation"
 DEVICES, OUTPUT, COMPARISON = "Precision and devices", "Output and logging", "Comparison"
 EXPORTER = "Exporter"
 DEVICE_HELP = "cpu or cuda[:N] (default: cuda if present)."
+FOLD_LATENCY = True  # seify fold times the model before and after unless told not to: the API's default and the CLI's
 
 
 def option(default, help: str, *flags: str, panel: str = SE_BLOCK):

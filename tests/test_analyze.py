@@ -143,7 +143,7 @@ def test_fold_of_a_fresh_conversion_is_the_original_model(tmp_path, cli):
 
 
 def test_fold_with_data_keeps_the_outputs_within_what_it_reports(tmp_path, tiny, trained):
-    result = fold(str(trained), tmp_path / "f.safetensors", str(tiny), max_gate_std=1.0)
+    result = fold(str(trained), tmp_path / "f.safetensors", str(tiny), max_gate_std=1.0, latency=False)
     assert result.folded and result.images.endswith("val")
     original, folded = seify.load(trained), seify.load(tmp_path / "f.safetensors")
     scored = fdata.ImageDataset(fdata.discover(tiny)[2].items, fdata.transforms(read_recipe(trained)["data_config"],
@@ -168,11 +168,12 @@ def test_fold_with_data_keeps_the_outputs_within_what_it_reports(tmp_path, tiny,
     with torch.no_grad():
         expected, got = held(x), folded(x)
     assert (expected - got).abs().max() <= 1e-4 * expected.abs().max()
-    on_device = fold(str(trained), tmp_path / "d.safetensors", str(tiny), max_gate_std=1.0, device="cpu")
+    on_device = fold(str(trained), tmp_path / "d.safetensors", str(tiny), max_gate_std=1.0, device="cpu", latency=False)
     assert on_device.to_dict() == {**result.to_dict(), "output": str(tmp_path / "d.safetensors")}
     with torch.no_grad():
         assert torch.equal(seify.load(tmp_path / "d.safetensors")(x), got)
-    partial = fold(str(trained), tmp_path / "p.safetensors", str(tiny), max_gate_std=1.0, include="layer[34]")
+    partial = fold(str(trained), tmp_path / "p.safetensors", str(tiny), max_gate_std=1.0, include="layer[34]",
+                   latency=False)
     assert {s.path for s in partial.folded} == {"layer3.0.se", "layer4.0.se"}
 
 
@@ -259,7 +260,7 @@ def test_blocks_that_multiply_by_exactly_one_are_folded_away(tmp_path):
     for variant in ("post", "identity"):
         conversion = seify.convert("resnet18", SEOptions(variant=variant), input_size=(3, 32, 32))
         path = seify.save(conversion, tmp_path / f"{variant}.safetensors")
-        result = fold(str(path), tmp_path / f"{variant}-folded.safetensors")
+        result = fold(str(path), tmp_path / f"{variant}-folded.safetensors", latency=False)
         assert result.kept == [] and len(result.folded) == len(conversion.sites) == 8, result.kept
         folded = seify.load(tmp_path / f"{variant}-folded.safetensors")
         x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -277,7 +278,7 @@ def test_a_constant_negative_gate_is_never_folded_through_a_relu(tmp_path):
             block.fc2.bias.fill_(-0.5)  # a constant gate of tanh(-0.5) < 0
     path = seify.save(conversion, tmp_path / "neg.safetensors")
     with pytest.raises(SeifyError, match="nothing to fold .* negative in some channel"):
-        fold(str(path), tmp_path / "out.safetensors")
+        fold(str(path), tmp_path / "out.safetensors", latency=False)
 
 
 class _ColourNet(nn.Module):
@@ -326,13 +327,13 @@ def test_fold_within_a_top1_budget_measures_every_step(tmp_path):
         images = scored_images(resolve(m), str(data))
         return evaluate(m, fdata.loader(images.dataset, 4, fdata.EpochSampler(len(images.dataset), False), 0, False,
                                         False), torch.device("cpu"), 2)["top1"]
-    tight = fold(model, None, str(data), max_top1_drop=0.0)
+    tight = fold(model, None, str(data), max_top1_drop=0.0, latency=False)
     assert tight.top1_before == top1(model) == 100.0
     assert [s["path"] for s in tight.steps] == ["se_a"] and tight.steps[0]["top1"] == 100.0
     assert tight.stopped_at["path"] == "se_b" and 100.0 - tight.stopped_at["top1"] > 0
     assert tight.top1_after == top1(tight.module) == 100.0
     assert [k["path"] for k in tight.kept] == ["se_b"] and "past 0 points" in tight.kept[0]["why"]
-    both = fold(model, None, str(data), max_top1_drop=60.0)
+    both = fold(model, None, str(data), max_top1_drop=60.0, latency=False)
     assert [s["path"] for s in both.steps] == ["se_a", "se_b"] and both.stopped_at is None
     assert both.top1_after == top1(both.module) == tight.stopped_at["top1"] == 50.0
     assert both.params_saved == sum(p.numel() for p in model.se_a.parameters()) * 2 and not find_gates(both.module)

@@ -50,11 +50,11 @@ def test_profile_analyze_and_fold_take_a_module(tmp_path, tiny):
     converted = seify.convert(realistic(timm.create_model("test_resnet", num_classes=4)), input_size=(3, 32, 32))
     analysis = seify.analyze.analyze(converted.model, str(tiny), out=tmp_path / "a")
     assert len(analysis.sites) == len(converted.sites) and (tmp_path / "a" / "analysis.json").exists()
-    folded = fold(converted.model, None)
+    folded = fold(converted.model, None, latency=False)
     assert len(folded.folded) == len(converted.sites) and folded.output is None
     with torch.no_grad():
         assert torch.equal(folded.module(_x()), converted.source.model(_x()))
     with pytest.raises(SeifyError, match="carries no seify recipe to write a file with"):
-        fold(converted.model, tmp_path / "f.safetensors")
+        fold(converted.model, tmp_path / "f.safetensors", latency=False)
     with pytest.raises(SeifyError, match="brings its own weights and head"):
         seify.convert(held, weights="x.safetensors")

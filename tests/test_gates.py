@@ -119,7 +119,7 @@ def test_a_constant_native_gate_folds_exactly(tmp_path):
                 gate.last.weight.zero_()
                 gate.last.bias.copy_(torch.randn(gate.last.bias.shape))
         weights = save_weights(model, tmp_path / f"{spec}.safetensors")
-        result = fold(spec, tmp_path / f"{spec}-folded.safetensors", weights=weights)
+        result = fold(spec, tmp_path / f"{spec}-folded.safetensors", weights=weights, latency=False)
         assert len(result.folded) == NAMED[spec] and result.kept == []
         into = {p.rsplit(".", 1)[0].rsplit(".", 1)[-1] for s in result.folded for p in s.into}
         assert into == ({"bn2"} if spec == "seresnet18" else {"conv_pw", "conv_pwl"})
@@ -148,7 +148,7 @@ def test_analyze_fold_profile_and_export_on_the_named_networks(tmp_path, data, s
     assert len(analysis.sites) == NAMED[spec] and all(s.macs for s in analysis.sites)
     report = json.loads((tmp_path / "a" / "analysis.json").read_text())
     assert report["classes"] == sorted(p.name for p in (data / "val").iterdir())
-    result = fold(spec, tmp_path / "f.safetensors", str(data), weights=weights, max_gate_std=10.0)
+    result = fold(spec, tmp_path / "f.safetensors", str(data), weights=weights, max_gate_std=10.0, latency=False)
     assert len(result.folded) == NAMED[spec]
     folded = seify.load(tmp_path / "f.safetensors")
     assert read_recipe(tmp_path / "f.safetensors")["folded_native"] == [s.path for s in
@@ -196,7 +196,8 @@ def test_fold_within_a_budget_that_allows_nothing_writes_the_model_unchanged(tmp
         change, top1 = real(self, folded)
         return change, top1 if folded is self.original else top1 - 1.0
     monkeypatch.setattr(fold_module._Measure, "measured", every_fold_costs_a_point)
-    result = fold("test_byobnet", tmp_path / "f.safetensors", str(data), weights=weights, max_top1_drop=0.5)
+    result = fold("test_byobnet", tmp_path / "f.safetensors", str(data), weights=weights, max_top1_drop=0.5,
+                  latency=False)
     assert result.folded == [] and result.steps == [] and "allows no gate" in result.notes[0]
     assert all("past 0.5 points" in k["why"] for k in result.kept) and len(result.kept) == 4
     from safetensors.torch import load_file  # the written model is the input's weights, byte for byte

@@ -11,7 +11,7 @@ import typer
 from .. import __version__
 from ..errors import SeifyError, first_line, flag
 from ..finetune.config import FinetuneConfig
-from ..options import COMPARISON, DATA, DEVICES, EXPORTER, OUTPUT, SE_BLOCK, SOURCE, SEOptions
+from ..options import COMPARISON, DATA, DEVICES, EXPORTER, FOLD_LATENCY, OUTPUT, SE_BLOCK, SOURCE, SEOptions
 from . import output
 from .flags import (
     Data,
@@ -325,7 +325,7 @@ def fold_command(
         max_images: Annotated[Optional[int], typer.Option(help="A fixed random subset of DATA's images.",
                                                           rich_help_panel=DATA)] = 512,
         latency: Annotated[bool, typer.Option(help="Time the model before and after (batch 1, one thread, eager "
-                                                   "and onnxruntime).", rich_help_panel=OUTPUT)] = True,
+                                                   "and onnxruntime).", rich_help_panel=OUTPUT)] = FOLD_LATENCY,
         device: Device = None, force: Force = False, json_out: Json = False):
     """Take channel gates out where they do nothing: a constant gate folded into a neighbouring layer, for free.
 
