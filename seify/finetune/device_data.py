@@ -100,32 +100,58 @@ class DeviceTransform:
         resized = self._resize(image, scaled)
         return TF.center_crop(resized, [self.size, self.size])
 
-    def _training(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def _draws(self, image: torch.Tensor, seed: int) -> Draws:
+        """One training image's random draws, from its own generator, in a fixed order: crop, flip, jitter."""
         augmentation = self.augmentation
         assert augmentation is not None
-        if augmentation.preset == "none":
-            out = self._evaluation(image)
-        else:
-            top, left, h, w = crop_box(image.shape[-2:], augmentation.crop_scale, generator)
-            out = self._resize(image[:, top:top + h, left:left + w], (self.size, self.size))
-        if augmentation.hflip and float(torch.rand((), generator=generator)) < augmentation.hflip:
-            out = out.flip(-1)
-        if augmentation.preset == "imagenet":
-            out = colour_jitter(out / 255, 0.4, generator) * 255
-        return out
+        generator = torch.Generator().manual_seed(seed)
+        box = None if augmentation.preset == "none" else crop_box(image.shape[-2:], augmentation.crop_scale,
+                                                                   generator)
+        flip = bool(augmentation.hflip) and float(torch.rand((), generator=generator)) < augmentation.hflip
+        jitter = jitter_draws(JITTER, generator) if augmentation.preset == "imagenet" else None
+        return Draws(box, flip, jitter)
+
+    def _sized(self, image: torch.Tensor, draws: Draws | None) -> torch.Tensor:
+        """The image cropped and resized (a view and one resize: the only work done image by image)."""
+        if draws is None or draws.box is None:
+            return self._evaluation(image)
+        top, left, h, w = draws.box
+        return self._resize(image[:, top:top + h, left:left + w], (self.size, self.size))
 
     def __call__(self, images: list[torch.Tensor], indices: list[int], epoch: int, training: bool) -> torch.Tensor:
-        outs = []
-        for image, index in zip(images, indices, strict=True):
-            if training and self.augmentation is not None:
-                generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
-                outs.append(self._training(image, generator))
-            else:
-                outs.append(self._evaluation(image))
-        batch = torch.stack(outs).clamp_(0, 255).div_(255)
+        """The batch, normalised: each image cropped and resized on its own (sizes differ), then flipped, jittered
+        and normalised as one batch, each image by its own draws."""
+        augmented = training and self.augmentation is not None
+        draws = [self._draws(image, sample_seed(self.seed, epoch, index)) if augmented else None
+                 for image, index in zip(images, indices, strict=True)]
+        batch = torch.stack([self._sized(image, d) for image, d in zip(images, draws, strict=True)])
+        if augmented:
+            batch = _flip_and_jitter(batch, [d for d in draws if d is not None])
+        batch = batch.clamp_(0, 255).div_(255)
         mean = torch.tensor(self.mean, device=batch.device)[:, None, None]
         std = torch.tensor(self.std, device=batch.device)[:, None, None]
         return (batch - mean) / std
+
+
+JITTER = 0.4  # timm's colour jitter: brightness, contrast and saturation
+
+
+@dataclass(frozen=True)
+class Draws:
+    box: tuple[int, int, int, int] | None  # the crop (top, left, height, width); None: the evaluation transform
+    flip: bool
+    jitter: tuple[list[float], list[int]] | None  # the three factors and the order they are applied in
+
+
+def _flip_and_jitter(batch: torch.Tensor, draws: list[Draws]) -> torch.Tensor:
+    """Flips and colour jitter of a batch in a few whole-batch operations, each image by its own draws."""
+    flips = torch.tensor([d.flip for d in draws], device=batch.device)
+    batch = torch.where(flips[:, None, None, None], batch.flip(-1), batch)
+    if draws[0].jitter is None:
+        return batch
+    factors = torch.tensor([d.jitter[0] for d in draws if d.jitter], dtype=torch.float64)
+    orders = torch.tensor([d.jitter[1] for d in draws if d.jitter], device=batch.device)
+    return colour_jitter(batch / 255, factors, orders) * 255
 
 
 def crop_box(shape, scale: tuple[float, float], generator: torch.Generator,
@@ -151,13 +177,29 @@ def crop_box(shape, scale: tuple[float, float], generator: torch.Generator,
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def colour_jitter(image: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
-    """torchvision's ColorJitter(strength, strength, strength) on a [0, 1] image, drawn from ``generator``."""
-    adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
+def jitter_draws(strength: float, generator: torch.Generator) -> tuple[list[float], list[int]]:
+    """torchvision's ColorJitter(strength, strength, strength) draws: a factor for brightness, contrast and
+    saturation, and the order they are applied in."""
     factors = (1 - strength + 2 * strength * torch.rand(3, generator=generator, dtype=torch.float64)).tolist()
-    for k in torch.randperm(3, generator=generator).tolist():
-        image = adjust[k](image, factors[k])
-    return image
+    return factors, torch.randperm(3, generator=generator).tolist()
+
+
+def colour_jitter(images: torch.Tensor, factors: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
+    """ColorJitter on a batch of [0, 1] images (N, 3, H, W), image n adjusted by ``factors[n]`` (brightness,
+    contrast, saturation; float64 on the CPU) in the order ``orders[n]``: torchvision's formulas, a blend with a
+    factor f and its 1 - f taken in double precision as torchvision takes a Python float."""
+    f = factors.to(images.dtype).to(images.device)[:, :, None, None, None]
+    rest = (1 - factors).to(images.dtype).to(images.device)[:, :, None, None, None]
+
+    def adjusted(x: torch.Tensor, kind: int) -> torch.Tensor:
+        gray = (x[:, 0] * 0.2989 + x[:, 1] * 0.587 + x[:, 2] * 0.114)[:, None]
+        other = (torch.zeros_like(x), gray.mean((-3, -2, -1), keepdim=True), gray)[kind]
+        return (f[:, kind] * x + rest[:, kind] * other).clamp_(0, 1)
+    for position in range(3):
+        kind = orders[:, position][:, None, None, None]
+        images = torch.where(kind == 0, adjusted(images, 0), torch.where(kind == 1, adjusted(images, 1),
+                                                                            adjusted(images, 2)))
+    return images
 
 
 class DeviceBatches:
