@@ -34,9 +34,13 @@ def straight(tmp_path_factory, tiny, se_file):
     return finetune(se_file, str(tiny), config(tmp_path_factory.mktemp("straight") / "run", **LOADERS)).out
 
 
-def test_augmentation_is_drawn_per_image_not_per_loader(tiny):
+def test_augmentation_is_drawn_per_image_not_per_loader(tiny, monkeypatch):
     """An image's crop depends on (seed, epoch, index): not on which process loads it, nor on what was drawn
-    before it. The global random state the training draws from is left as it was."""
+    before it. The global random state the training draws from is left as it was, the CUDA generators (dropout on
+    a GPU) never seeded nor set."""
+    touched = []
+    for name in ("manual_seed", "manual_seed_all", "set_rng_state", "set_rng_state_all"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, name=name, **k: touched.append(name))
     import timm
     from timm.data import resolve_data_config
 
@@ -51,6 +55,7 @@ def test_augmentation_is_drawn_per_image_not_per_loader(tiny):
     assert torch.equal(dataset[2][0], first[2])  # another history, the same draw
     dataset.epoch = 1
     assert not torch.equal(dataset[2][0], first[2])  # another epoch, another crop
+    assert touched == []
 
 
 @pytest.mark.slow

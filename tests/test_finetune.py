@@ -104,6 +104,9 @@ def test_run_writes_everything(tmp_path, tiny, se_file):
     assert recipe["classes"] == sorted(CLASSES) and recipe["num_classes"] == 4
     assert recipe["data_config"]["input_size"] == [3, 32, 32]  # the size it was trained at
     assert seify.load(out / "best.safetensors").get_classifier().out_features == 4
+    ranks = [weights(tmp_path / f"rank-{r}.safetensors") for r in (0, 1)]  # both ranks hold the model rank 0 saved
+    saved = weights(out / "last.safetensors")
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) and torch.equal(ranks[0][k], saved[k]) for k in saved)
     # an independent evaluation of the best file reproduces the logged validation accuracy, at the trained size
     again = evaluate_folder(str(out / "best.safetensors"), str(tiny / "val"), device="cpu", workers=0)
     assert again["img_size"] == 32 and again["top1"] == pytest.approx(max(r["val_top1"] for r in rows))
@@ -387,9 +390,11 @@ def test_sigint_from_outside_exits_130(tmp_path, tiny, se_file):
 @pytest.mark.slow
 def test_two_process_gloo_job(tmp_path, tiny, se_file):
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    here = Path(__file__).parent  # rank_weights.py: seify's command, then each rank's weights written
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(here), "RANK_WEIGHTS": str(tmp_path / "rank")}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", str(_free_port()), "-m", "seify", "finetune", se_file, str(tiny), "--out",
+                          "--master_port", str(_free_port()), str(here / "rank_weights.py"), "finetune", se_file,
+                          str(tiny), "--out",
                           str(out), "--epochs", "1", "--batch-size", "4", "--img-size", "32", "--workers", "0",
                           "--device", "cpu", "--log-every", "0"], capture_output=True, text=True, env=env,
                          timeout=300)
