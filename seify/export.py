@@ -41,7 +41,7 @@ from .checkpoint import (
 from .equivalence import Difference, difference, probe
 from .errors import SeifyError, first_line
 from .limits import check_choice, check_whole
-from .models import LoadedModel, load, resolve
+from .models import LoadedModel, files_read, load, resolve
 from .models.twins import timm_twin
 from .surgery import convertible_scope
 
@@ -115,8 +115,7 @@ def export(model: str | nn.Module, path: str | Path, format: str = "onnx", *, we
 
 def _input_files(model: str | nn.Module, weights: str | None) -> list[Path]:
     """The files (or folders) the export reads: never written over, never inside a folder it replaces."""
-    named = [model.removeprefix("local-dir:") if isinstance(model, str) else None, weights]
-    return [Path(p) for p in named if p and Path(p).exists()]
+    return list(files_read(model if isinstance(model, str) else None, weights))
 
 
 def _check_output(path: Path, format: str, force: bool, inputs: list[Path]) -> None:

@@ -39,7 +39,7 @@ from .gates import (
 )
 from .images.scoring import Scored, batches_of, scored_images
 from .limits import check_number, check_pattern, check_whole
-from .models import HELD, LoadedModel, num_classes_of, resolve
+from .models import HELD, LoadedModel, files_read, num_classes_of, resolve
 from .models.files import module_or_none
 from .options import FOLD_LATENCY
 from .timing import inference_ms, onnxruntime_ms
@@ -89,7 +89,7 @@ def fold(model: str | nn.Module, out: str | Path | None, data: str | None = None
     ``out`` as a seify file whose recipe records what was folded. ``model`` may be a module you hold (it is left as
     it is); with ``out`` None nothing is written, and the folded model is ``result.module``."""
     _check(max_gate_std, max_top1_drop, max_images, include, exclude, data)
-    inputs = tuple(x for x in (model, weights) if isinstance(x, str))
+    inputs = files_read(*(x for x in (model, weights) if isinstance(x, str)))
     if out is not None:
         check_writable(out, force=force, inputs=inputs)
     loaded = resolve(model, weights=weights, pretrained=pretrained)

@@ -79,14 +79,16 @@ def convert_command(
     """
     from .. import api
     from ..checkpoint import check_writable
+    from ..models import files_read
     options, _ = se
     out = out or api.default_output(model)
+    inputs = files_read(model, weights)
     if not dry_run:
-        check_writable(out, force=force, inputs=(model, weights))
+        check_writable(out, force=force, inputs=inputs)
     result = api.convert(model, options, weights=weights, pretrained=pretrained, num_classes=num_classes,
                          input_size=input_size(size), dry_run=dry_run)
     if not dry_run:
-        api.save(result, out, force=force, inputs=(model, weights))
+        api.save(result, out, force=force, inputs=inputs)
     output.document(result.report()) if json_out else output.conversion(result)
 
 

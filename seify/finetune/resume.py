@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from ..errors import SeifyError, first_line, flag, shown
+from ..models import files_read
 from ..options import SEOptions
 from . import rng
 from .build import Training, schedule
@@ -157,10 +158,9 @@ def _decide(folder: RunFolder, config: FinetuneConfig, source: Source, lock: Cal
 
 
 def _check_not_an_input(out: Path, source: Source) -> None:
-    """--force clears the run's outputs: never when MODEL or --weights is one of them."""
-    for path in (source.model, source.weights):
-        if path and Path(path).exists() and (Path(path).resolve().parent == out.resolve()
-                                             or out.resolve() in Path(path).resolve().parents):
+    """--force clears the run's outputs: never when MODEL or --weights (however spelt) is one of them."""
+    for path in files_read(source.model, source.weights):
+        if path.resolve() == out.resolve() or out.resolve() in path.resolve().parents:
             raise SeifyError(f"{path} is inside {out}, which this run writes; copy it elsewhere or choose another "
                              "{out}", "out")
 

@@ -22,9 +22,10 @@ from . import adapters
 from .classifier import classifier_keys, classifier_name, num_classes_of, reorder_classifier, reset_classifier
 from .files import freeze_batchnorm, from_recipe, has_frozen_batchnorm, load_strict, model_of, rebuild
 from .folders import build_folder
-from .spec import Spec, build, check_known, data_config, seify_file
+from .spec import Spec, build, check_known, data_config, files_read, seify_file
 
-__all__ = ["HELD", "LoadedModel", "resolve", "name_of", "load", "build", "check_known", "data_config", "from_recipe",
+__all__ = ["HELD", "LoadedModel", "resolve", "name_of", "load", "build", "check_known", "data_config", "files_read",
+           "from_recipe",
            "model_of",
            "freeze_batchnorm", "has_frozen_batchnorm", "classifier_keys", "classifier_name", "num_classes_of",
            "reorder_classifier", "reset_classifier"]

@@ -203,3 +203,32 @@ def data_config(model: nn.Module, spec: str) -> dict:
     except (ValueError, AttributeError, IndexError, TypeError):
         pass
     return config
+
+
+def files_read(*specs: str | None) -> tuple[Path, ...]:
+    """Every file (or folder) that reading these MODEL and ``--weights`` spellings opens: a path as given (a link
+    too: compared by what it points to), a ``local-dir:`` folder and the files in it, an ``hf-hub:`` id's files
+    in the local cache. What a command writes is compared with each, so that no spelling lets it write over its
+    input."""
+    found: list[Path] = []
+    for spec in specs:
+        if not spec:
+            continue
+        parsed = Spec.parse(spec)
+        if parsed.folder is not None:
+            found.append(parsed.folder)
+            found += [f for f in parsed.folder.iterdir() if f.is_file()] if parsed.folder.is_dir() else []
+        elif parsed.hub:
+            found += _cached(spec)
+        elif Path(spec).exists():
+            found.append(Path(spec))
+    return tuple(found)
+
+
+def _cached(spec: str) -> list[Path]:
+    """The files of a hub repository already in the local cache (nothing is downloaded to find them)."""
+    from huggingface_hub import try_to_load_from_cache
+    repo, _, revision = spec[len(HUB):].partition("@")
+    paths = [try_to_load_from_cache(repo, name, revision=revision or None)
+             for name in ("config.json", WEIGHTS, "pytorch_model.bin")]
+    return [Path(p) for p in paths if isinstance(p, str)]
