@@ -21,7 +21,7 @@ from .counting import count_macs
 from .device import check_device
 from .gates import Gate, GateStats, find_gates, no_gates, record_gates
 from .images.scoring import batches_of, scored_images
-from .limits import check_pattern, check_whole
+from .limits import MAX_IMAGE_SIZE, check_pattern, check_whole
 from .models import LoadedModel, model_of, name_of, resolve
 from .plots import excitations, gate_summary, save_png
 
@@ -36,9 +36,12 @@ class Analysis:
     files: list[str]
     notes: list[str]
     skipped: list[str] = field(default_factory=list)  # files of DATA that could not be read as images
+    img_size: int | None = None  # the size the images ran at, and where it came from
+    img_size_from: str | None = None
 
     def to_dict(self) -> dict:
         return {"model": self.model, "data": self.data, "images": self.where, "classes": self.classes,
+                "img_size": self.img_size, "img_size_from": self.img_size_from,
                 "sites": [s.summary(self.classes) for s in self.sites], "files": self.files, "notes": self.notes,
                 "skipped": self.skipped}
 
@@ -51,13 +54,15 @@ class Analysis:
 def analyze(model: str | nn.Module, data: str, *, weights: str | None = None, pretrained: bool = False,
             out: str | Path | None = None, max_images: int | None = None, batch_size: int = 64,
             device: str | None = None, val_split: float | None = None, seed: int | None = None, force: bool = False,
-            include: str | None = None, exclude: str | None = None) -> Analysis:
+            include: str | None = None, exclude: str | None = None, img_size: int | None = None) -> Analysis:
     """Record every channel gate of ``model`` (seify's SE blocks or a network's own: ``seify.gates``) over the
     images of ``data`` (as ``seify evaluate`` chooses them, grouped by DATA's own classes, whatever the model's
     head) and write analysis.json, gates.safetensors, excitations.png and summary.png into ``out``. ``model`` is
     any spec seify takes, or a module you hold."""
     if max_images is not None:
         check_whole(max_images, "max_images", 1, None)
+    if img_size is not None:
+        check_whole(img_size, "img_size", 8, MAX_IMAGE_SIZE)
     for text, name in ((include, "include"), (exclude, "exclude")):
         check_pattern(text, name)
     dev = torch.device(check_device(device))
@@ -67,14 +72,16 @@ def analyze(model: str | nn.Module, data: str, *, weights: str | None = None, pr
         raise no_gates(loaded.spec, include, exclude)
     default = f"{Path(name_of(model)).name.removesuffix('.safetensors')}-analysis"
     folder = check_output_folder(out if out is not None else default, force=force)
-    images = scored_images(loaded, data, val_split=val_split, seed=seed, max_images=max_images, own_classes=True)
+    images = scored_images(loaded, data, img_size, val_split=val_split, seed=seed, max_images=max_images,
+                           own_classes=True)
     failed: list = []
     stats = record_gates(loaded.model, gates, batches_of(images.dataset, batch_size, dev), len(images.classes), dev,
                          _sites(loaded, gates), failed)
     skipped = images.skipped + [path for path, _ in failed]
     notes = images.notes + gates.note() + ([f"skipped {len(skipped)} unreadable file(s): {', '.join(skipped[:3])}"
                              f"{', ...' if len(skipped) > 3 else ''}"] if skipped else [])
-    result = Analysis(name_of(model), str(data), images.where, images.classes, list(stats.values()), [], notes, skipped)
+    result = Analysis(name_of(model), str(data), images.where, images.classes, list(stats.values()), [], notes, skipped,
+                      images.img_size, images.size_from)
     result.files = _write(folder, result)
     return result
 

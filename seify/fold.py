@@ -38,7 +38,7 @@ from .gates import (
     without_gates,
 )
 from .images.scoring import Scored, batches_of, scored_images
-from .limits import check_number, check_pattern, check_whole
+from .limits import MAX_IMAGE_SIZE, check_number, check_pattern, check_whole
 from .models import HELD, LoadedModel, files_read, num_classes_of, resolve
 from .models.files import module_or_none
 from .options import FOLD_LATENCY
@@ -74,6 +74,8 @@ class Folded:
     steps: list[dict] = field(default_factory=list)  # the budget's folds in order, each with top-1 after it
     stopped_at: dict | None = None  # the gate whose fold would have passed the budget, and the top-1 it gave
     latency: dict | None = None  # milliseconds before, after and with every gate removed; eager and onnxruntime
+    img_size: int | None = None  # the size the images were measured at, and where it came from
+    img_size_from: str | None = None
     notes: list[str] = field(default_factory=list)
     module: nn.Module | None = field(default=None, repr=False)  # the folded model
 
@@ -82,13 +84,15 @@ class Folded:
 
 
 def fold(model: str | nn.Module, out: str | Path | None, data: str | None = None, *, weights: str | None = None,
-         pretrained: bool = False, max_gate_std: float = 0.01, max_top1_drop: float | None = None,
+         pretrained: bool = False, max_gate_std: float | None = None, max_top1_drop: float | None = None,
          include: str | None = None, exclude: str | None = None, max_images: int | None = 512, batch_size: int = 64,
-         device: str | None = None, latency: bool = FOLD_LATENCY, force: bool = False) -> Folded:
+         device: str | None = None, latency: bool = FOLD_LATENCY, force: bool = False,
+         img_size: int | None = None) -> Folded:
     """Fold the gates of ``model`` that do nothing input-dependent (see the module's doc) and write the result to
     ``out`` as a seify file whose recipe records what was folded. ``model`` may be a module you hold (it is left as
     it is); with ``out`` None nothing is written, and the folded model is ``result.module``."""
-    _check(max_gate_std, max_top1_drop, max_images, include, exclude, data)
+    _check(max_gate_std, max_top1_drop, max_images, include, exclude, data, img_size)
+    max_gate_std = MAX_GATE_STD if max_gate_std is None else max_gate_std
     inputs = files_read(*(x for x in (model, weights) if isinstance(x, str)))
     if out is not None:
         check_writable(out, force=force, inputs=inputs)
@@ -100,7 +104,7 @@ def fold(model: str | nn.Module, out: str | Path | None, data: str | None = None
         raise SeifyError(f"{loaded.spec} carries no seify recipe to write a file with: fold it with out=None and keep "
                          "result.module, or fold the file that seify.save wrote")
     dev = torch.device(check_device(device))
-    images = scored_images(loaded, data, max_images=max_images) if data is not None else None
+    images = scored_images(loaded, data, img_size, max_images=max_images) if data is not None else None
     # decoded once and kept: every gate is measured on them alone and again with the others (max_images bounds it)
     batches = list(batches_of(images.dataset, batch_size, dev)) if images is not None else []
     stats = record_gates(loaded.model, gates, batches, len(images.classes), dev) if images is not None else {}
@@ -126,19 +130,32 @@ def fold(model: str | nn.Module, out: str | Path | None, data: str | None = None
     result.kept = [{"path": p, "why": why} for p, why in kept.items()]
     result.max_output_change, result.top1_after = measure.measured(folded_model)
     result.params_saved, result.macs_saved = (sum(sites[p].params for p in chosen), sum(sites[p].macs for p in chosen))
-    result.notes += gates.note()
+    result.notes += gates.note() + (images.notes + images.at_chance(result.top1_before or 0.0) if images else [])
+    if images is not None:
+        result.img_size, result.img_size_from = images.img_size, images.size_from
     if not chosen:
         result.notes.append(f"the budget of {max_top1_drop:g} points allows no gate: the model is written unchanged")
     if latency:
         result.latency = _latency(original, folded_model, gates, tuple(loaded.data_config["input_size"]))
     result.module = folded_model.cpu()
     if out is not None:
-        save(result.module, out, _recipe(loaded, gates, chosen), force=force, inputs=inputs)
+        save(result.module, out, _recipe(loaded, gates, chosen, img_size), force=force, inputs=inputs)
     return result
 
 
-def _check(max_gate_std, max_top1_drop, max_images, include, exclude, data) -> None:
-    check_number(max_gate_std, "max_gate_std", 0, math.inf)
+MAX_GATE_STD = 0.01  # fold's default: a gate varying by at most this over the images is folded at its mean
+
+
+def _check(max_gate_std, max_top1_drop, max_images, include, exclude, data, img_size) -> None:
+    if max_gate_std is not None:
+        check_number(max_gate_std, "max_gate_std", 0, 1e6)
+        if max_top1_drop is not None:
+            raise SeifyError("{max_top1_drop} chooses the gates by the top-1 they cost, {max_gate_std} by how much "
+                             "they vary: pass one of them", "max_top1_drop", "max_gate_std")
+    if img_size is not None:
+        check_whole(img_size, "img_size", 8, MAX_IMAGE_SIZE)
+        if data is None:
+            raise SeifyError("{img_size} is the size DATA's images are measured at: pass DATA", "img_size")
     if max_top1_drop is not None:
         check_number(max_top1_drop, "max_top1_drop", 0, 100)
         if data is None:
@@ -236,12 +253,15 @@ def _latency(original: nn.Module, folded: nn.Module, gates: dict[str, Gate], siz
             for runtime, ms in timed.items()}
 
 
-def _recipe(loaded: LoadedModel, gates: dict[str, Gate], chosen: list[str]) -> dict:
+def _recipe(loaded: LoadedModel, gates: dict[str, Gate], chosen: list[str], img_size: int | None) -> dict:
     """The recipe of the folded file: seify's blocks leave its sites, a network's own gates are recorded as
-    replaced (``from_recipe`` takes them out of the rebuilt model)."""
+    replaced (``from_recipe`` takes them out of the rebuilt model); the size it was measured at where it was given
+    (``img_size``), which later commands then default to."""
     recipe = dict(loaded.recipe) if loaded.recipe is not None else make_recipe(
         loaded.spec, num_classes_of(loaded.model), None, loaded.data_config["input_size"], loaded.data_config, [],
         weights=loaded.weights)
+    if img_size is not None:
+        recipe["data_config"] = {**recipe["data_config"], "input_size": [3, img_size, img_size]}
     ours = [p for p in chosen if gates[p].ours]
     native = [p for p in chosen if not gates[p].ours]
     if ours:

@@ -38,6 +38,8 @@ app = typer.Typer(
          "seify COMMAND --help shows a command's options.",
     no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode="rich", add_completion=False)
 _state = {"debug": False}
+ImgSize = Annotated[Optional[int], typer.Option(help="Run the model at N px (default: the size it was trained at, "
+                                                   "else the architecture's).", rich_help_panel=DATA)]
 InputSize = Annotated[Optional[str], typer.Option("--input-size", help="C,H,W the model works at (default: the "
                                                                        "size it was trained or converted at).",
                                                   rich_help_panel=DATA)]
@@ -211,8 +213,7 @@ def evaluate_command(
                                                  "tree.")],
         weights: Weights = None, pretrained: Pretrained = False,
         batch_size: Annotated[int, typer.Option(help="Images per batch.", rich_help_panel=DEVICES)] = 64,
-        img_size: Annotated[Optional[int], typer.Option(help="Evaluate at N px (default: the size the model was "
-                                                             "trained at).", rich_help_panel=DATA)] = None,
+        img_size: ImgSize = None,
         val_split: Annotated[Optional[float], typer.Option(help="Score the part of a DATA/<class> tree that "
                                                                 "finetune --val-split F held out (default: the "
                                                                 "model's own split where it was fine-tuned on this "
@@ -288,7 +289,7 @@ def analyze_command(
         val_split: Annotated[Optional[float], typer.Option(help="The part of a DATA/<class> tree to use, as "
                                                                 "evaluate --val-split (default: the run's split).",
                                                            rich_help_panel=DATA)] = None,
-        include: Include = None, exclude: Exclude = None,
+        img_size: ImgSize = None, include: Include = None, exclude: Exclude = None,
         device: Device = None, force: Force = False, json_out: Json = False):
     """What did SE learn? Every channel gate over DATA's images: per site and class, specificity and saturation.
 
@@ -304,7 +305,7 @@ def analyze_command(
     """
     from ..analyze import analyze
     result = analyze(model, data, weights=weights, pretrained=pretrained, out=out, max_images=max_images, device=device,
-                     val_split=val_split, force=force, include=include, exclude=exclude)
+                     val_split=val_split, force=force, include=include, exclude=exclude, img_size=img_size)
     output.document(result.to_dict()) if json_out else output.analysis(result)
 
 
@@ -317,15 +318,16 @@ def fold_command(
         *, out: Annotated[str, typer.Option("--output", "-o", help="Where to write the folded seify file.",
                                             rich_help_panel=OUTPUT)],
         weights: Weights = None, pretrained: Pretrained = False,
-        max_gate_std: Annotated[float, typer.Option(help="With DATA: fold a gate that varies by at most this over "
-                                                         "the images, in every channel.",
-                                                    rich_help_panel=SE_BLOCK)] = 0.01,
+        max_gate_std: Annotated[Optional[float], typer.Option(
+            help="With DATA: fold a gate that varies by at most this (default 0.01) over the images, in every "
+                 "channel.", rich_help_panel=SE_BLOCK)] = None,
         max_top1_drop: Annotated[Optional[float], typer.Option(
             help="With DATA: fold the least harmful gates first, re-measured after each, while top-1 drops by at "
                  "most this many points (instead of --max-gate-std).", rich_help_panel=SE_BLOCK)] = None,
         include: Include = None, exclude: Exclude = None,
         max_images: Annotated[Optional[int], typer.Option(help="A fixed random subset of DATA's images.",
                                                           rich_help_panel=DATA)] = 512,
+        img_size: ImgSize = None,
         latency: Annotated[bool, typer.Option(help="Time the model before and after (batch 1, one thread, eager "
                                                    "and onnxruntime).", rich_help_panel=OUTPUT)] = FOLD_LATENCY,
         device: Device = None, force: Force = False, json_out: Json = False):
@@ -342,7 +344,7 @@ def fold_command(
     from ..fold import fold
     result = fold(model, out, data, weights=weights, pretrained=pretrained, max_gate_std=max_gate_std,
                   max_top1_drop=max_top1_drop, include=include, exclude=exclude, max_images=max_images, device=device,
-                  latency=latency, force=force)
+                  latency=latency, force=force, img_size=img_size)
     output.document(result.to_dict()) if json_out else output.folded(result)
 
 

@@ -20,6 +20,7 @@ from ..checkpoint import read_recipe
 from ..device import native_bf16
 from ..errors import SeifyError
 from ..images import folders
+from ..images.scoring import name_digest
 from ..models import resolve
 from ..models.spec import Spec, seify_file
 from ..se import SiteBlock
@@ -156,7 +157,9 @@ def _data(prepared: Prepared, classes, train, val, data_dir: str, config: Finetu
     prepared.recipe["finetune"] = {"img_size": img_size, "augmentation": augmentation.preset,
                                    "data_fingerprint": folders.fingerprint(data_dir, classes, train, val),
                                    "seed": config.seed, "config": config.portable(),
-                                   "val_split": None if folders.has_val_folder(data_dir) else config.val_split}
+                                   "val_split": None if folders.has_val_folder(data_dir) else config.val_split,
+                                   "held_out": None if folders.has_val_folder(data_dir) else
+                                   sorted(name_digest(data_dir, path) for path, _ in val.items)}
     transform = None
     train_set: folders.ImageDataset | device_data.EncodedDataset
     val_set: folders.ImageDataset | device_data.EncodedDataset

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,13 +94,39 @@ def evaluate(model: nn.Module, batches, device: torch.device, num_classes: int, 
 
 @dataclass
 class Scored:
-    """The images a command runs a model over, labelled in the model's class order."""
+    """The images a command runs a model over, labelled in the model's class order, and the size it runs at."""
     classes: list[str]
     dataset: ImageDataset
     where: str  # which images these are, in words
     skipped: list[str]  # files of DATA that are not readable images
     notes: list[str]
+    img_size: int = 0
+    size_from: str = ""  # where the size came from, in words
 
+    def at_chance(self, top1: float) -> list[str]:
+        """A warning where a model scores about what guessing would: the size or the classes may be wrong."""
+        chance = 100 / max(len(self.classes), 1)
+        if len(self.classes) < 2 or top1 > chance + CHANCE_POINTS:
+            return []
+        return [f"top-1 {top1:.2f}% is about chance ({chance:.1f}% for {len(self.classes)} classes): is "
+                f"{self.img_size} px ({self.size_from}) the size it was trained at, and are these its classes? "
+                "Pass --img-size N to run it at another size"]
+
+
+CHANCE_POINTS = 5  # within this many points of 1/classes, a model is taken to be guessing
+
+
+def size_of(loaded: LoadedModel, img_size: int | None) -> tuple[int, str]:
+    """(the size a model is run at, where that size came from, in words)."""
+    if img_size is not None:
+        return img_size, "--img-size"
+    recipe = loaded.recipe or {}
+    size = int(loaded.data_config["input_size"][-1])
+    if (recipe.get("finetune") or {}).get("img_size"):
+        return size, "the size it was fine-tuned at"
+    if recipe:
+        return size, "the size its file records"
+    return size, "the architecture's default: the checkpoint records no size"
 
 def scored_images(loaded: LoadedModel, data: str, img_size: int | None = None, val_split: float | None = None,
                   seed: int | None = None, all_images: bool = False, max_images: int | None = None,
@@ -115,9 +143,8 @@ def scored_images(loaded: LoadedModel, data: str, img_size: int | None = None, v
     if all_images and val_split is not None:
         raise SeifyError("pass {val_split} to score a held-out part or {all_images} to score every image, not both",
                          "val_split", "all_images")
-    folder_classes, samples, where = _images(data, (loaded.recipe or {}).get("finetune") or {}, val_split, seed,
-                                             all_images)
-    notes = []
+    folder_classes, samples, where, notes = _images(data, (loaded.recipe or {}).get("finetune") or {}, val_split,
+                                                    seed, all_images)
     classes = folder_classes if own_classes else loaded.classes
     if classes is None:
         classes = folder_classes
@@ -133,8 +160,10 @@ def scored_images(loaded: LoadedModel, data: str, img_size: int | None = None, v
     if max_images is not None and len(items) > max_images:
         where = f"{max_images} of the {len(items)} {where} (each class in its share)"
         items = stratified(items, max_images)
+    size, size_from = size_of(loaded, img_size)
+    notes.append(f"at {size} px ({size_from})")
     return Scored(list(classes), ImageDataset(items, transforms(loaded.data_config, img_size)), where,
-                  samples.skipped, notes)
+                  samples.skipped, notes, size, size_from)
 
 
 def stratified(items: list[tuple[str, int]], size: int, seed: int = 0) -> list[tuple[str, int]]:
@@ -174,10 +203,11 @@ def evaluate_folder(model_spec: str, data: str, batch_size: int = 64, img_size: 
     images = scored_images(loaded, data, img_size, val_split, seed, all_images)
     result = evaluate(loaded.model.to(dev), batches_of(images.dataset, batch_size, dev, workers), dev,
                       len(images.classes))
-    size = img_size or loaded.data_config["input_size"][-1]
     skipped = images.skipped + [path for path, _ in result["undecodable"]]
-    return {"model": model_spec, "weights": weights, "data": str(data), "scored": images.where, "img_size": size,
-            "classes": images.classes, "skipped": skipped, "notes": _adapter_notes(loaded) + images.notes, **result}
+    notes = _adapter_notes(loaded) + images.notes + images.at_chance(result["top1"])
+    return {"model": model_spec, "weights": weights, "data": str(data), "scored": images.where,
+            "img_size": images.img_size, "img_size_from": images.size_from, "classes": images.classes,
+            "skipped": skipped, "notes": notes, **result}
 
 
 def _adapter_notes(loaded) -> list[str]:
@@ -206,31 +236,57 @@ def _run_split(root: Path, trained: dict) -> tuple | None:
 
 
 def _images(data: str, trained: dict, val_split: float | None, seed: int | None, all_images: bool):
-    """(the tree's class names, the samples to score, which images those are, in words)."""
+    """(the tree's class names, the samples to score, which images those are, in words, notes)."""
     root = Path(data)
     if not root.is_dir():
         raise SeifyError(f"data folder {data} does not exist")
     if all_images and has_val_folder(root):
         classes, train, val = discover(root)
         return classes, Samples(train.items + val.items, train.skipped + val.skipped), \
-            f"every image of {data} (train/ and val/)"
+            f"every image of {data} (train/ and val/)", []
     if (root / "val").is_dir():
         classes = class_folders(root / "val")
-        return classes, scan(root / "val", classes), f"{root / 'val'}"
+        return classes, scan(root / "val", classes), f"{root / 'val'}", []
     tree = root / "train" if (root / "train").is_dir() else root
     split, how = None, "held out"
     if all_images:
         val_split = None
     elif val_split is None and trained.get("val_split"):
         split = _run_split(root, trained)
-        if split is not None:
-            val_split, seed, how = trained["val_split"], trained["seed"] if seed is None else seed, \
-                "that the run held out"
+        if split is None:
+            return _changed_tree(root, tree, trained)
+        val_split, seed, how = trained["val_split"], trained["seed"] if seed is None else seed, \
+            "that the run held out"
     if val_split is not None:
         seed = trained.get("seed", 0) if seed is None else seed
         if split is None or seed != trained["seed"]:  # the run's split is scanned once, here or above
             split = discover(root, val_split, seed)
         classes, _, val = split
-        return classes, val, f"the images of {tree} {how} with --val-split {val_split:g} --seed {seed}"
+        return classes, val, f"the images of {tree} {how} with --val-split {val_split:g} --seed {seed}", []
     classes = class_folders(tree)
-    return classes, scan(tree, classes), f"every image of {tree}"
+    return classes, scan(tree, classes), f"every image of {tree}", []
+
+
+def _changed_tree(root: Path, tree: Path, trained: dict):
+    """A tree the run split with --val-split whose files changed since: the images the run held out that are still
+    there (a file records them by a digest of their names), said in one line; every image where a file from
+    before 0.3 records none, said too, since the run trained on some of them."""
+    classes = class_folders(tree)
+    samples = scan(tree, classes)
+    changed = f"{root} is not the tree the run trained on (its files changed since)"
+    held = set(trained.get("held_out") or [])
+    if not held:
+        return classes, samples, f"every image of {tree}", [
+            f"{changed}: all {len(samples.items)} of its images are scored, some of which it trained on; pass "
+            "--all-images to say so, or --val-split F to hold out a part"]
+    kept = [item for item in samples.items if name_digest(root, item[0]) in held]
+    return classes, Samples(kept, samples.skipped), \
+        f"the {len(kept)} images of {tree} that the run held out and are still there ({len(held)} held out)", [
+            f"{changed}: scoring the images the run held out that are still there; --all-images scores all "
+            f"{len(samples.items)}, some of which it trained on"]
+
+
+def name_digest(root: str | Path, path: str) -> str:
+    """A short digest of an image's path inside DATA: how a file records the images its run held out, without
+    their names."""
+    return hashlib.sha256(Path(os.path.relpath(path, root)).as_posix().encode()).hexdigest()[:12]

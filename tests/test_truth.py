@@ -1,0 +1,73 @@
+"""Every number on inputs seify did not make says what it rests on: the size a model ran at and where that came
+from, a model at chance said so, a tree that changed since its run scored on what the run held out."""
+import shutil
+
+import pytest
+
+from conftest import ARCH, config
+from seify.finetune.loop import finetune
+from seify.fold import fold
+from seify.images.scoring import evaluate_folder
+
+
+def test_the_size_a_model_runs_at_is_said_and_a_guessing_model_is_warned(tiny, plain4, tmp_path, se_file):
+    report = evaluate_folder(ARCH, str(tiny), weights=plain4, device="cpu", workers=0)
+    assert report["img_size"] == 160 and "the architecture's default" in report["img_size_from"]
+    assert any(n.startswith("at 160 px (the architecture's default: the checkpoint records no size)")
+               for n in report["notes"])
+    assert report["top1"] <= 30 and any("is about chance (25.0% for 4 classes)" in n and "--img-size" in n
+                                        for n in report["notes"])
+    asked = evaluate_folder(ARCH, str(tiny), weights=plain4, device="cpu", workers=0, img_size=32)
+    assert asked["img_size"] == 32 and asked["img_size_from"] == "--img-size"
+    run = finetune(se_file, str(tiny), config(tmp_path / "run", epochs=1))
+    folded = fold(str(run.out / "best.safetensors"), tmp_path / "f.safetensors", str(tiny), img_size=40,
+                  max_gate_std=1.0, latency=False)
+    assert (folded.img_size, folded.img_size_from) == (40, "--img-size")
+    from seify.checkpoint import read_recipe
+    assert read_recipe(tmp_path / "f.safetensors")["data_config"]["input_size"] == [3, 40, 40]
+    again = fold(str(run.out / "best.safetensors"), None, str(tiny), max_gate_std=1.0, latency=False)
+    assert (again.img_size, again.img_size_from) == (32, "the size it was fine-tuned at")
+
+
+def test_bad_size_options_are_one_line(cli, tiny, se_file, tmp_path):
+    for args, message in [
+        (["fold", se_file, "-o", tmp_path / "f.safetensors", "--img-size", "4"], "--img-size must be a whole number"),
+        (["fold", se_file, "-o", tmp_path / "f.safetensors", "--img-size", "32"], "--img-size is the size DATA"),
+        (["fold", se_file, tiny, "-o", tmp_path / "f.safetensors", "--max-gate-std", "0.1", "--max-top1-drop", "1"],
+         "pass one of them"),
+        (["fold", se_file, tiny, "-o", tmp_path / "f.safetensors", "--max-gate-std", "inf"],
+         "--max-gate-std must be a finite number >= 0 and <= 1e+06, not inf"),
+        (["analyze", se_file, tiny, "--img-size", "0"], "--img-size must be a whole number"),
+    ]:
+        code, _, err = cli(*args)
+        assert code == 2 and message in err and err.count("\n") == 1, (args, err)
+
+
+def test_a_tree_that_changed_since_its_run_is_scored_on_what_the_run_held_out(tmp_path, tiny, se_file):
+    data = tmp_path / "data"
+    shutil.copytree(tiny / "train", data)
+    run = finetune(se_file, str(data), config(tmp_path / "run", epochs=1, val_split=0.25))
+    best = str(run.out / "best.safetensors")
+    same = evaluate_folder(best, str(data), device="cpu", workers=0)
+    held = same["images"]
+    assert held == 8 and "that the run held out" in same["scored"]
+    some = sorted((data / "stripes_vertical").iterdir())[0]
+    shutil.copy(some, data / "stripes_vertical" / "added.jpg")  # one image added: another tree
+    changed = evaluate_folder(best, str(data), device="cpu", workers=0)
+    assert changed["images"] == held and "held out and are still there (8 held out)" in changed["scored"]
+    assert any("is not the tree the run trained on" in n and "--all-images" in n for n in changed["notes"])
+    every = evaluate_folder(best, str(data), device="cpu", workers=0, all_images=True)
+    assert every["images"] == 33
+    from seify.checkpoint import read_recipe
+    from seify.images.scoring import name_digest
+    recorded = set(read_recipe(best)["finetune"]["held_out"])
+    gone = next(p for p in sorted(data.rglob("*.jpg")) if name_digest(data, str(p)) in recorded)
+    gone.rename(gone.with_name("renamed.jpg"))  # a held-out image renamed: it is no longer known as held out
+    assert evaluate_folder(best, str(data), device="cpu", workers=0)["images"] == held - 1
+
+
+@pytest.mark.parametrize("top1,warned", [(25.0, True), (29.9, True), (40.0, False)])
+def test_chance_is_within_five_points_of_one_over_the_classes(top1, warned):
+    from seify.images.scoring import Scored
+    scored = Scored(["a", "b", "c", "d"], None, "", [], [], 32, "--img-size")
+    assert bool(scored.at_chance(top1)) == warned
