@@ -71,3 +71,29 @@ def test_chance_is_within_five_points_of_one_over_the_classes(top1, warned):
     from seify.images.scoring import Scored
     scored = Scored(["a", "b", "c", "d"], None, "", [], [], 32, "--img-size")
     assert bool(scored.at_chance(top1)) == warned
+
+
+def test_a_recipe_may_fold_only_what_is_a_gate(tmp_path):
+    import json
+
+    import timm
+    from safetensors.torch import save_file
+
+    import seify
+    from conftest import weights
+    from seify.checkpoint import read_recipe
+    from seify.errors import SeifyError
+    state = timm.create_model("mobilenetv3_small_050", num_classes=4).state_dict()
+    state["blocks.2.1.se.conv_expand.weight"].zero_()  # a gate constant by its weights: fold takes it exactly
+    net = tmp_path / "mnv3.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(net))
+    fold("mobilenetv3_small_050", tmp_path / "f.safetensors", weights=str(net), latency=False)
+    recipe = read_recipe(tmp_path / "f.safetensors")
+    assert recipe["folded_native"] == ["blocks.2.1.se"]
+    seify.load(tmp_path / "f.safetensors")  # as written, it loads
+    for path in ("blocks.2.1.se.gate", "global_pool", "blocks.2.0.se.conv_reduce"):
+        altered = tmp_path / "altered.safetensors"
+        save_file(weights(tmp_path / "f.safetensors"), str(altered),
+                  {"format": "pt", "seify": json.dumps({**recipe, "folded_native": ["blocks.2.1.se", path]})})
+        with pytest.raises(SeifyError, match=f"names {path} as a folded gate of the network, and it is none"):
+            seify.load(altered)

@@ -8,7 +8,7 @@ from torch import nn
 
 from ..checkpoint import read_state_dict
 from ..errors import SeifyError
-from ..gates import remove_se
+from ..gates import find_gates, remove_se
 from ..options import SEOptions
 from ..surgery import Conversion, add_se
 from .spec import build, check_known
@@ -57,10 +57,18 @@ def model_of(recipe: dict) -> nn.Module:
 
 def without_native_gates(model: nn.Module, recipe: dict) -> nn.Module:
     """The network's own gates that ``seify fold`` took out (``folded_native``), out again: each was ``x * gate``
-    and is an Identity now, its multiplier in a neighbour's weights."""
-    for path in recipe.get("folded_native") or []:
+    and is an Identity now, its multiplier in a neighbour's weights. Only gates may be named: taking out any other
+    module (an activation, a pool) would compute something else."""
+    folded = recipe.get("folded_native") or []
+    gates = find_gates(model) if folded else {}
+    for path in folded:
         if module_or_none(model, path) is None:
             raise SeifyError(f"this file's recipe names a folded gate at {path}, which its model lacks; fold it again")
+        if path not in gates or gates[path].ours:
+            raise SeifyError(f"this file's recipe names {path} as a folded gate of the network, and it is none (a "
+                             f"{type(model.get_submodule(path)).__name__}); the file was altered: fold the model "
+                             "again")
+    for path in folded:
         parent, _, name = path.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, name, nn.Identity())
     return model
