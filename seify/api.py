@@ -45,10 +45,11 @@ class Converted(Conversion):
         if self.input_size_given:  # the size the user works at is the size evaluate and profile default to
             config["input_size"] = list(self.input_size)
         return checkpoint.make_recipe(
-            parent["model"] if parent else src.spec, src.num_classes, self.options.to_dict(), self.input_size,
-            config, [s.to_dict() for s in self.sites], parent=parent, weights=src.weights,
+            parent["model"] if parent else src.architecture or src.spec, src.num_classes, self.options.to_dict(),
+            self.input_size, config, [s.to_dict() for s in self.sites], parent=parent, weights=src.weights,
             frozen_batchnorm=has_frozen_batchnorm(src.model), placement=self.placement,
-            **{k: parent[k] for k in ("classes", "finetune") if parent and k in parent})
+            **{k: parent[k] for k in ("classes", "finetune", "model_args") if parent and k in parent},
+            **({} if parent else src.rebuilt_with()))
 
     def report(self) -> dict:
         """Everything ``seify convert --json`` prints."""

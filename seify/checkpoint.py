@@ -313,6 +313,7 @@ def _check_recipe(recipe, depth: int = 0) -> None:
                                                                for v in size),
              f"input size {size!r} is not three whole numbers up to {MAX_IMAGE_SIZE}")
     need(recipe.get("options") is None or isinstance(recipe["options"], dict), "'options' is not an object")
+    need(recipe.get("model_args") is None or isinstance(recipe["model_args"], dict), "'model_args' is not an object")
     if recipe.get("options") is not None:
         try:  # in the recipe's own words: the user passed none of these options
             SEOptions.from_dict(recipe["options"])

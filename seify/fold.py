@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import check_writable, make_recipe, save
+from .checkpoint import check_writable, save
 from .counting import count_macs
 from .device import check_device
 from .equivalence import Difference, compare, difference
@@ -39,7 +39,7 @@ from .gates import (
 )
 from .images.scoring import Scored, batches_of, scored_images
 from .limits import MAX_IMAGE_SIZE, check_number, check_pattern, check_whole
-from .models import HELD, LoadedModel, files_read, num_classes_of, resolve
+from .models import HELD, LoadedModel, files_read, resolve
 from .models.files import module_or_none
 from .options import FOLD_LATENCY
 from .timing import inference_ms, onnxruntime_ms
@@ -76,6 +76,7 @@ class Folded:
     latency: dict | None = None  # milliseconds before, after and with every gate removed; eager and onnxruntime
     img_size: int | None = None  # the size the images were measured at, and where it came from
     img_size_from: str | None = None
+    image_count: int | None = None
     notes: list[str] = field(default_factory=list)
     module: nn.Module | None = field(default=None, repr=False)  # the folded model
 
@@ -133,13 +134,14 @@ def fold(model: str | nn.Module, out: str | Path | None, data: str | None = None
     result.notes += gates.note() + (images.notes + images.at_chance(result.top1_before or 0.0) if images else [])
     if images is not None:
         result.img_size, result.img_size_from = images.img_size, images.size_from
+        result.image_count = len(images.dataset)
     if not chosen:
         result.notes.append(f"the budget of {max_top1_drop:g} points allows no gate: the model is written unchanged")
     if latency:
         result.latency = _latency(original, folded_model, gates, tuple(loaded.data_config["input_size"]))
     result.module = folded_model.cpu()
     if out is not None:
-        save(result.module, out, _recipe(loaded, gates, chosen, img_size), force=force, inputs=inputs)
+        save(result.module, out, _recipe(loaded, gates, result, img_size), force=force, inputs=inputs)
     return result
 
 
@@ -253,13 +255,13 @@ def _latency(original: nn.Module, folded: nn.Module, gates: dict[str, Gate], siz
             for runtime, ms in timed.items()}
 
 
-def _recipe(loaded: LoadedModel, gates: dict[str, Gate], chosen: list[str], img_size: int | None) -> dict:
+def _recipe(loaded: LoadedModel, gates: dict[str, Gate], result: Folded, img_size: int | None) -> dict:
     """The recipe of the folded file: seify's blocks leave its sites, a network's own gates are recorded as
     replaced (``from_recipe`` takes them out of the rebuilt model); the size it was measured at where it was given
-    (``img_size``), which later commands then default to."""
-    recipe = dict(loaded.recipe) if loaded.recipe is not None else make_recipe(
-        loaded.spec, num_classes_of(loaded.model), None, loaded.data_config["input_size"], loaded.data_config, [],
-        weights=loaded.weights)
+    (``img_size``), which later commands then default to; and the fold itself, as measured (``folds``: what its
+    model card says)."""
+    chosen = [site.path for site in result.folded]
+    recipe = dict(loaded.recipe) if loaded.recipe is not None else loaded.plain_recipe()
     if img_size is not None:
         recipe["data_config"] = {**recipe["data_config"], "input_size": [3, img_size, img_size]}
     ours = [p for p in chosen if gates[p].ours]
@@ -269,4 +271,11 @@ def _recipe(loaded: LoadedModel, gates: dict[str, Gate], chosen: list[str], img_
         recipe["sites"] = [s for s in recipe["sites"] if s["path"] not in ours]
     if native:
         recipe["folded_native"] = list(recipe.get("folded_native") or []) + native
+    how = {site.path: "constant" if gates[site.path].constant() is not None else
+           "within the top-1 budget" if result.budget is not None else
+           f"at its mean over the images (it varied by up to {site.gate_std_max:.3g})" for site in result.folded}
+    recipe["folds"] = list(recipe.get("folds") or []) + [{
+        "gates": how, "images": result.image_count, "img_size": result.img_size, "budget": result.budget,
+        "top1_before": result.top1_before, "top1_after": result.top1_after,
+        "max_output_change": result.max_output_change}]
     return recipe

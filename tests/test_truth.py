@@ -97,3 +97,46 @@ def test_a_recipe_may_fold_only_what_is_a_gate(tmp_path):
                   {"format": "pt", "seify": json.dumps({**recipe, "folded_native": ["blocks.2.1.se", path]})})
         with pytest.raises(SeifyError, match=f"names {path} as a folded gate of the network, and it is none"):
             seify.load(altered)
+
+
+def test_a_model_made_from_a_folder_records_no_path_and_loads_after_the_folder_is_gone(tmp_path, cli):
+    import json
+
+    import timm
+    from timm.models import save_for_hf
+
+    import seify
+    from conftest import realistic
+    from seify.checkpoint import read_recipe
+    folder = tmp_path / "alice" / "client-x" / "timm-folder"
+    folder.mkdir(parents=True)
+    net = realistic(timm.create_model("resnet10t", num_classes=4, drop_rate=0.25))  # model_args the card must keep
+    save_for_hf(net, str(folder), model_args={"drop_rate": 0.25}, safe_serialization=True)
+    code, _, err = cli("convert", f"local-dir:{folder}", "-o", tmp_path / "se.safetensors", "--input-size", "3,64,64")
+    assert code == 0, err
+    code, _, err = cli("export", tmp_path / "se.safetensors", "-o", tmp_path / "shared", "--format", "folder")
+    assert code == 0, err
+    recipe = read_recipe(tmp_path / "se.safetensors")
+    assert recipe["model"] == "resnet10t" and recipe["model_args"]["drop_rate"] == 0.25
+    for path in [tmp_path / "se.safetensors", *(tmp_path / "shared").iterdir()]:
+        assert b"client-x" not in path.read_bytes(), path
+    x = torch_input()
+    before = seify.load(tmp_path / "se.safetensors")(x)
+    shutil.rmtree(tmp_path / "alice")  # the folder it was made from is gone
+    assert seify.load(tmp_path / "se.safetensors").drop_rate == 0.25
+    assert (seify.load(tmp_path / "se.safetensors")(x) - before).abs().max() == 0
+    assert (seify.load(f"local-dir:{tmp_path / 'shared'}")(x) - before).abs().max() == 0
+    altered = json.loads(json.dumps(recipe))
+    altered["model_args"] = {"no_such_argument": 1}
+    from safetensors.torch import save_file
+
+    from conftest import weights
+    save_file(weights(tmp_path / "se.safetensors"), str(tmp_path / "bad.safetensors"),
+              {"format": "pt", "seify": json.dumps(altered)})
+    code, _, err = cli("profile", tmp_path / "bad.safetensors", "--no-latency")
+    assert code == 2 and "arguments it does not take" in err and err.count("\n") == 1
+
+
+def torch_input():
+    import torch
+    return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .. import checkpoint
 from ..api import convert_loaded
 from ..errors import SeifyError, shown
 from ..gates import find_gates
@@ -99,9 +98,7 @@ def _plain(loaded: LoadedModel) -> Prepared:
     if loaded.has_se:
         raise SeifyError(f"{loaded.spec} already has SE blocks, so it cannot be the plain baseline; pass the model "
                          "it was converted from (name and weights)")
-    recipe = copy.deepcopy(loaded.recipe) if loaded.recipe else checkpoint.make_recipe(
-        loaded.spec, loaded.num_classes, None, loaded.data_config["input_size"], loaded.data_config, [],
-        weights=loaded.weights)
+    recipe = copy.deepcopy(loaded.recipe) if loaded.recipe else loaded.plain_recipe()
     fresh = set() if loaded.trained else parameter_names(loaded.model)
     return Prepared(loaded.model, recipe, fresh)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import read_recipe, read_state_dict
+from ..checkpoint import make_recipe, read_recipe, read_state_dict
 from ..errors import SeifyError
 from ..limits import MAX_CLASSES, check_whole
 from ..se import SiteBlock
@@ -42,6 +42,17 @@ class LoadedModel:
     recipe: dict | None = None  # set when the spec was a seify file
     weights: str = RANDOM  # RANDOM, PRETRAINED or the weights file's name
     base: nn.Module | None = None  # a seify file with SE: the model it was converted from, fresh weights
+    architecture: str | None = None  # a timm folder's: what rebuilds it (with model_args), never the folder's path
+    model_args: dict | None = None
+
+    def plain_recipe(self) -> dict:
+        """The recipe of this model as it is (no SE): what rebuilds it without the files it came from."""
+        return make_recipe(self.architecture or self.spec, self.num_classes, None, self.data_config["input_size"],
+                           self.data_config, [], weights=self.weights, **self.rebuilt_with())
+
+    def rebuilt_with(self) -> dict:
+        """What a recipe records beside the architecture's name to rebuild it (a timm folder's model_args)."""
+        return {"model_args": self.model_args} if self.model_args else {}
 
     @property
     def num_classes(self) -> int:
@@ -94,8 +105,9 @@ def resolve(spec: str | nn.Module, *, weights: str | None = None, pretrained: bo
             if pretrained or weights:
                 raise SeifyError(f"{spec} carries its own weights; drop {{pretrained}}/{{weights}}", "pretrained",
                                  "weights")
-            model = build_folder(folder, meta)
-            return LoadedModel(model, spec, data_config(model, spec), [], weights=f"{folder.name}/model.safetensors")
+            model, config = build_folder(folder, meta)
+            return LoadedModel(model, spec, data_config(model, spec), [], weights=f"{folder.name}/model.safetensors",
+                               architecture=config["architecture"], model_args=config.get("model_args") or None)
         if ":" not in spec and (Path(spec).suffix in (".safetensors", ".pth", ".pt", ".bin") or Path(spec).exists()):
             raise SeifyError(f"{spec} is not a seify file; to load a checkpoint pass the architecture and the "
                              f"file as {{weights}} (resnet50 --weights {spec})", "weights")

@@ -7,7 +7,7 @@ from collections import OrderedDict
 from torch import nn
 
 from ..checkpoint import read_state_dict
-from ..errors import SeifyError
+from ..errors import SeifyError, first_line
 from ..gates import find_gates, remove_se
 from ..options import SEOptions
 from ..surgery import Conversion, add_se
@@ -21,7 +21,12 @@ def from_recipe(recipe: dict) -> tuple[nn.Module, Conversion | None]:
         base = model_of(parent)
     else:
         check_known(recipe["model"])
-        base = build(recipe["model"], False, recipe["num_classes"], offline=True)
+        try:
+            base = build(recipe["model"], False, recipe["num_classes"], offline=True,
+                         model_args=recipe.get("model_args"))
+        except (TypeError, ValueError, AssertionError) as e:  # model_args the architecture does not take
+            raise SeifyError(f"this file's recipe builds {recipe['model']} with arguments it does not take "
+                             f"({first_line(e)[:120]}); the file was altered: convert the model again") from e
         if recipe.get("frozen_batchnorm"):
             freeze_batchnorm(base)
     if recipe.get("options") is None:

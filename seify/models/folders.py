@@ -90,8 +90,9 @@ def _check_attn(attn, path: Path) -> None:
         raise SeifyError(f"{path}: attn_layer {attn!r} is not an attention layer timm knows") from e
 
 
-def build_folder(folder: Path, meta: bool) -> nn.Module:
-    """The folder's architecture with its weights (strictly: a missing, extra or misshapen key is named)."""
+def build_folder(folder: Path, meta: bool) -> tuple[nn.Module, dict]:
+    """The folder's architecture with its weights (strictly: a missing, extra or misshapen key is named), and its
+    config."""
     import timm
     from timm.models._pretrained import PretrainedCfg
     config = read_config(folder)
@@ -112,7 +113,7 @@ def build_folder(folder: Path, meta: bool) -> nn.Module:
         state_dict = _shapes_only(weights) if meta else read_state_dict(weights)[0]
         load_strict(model, state_dict, f"{weights} does not match the {architecture} its config.json describes",
                     "export the folder again")
-    return model.eval()
+    return model.eval(), config
 
 
 def _shapes_only(weights: Path) -> dict:

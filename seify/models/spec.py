@@ -70,8 +70,9 @@ def check_known(spec: str) -> None:
     Spec.parse(spec).check_known()
 
 
-def build(spec: str, pretrained: bool, num_classes: int | None, offline: bool = False) -> nn.Module:
-    """The architecture ``spec`` names, with fresh or pretrained weights.
+def build(spec: str, pretrained: bool, num_classes: int | None, offline: bool = False,
+          model_args: dict | None = None) -> nn.Module:
+    """The architecture ``spec`` names, with fresh or pretrained weights (and timm's ``model_args``).
 
     ``offline``: never reach the network (rebuilding a file: an ``hf-hub:`` config must be in the local cache).
     """
@@ -80,7 +81,7 @@ def build(spec: str, pretrained: bool, num_classes: int | None, offline: bool = 
         if parsed.library == "torchvision":
             return _build_torchvision(parsed.name, pretrained, num_classes)
         import timm
-        kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
+        kwargs: dict[str, Any] = {**(model_args or {}), **({} if num_classes is None else {"num_classes": num_classes})}
         with _hub_offline_unless_reachable((pretrained and parsed.folder is None) or parsed.hub, offline):
             return timm.create_model(spec, pretrained=pretrained, **kwargs)
     except SeifyError:
