@@ -25,7 +25,7 @@ from .checkpoint import check_writable, save
 from .counting import count_macs
 from .device import check_device
 from .equivalence import Difference, compare, difference
-from .errors import SeifyError
+from .errors import SeifyError, first_line
 from .gates import (
     Gate,
     Plan,
@@ -138,7 +138,8 @@ def fold(model: str | nn.Module, out: str | Path | None, data: str | None = None
     if not chosen:
         result.notes.append(f"the budget of {max_top1_drop:g} points allows no gate: the model is written unchanged")
     if latency:
-        result.latency = _latency(original, folded_model, gates, tuple(loaded.data_config["input_size"]))
+        result.latency = _latency(original, folded_model, gates, tuple(loaded.data_config["input_size"]),
+                                  result.notes)
     result.module = folded_model.cpu()
     if out is not None:
         save(result.module, out, _recipe(loaded, gates, result, img_size), force=force, inputs=inputs)
@@ -245,12 +246,19 @@ def _within_budget(sites: dict[str, FoldedSite], result: Folded, measure: _Measu
     return chosen
 
 
-def _latency(original: nn.Module, folded: nn.Module, gates: dict[str, Gate], size) -> dict:
+def _latency(original: nn.Module, folded: nn.Module, gates: dict[str, Gate], size, notes: list[str]) -> dict:
     """Batch 1, one thread: the model before and after folding and with every gate removed (the limit), eager on
-    this CPU and in onnxruntime, timed in turns in one run."""
+    this CPU and in onnxruntime, timed in turns in one run. A timing that fails is said in ``notes`` and left out:
+    it never costs the fold."""
     limit = without_any_gate(original, gates)
     models = [m.cpu() for m in (original, folded, limit)]
-    timed = {"eager": inference_ms(models, size), "onnxruntime": onnxruntime_ms(models, size)}
+    timed = {}
+    for runtime, timer in (("eager", inference_ms), ("onnxruntime", onnxruntime_ms)):
+        try:
+            timed[runtime] = timer(models, size)
+        except Exception as e:  # a model this runtime cannot run (an export it refuses): the fold stands
+            timed[runtime] = None
+            notes.append(f"the {runtime} timing failed ({first_line(e)[:160]}); left out")
     return {runtime: None if ms is None else {"before": ms[0], "after": ms[1], "every_gate_removed": ms[2]}
             for runtime, ms in timed.items()}
 

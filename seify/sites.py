@@ -323,6 +323,7 @@ def find_sites(model: nn.Module, options: SEOptions, input_size: tuple[int, int,
         if slot is not None and slot_input is not None:
             producer, consumers = slot_input, list(slot.users)
             path = g.target(slot)
+            owner = path.rpartition(".")[0]  # the block that holds the slot, which the producer may not be
             taken.add(path)
         else:
             path = _se_name(model, owner, placement, producer, taken)

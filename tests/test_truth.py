@@ -140,3 +140,29 @@ def test_a_model_made_from_a_folder_records_no_path_and_loads_after_the_folder_i
 def torch_input():
     import torch
     return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+
+def test_a_timing_that_fails_is_said_and_the_fold_stands(tmp_path, se_file, monkeypatch):
+    import seify.fold
+
+    def refuses(models, size):
+        raise RuntimeError("Exporting the operator 'aten::something' to ONNX opset version 18 is not supported")
+    monkeypatch.setattr(seify.fold, "onnxruntime_ms", refuses)
+    result = seify.fold.fold(se_file, tmp_path / "f.safetensors", latency=True)
+    assert (tmp_path / "f.safetensors").exists() and result.latency["onnxruntime"] is None
+    assert result.latency["eager"]["after"] > 0
+    assert any("the onnxruntime timing failed (Exporting the operator" in n for n in result.notes)
+
+
+def test_a_network_whose_own_gates_were_folded_converts_and_profiles(tmp_path, tiny, cli):
+    import timm
+    from safetensors.torch import save_file
+    net = tmp_path / "vov.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model("ese_vovnet19b_slim_dw", num_classes=4)
+               .state_dict().items()}, str(net))
+    fold("ese_vovnet19b_slim_dw", tmp_path / "f.safetensors", str(tiny), weights=str(net), max_gate_std=10.0,
+         latency=False, img_size=32)
+    code, _, err = cli("convert", tmp_path / "f.safetensors", "-o", tmp_path / "se.safetensors")
+    assert code == 0, err  # SE takes the slots the folded gates left (each block's attn)
+    code, out, err = cli("profile", tmp_path / "f.safetensors", "--no-latency")
+    assert code == 0 and "stages.0.blocks.0.attn" in out, err
