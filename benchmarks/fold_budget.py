@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import sys
 from pathlib import Path
 
@@ -66,7 +67,9 @@ def main() -> None:
         model = seify.load(best)
         limit = without_any_gate(model, find_gates(model))
         models = [model, result.module, limit]
-        big = inference_ms(models, (3, 224, 224), repeats=20), onnxruntime_ms(models, (3, 224, 224), repeats=20)
+        big = [None if times is None else [statistics.median(t) for t in times]
+               for times in (inference_ms(models, (3, 224, 224), repeats=20),
+                             onnxruntime_ms(models, (3, 224, 224), repeats=20))]
         small = [[ms[k] for k in ("before", "after", "every_gate_removed")] if ms else None
                  for ms in (result.latency or {}).values()]
         print(f"{spec}\t{len(result.folded)} of {len(result.folded) + len(result.kept)}\t{result.params_saved:,}\t"

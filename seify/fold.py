@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -42,7 +43,7 @@ from .limits import MAX_IMAGE_SIZE, check_number, check_pattern, check_whole
 from .models import HELD, LoadedModel, files_read, resolve
 from .models.files import module_or_none
 from .options import FOLD_LATENCY
-from .timing import inference_ms, onnxruntime_ms
+from .timing import inference_ms, onnxruntime_ms, paired_change
 
 
 @dataclass
@@ -259,8 +260,16 @@ def _latency(original: nn.Module, folded: nn.Module, gates: dict[str, Gate], siz
         except Exception as e:  # a model this runtime cannot run (an export it refuses): the fold stands
             timed[runtime] = None
             notes.append(f"the {runtime} timing failed ({first_line(e)[:160]}); left out")
-    return {runtime: None if ms is None else {"before": ms[0], "after": ms[1], "every_gate_removed": ms[2]}
-            for runtime, ms in timed.items()}
+    return {runtime: None if ms is None else _timing(*ms) for runtime, ms in timed.items()}
+
+
+def _timing(before: list[float], after: list[float], limit: list[float]) -> dict:
+    """Medians in ms, and each change as the median of the paired ratios with its quartiles: the spread the
+    report shows, and whether a change is within it."""
+    after_ratio, limit_ratio = paired_change(before, after), paired_change(before, limit)
+    return {"before": statistics.median(before), "after": statistics.median(after),
+            "every_gate_removed": statistics.median(limit), "after_ratio": after_ratio,
+            "every_gate_removed_ratio": limit_ratio, "repeats": len(before)}
 
 
 def _recipe(loaded: LoadedModel, gates: dict[str, Gate], result: Folded, img_size: int | None) -> dict:

@@ -166,3 +166,26 @@ def test_a_network_whose_own_gates_were_folded_converts_and_profiles(tmp_path, t
     assert code == 0, err  # SE takes the slots the folded gates left (each block's attn)
     code, out, err = cli("profile", tmp_path / "f.safetensors", "--no-latency")
     assert code == 0 and "stages.0.blocks.0.attn" in out, err
+
+
+def test_gates_measured_on_one_image_are_refused(tmp_path, tiny, se_file, cli):
+    one = tmp_path / "one"
+    (one / "gradient").mkdir(parents=True)
+    shutil.copy(next((tiny / "val" / "gradient").iterdir()), one / "gradient" / "a.jpg")
+    run = finetune(se_file, str(tiny), config(tmp_path / "run", epochs=1))
+    for args in (["fold", run.out / "best.safetensors", tiny, "--max-images", "1", "-o", tmp_path / "f.safetensors",
+                  "--no-latency"],
+                 ["analyze", se_file, one, "--out", tmp_path / "an"]):
+        code, _, err = cli(*args)
+        assert code == 2 and "measured on 1 image(s); at least 2 are needed" in err, (args, err)
+    assert not (tmp_path / "f.safetensors").exists()
+
+
+def test_fold_reports_the_spread_of_what_it_saved(se_file, tmp_path, cli):
+    result = fold(se_file, tmp_path / "f.safetensors", latency=True)
+    eager = result.latency["eager"]
+    middle, low, high = eager["after_ratio"]
+    assert low <= middle <= high and eager["repeats"] == 30
+    code, out, err = cli("fold", se_file, "-o", tmp_path / "g.safetensors")
+    assert code == 0 and "medians of 30 paired repeats, the middle half in brackets" in out, err
+    assert out.count("% [") >= 2  # each saving with its spread

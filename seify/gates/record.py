@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .. import kernels
+from ..errors import SeifyError
 from .find import Gate
 
 SATURATED = 0.05  # a gate this close to 0 or 1 is saturated
@@ -106,6 +107,10 @@ def record_gates(model: nn.Module, gates: dict[str, Gate], batches, classes: int
                 model(images.to(device))
     finally:
         recorder.close()
+    measured = min((s["n"] for s in recorder.sums.values()), default=0)
+    if measured < 2:  # one image has no spread: every gate would look constant
+        raise SeifyError(f"the gates were measured on {measured} image(s); at least 2 are needed to tell how they "
+                         "vary over images: give DATA more images (or a larger {max_images})", "max_images")
     return {path: _stats(path, recorder.sums[path], gates[path], (sites or {}).get(path, {}))
             for path in gates if path in recorder.sums}
 
