@@ -9,8 +9,10 @@ import errno
 import json
 import os
 import pickle
+import re
 import shutil
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -49,7 +51,7 @@ def atomic_write(path: str | Path, write: Callable[[str], object], *, force: boo
     tmp = None
     try:
         with _nothing_changed(path):
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent)
             os.close(fd)
             write(tmp)
             os.chmod(tmp, 0o666 & ~umask())
@@ -104,7 +106,7 @@ def replace_folder(path: Path, fill: Callable[[str], object], manifest: str, abo
             os.chmod(f, 0o666 & ~umask())
         os.chmod(tmp, 0o777 & ~umask())
         if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            old = Path(tempfile.mkdtemp(prefix=_temporary_prefix(path), suffix=".old", dir=path.parent))
             os.replace(path, old / path.name)
             os.replace(tmp, path)
             shutil.rmtree(old)
@@ -122,10 +124,50 @@ def written_before(folder: Path, manifest: str) -> set[str]:
         return set()
 
 
+_STALE = 3600  # seconds: a leftover of a seify that did not name its process is taken to be dead after this
+
+
+def _temporary_prefix(path: Path) -> str:
+    """``.NAME.PID.``: the temporary files of a write are named after their output and the process writing them,
+    so that the next write there removes those a killed process left (``remove_leftovers``), and only those."""
+    remove_leftovers(path)
+    return f".{path.name}.{os.getpid()}."
+
+
+def remove_leftovers(path: Path) -> None:
+    """Remove what a killed write of ``path`` left beside it (its temporary file or folder): seify's own names
+    alone, of a process no longer running (or, named before seify recorded the process, older than an hour)."""
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return
+    leftover = re.compile(rf"^\.{re.escape(path.name)}\.(?:(\d+)\.)?[a-z0-9_]{{8}}\.(?:tmp|old)$")
+    for entry in entries:
+        match = leftover.match(entry.name)
+        if match is None or _alive(match[1], entry):
+            continue
+        shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+
+
+def _alive(pid: str | None, entry: Path) -> bool:
+    if pid is None:
+        try:
+            return time.time() - entry.stat().st_mtime < _STALE
+        except OSError:
+            return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, OverflowError):
+        return True
+    return True
+
+
 def _in_temporary_folder(path: Path, work):
     """``work(tmp)`` with a temporary folder beside ``path``, removed afterwards whatever happens; a full disk or
     another OS error is one line, and leaves nothing."""
-    tmp = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = tempfile.mkdtemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         with _nothing_changed(path):
             return work(tmp)

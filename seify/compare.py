@@ -51,6 +51,7 @@ class Arm:
     given: frozenset[str] = frozenset()  # the SE options the arm names: on an SE model they must be its own
     adapter: bool = False  # an adapter run even without --adapter
     own_gates: bool = False
+    table: str | None = None  # the paper's table the arm came from (--arms paper:NAME)
 
     @property
     def folder(self) -> str:
@@ -67,7 +68,8 @@ def parse_arms(text: str) -> list[Arm]:
             pieces.append(piece)
         else:
             pieces[-1] += "," + piece
-    pieces = [arm for piece in pieces for arm in _preset(piece)]
+    tables = {arm: table for piece in pieces for arm, table in _preset(piece)}
+    pieces = [arm for piece in pieces for arm, _ in _preset(piece)]
     arms = []
     for piece in pieces:
         kind, _, rest = piece.partition(":")
@@ -81,6 +83,7 @@ def parse_arms(text: str) -> list[Arm]:
         else:
             raise SeifyError(f"{piece!r} is not an arm; write plain, se, se:name=value[:name=value] (for example "
                              "se:reduction=8), scale[:...], probe or gates", "arms")
+    arms = [dataclasses.replace(a, table=tables.get(a.name)) for a in arms]
     names = [a.name for a in arms]
     if len(set(names)) != len(names) or len({a.folder for a in arms}) != len(arms):
         raise SeifyError(f"{{arms}} names an arm twice: {text}", "arms")
@@ -92,14 +95,15 @@ def parse_arms(text: str) -> list[Arm]:
 KINDS = ("plain", "se", "scale", "probe", "gates", "paper")
 
 
-def _preset(piece: str) -> list[str]:
+def _preset(piece: str) -> list[tuple[str, str | None]]:
+    """The arms a piece of --arms names, each with the paper's table it came from (None: typed by hand)."""
     if not piece.startswith(PREFIX):
-        return [piece]
+        return [(piece, None)]
     table = TABLES.get(piece[len(PREFIX):])
     if table is None:
         raise SeifyError(f"{piece!r} is not one of the paper's tables; use {', '.join(PREFIX + t for t in TABLES)}",
                          "arms")
-    return [a.arm for a in table.arms]
+    return [(a.arm, table.name) for a in table.arms]
 
 
 def compare(spec: str, data_dir: str, arms: list[Arm], config: FinetuneConfig, *, seeds: int = 3,
@@ -255,7 +259,7 @@ def summarize(root: Path, arms: list[Arm], seeds: list[int], spec: str) -> dict:
         if not runs:
             raise SeifyError(f"no finished epoch for arm {arm.name} in {root}; run the comparison first")
         rates = [r["images_per_sec"] for r in runs if r["images_per_sec"]]
-        summary.append({"name": arm.name, "folder": arm.folder,
+        summary.append({"name": arm.name, "folder": arm.folder, "table": arm.table,
                         "options": arm.options.to_dict() if arm.options else None, "runs": runs,
                         "final_top1": _stats([r["final_top1"] for r in runs]),
                         "best_top1": _stats([r["best_top1"] for r in runs]),
@@ -267,7 +271,7 @@ def summarize(root: Path, arms: list[Arm], seeds: list[int], spec: str) -> dict:
     for entry in summary:  # the per-image record served the test; the document keeps its counts
         for run in entry["runs"]:
             run.pop("val_correct")
-        paper = figures(entry["name"])
+        paper = figures(entry["name"], entry.pop("table"))
         entry["paper"] = asdict(paper) if paper else None
     return {"model": spec, "seeds": seeds, "metric": "final val top-1 (%)", "reference": reference["name"],
             "arms": summary, "verdicts": verdicts}

@@ -15,6 +15,7 @@ model is exported, so no exported graph holds them.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import inspect
 import json
@@ -102,11 +103,11 @@ def export(model: str | nn.Module, path: str | Path, format: str = "onnx", *, we
         elif format == "pt2":
             result = _write_files(path, force, lambda tmp: _pt2(module, tmp, size))
         else:
-            if loaded is None or loaded.recipe is None:
-                raise SeifyError(f"{{format}} {format} writes a seify file (what convert and finetune write): "
-                                 f"convert {model if isinstance(model, str) else 'the model'} first, or save it with "
-                                 "seify.save", "format")
-            whole = loaded
+            if loaded is None:
+                raise SeifyError(f"{{format}} {format} writes what rebuilds the model, which a module you hold "
+                                 "does not record: save it with seify.save(..., model=NAME) and export the file",
+                                 "format")
+            whole = loaded if loaded.recipe is not None else dataclasses.replace(loaded, recipe=loaded.plain_recipe())
             result = _write_files(path, force, lambda tmp: _whole_file(whole, tmp, size)) if format == "safetensors" \
                 else _write_folder(path, format, lambda tmp: _folder_with_card(whole, format, tmp, size, path.name))
     result.notes = notes + result.notes

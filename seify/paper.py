@@ -51,6 +51,9 @@ TABLES = {t.name: t for t in (
 PREFIX = "paper:"
 
 
-def figures(arm: str) -> PaperArm | None:
-    """The paper's figures for an arm written as --arms writes it, from the first table that has it."""
-    return next((a for t in TABLES.values() for a in t.arms if a.arm == arm), None)
+def figures(arm: str, table: str | None = None) -> PaperArm | None:
+    """The paper's figures for an arm written as --arms writes it: from ``table`` where the arm came from one of
+    the paper's tables (``se`` is "average pooling" in Table 11, "sigmoid" in Table 12), else from the first table
+    that has it."""
+    tables = [TABLES[table]] if table in TABLES else list(TABLES.values())
+    return next((a for t in tables for a in t.arms if a.arm == arm), None)

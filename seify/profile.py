@@ -16,6 +16,7 @@ from .gates import Gate, find_gates, without_any_gate
 from .limits import MAX_TIMED_BATCH, check_whole
 from .models import name_of, resolve
 from .options import SEOptions
+from .sites import feature_info, stage_of
 from .surgery import add_se
 from .timing import inference, interleaved_medians, synchronizer
 
@@ -142,7 +143,8 @@ def _gate_sites(model: nn.Module, gates: dict[str, Gate], size) -> list[dict]:
     for path, gate in gates.items():
         _, channels, height, width = shapes[path]
         reduced = gate.hidden
-        sites.append({"path": path, "kind": gate.kind, "stage": None, "height": height, "width": width,
+        stage = stage_of(path, height, size[1], feature_info(model))  # the stride, as for seify's sites
+        sites.append({"path": path, "kind": gate.kind, "stage": stage, "height": height, "width": width,
                       "channels": channels, "reduced_channels": reduced, "params": gate.params})
     return sites
 

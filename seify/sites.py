@@ -236,7 +236,7 @@ def _label(node: fx.Node) -> str:
     return g.target(node) if node.op == "call_module" else node.name
 
 
-def _stage_of(path: str, height: int, input_height: int, feature_info) -> int:
+def stage_of(path: str, height: int, input_height: int, feature_info) -> int:
     """log2 of the stride at the site: the paper's convN_x for ResNets (conv2_x, layer1, is stage 2)."""
     for info in feature_info:
         if path == info["module"] or path.startswith(info["module"] + "."):
@@ -244,7 +244,7 @@ def _stage_of(path: str, height: int, input_height: int, feature_info) -> int:
     return round(math.log2(input_height / height))
 
 
-def _feature_info(model: nn.Module) -> list[dict]:
+def feature_info(model: nn.Module) -> list[dict]:
     info = getattr(model, "feature_info", None)
     return [i for i in info if "module" in i and "reduction" in i] if isinstance(info, list) else []
 
@@ -310,7 +310,7 @@ def find_sites(model: nn.Module, options: SEOptions, input_size: tuple[int, int,
     gm = g.trace_with_shapes(model, input_size)
     placement, edges = _placement(options, gm)
     gated = _gated_scopes(gm)
-    info = _feature_info(model)
+    info = feature_info(model)
     include = re.compile(options.include) if options.include else None
     exclude = re.compile(options.exclude) if options.exclude else None
     sites, taken, seen = [], set(), set()
@@ -328,7 +328,7 @@ def find_sites(model: nn.Module, options: SEOptions, input_size: tuple[int, int,
         else:
             path = _se_name(model, owner, placement, producer, taken)
         _, channels, height, width = g.shape(producer) or (0, 0, 0, 0)
-        stage = _stage_of(path, height, input_size[1], info)
+        stage = stage_of(path, height, input_size[1], info)
         if (options.stages is not None and stage not in options.stages) \
                 or (include and not include.search(path)) or (exclude and exclude.search(path)):
             continue

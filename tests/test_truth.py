@@ -189,3 +189,29 @@ def test_fold_reports_the_spread_of_what_it_saved(se_file, tmp_path, cli):
     code, out, err = cli("fold", se_file, "-o", tmp_path / "g.safetensors")
     assert code == 0 and "medians of 30 paired repeats, the middle half in brackets" in out, err
     assert out.count("% [") >= 2  # each saving with its spread
+
+
+def test_a_killed_write_leaves_nothing_the_next_write_there_does_not_remove(tmp_path, se_file):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from seify.checkpoint import atomic_write
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # a process that has ended, as a killed export has
+    target = tmp_path / "model.onnx"
+    leftovers = [tmp_path / f".model.onnx.{pid}.abcd1234.tmp", tmp_path / f".model.onnx.{pid}.wxyz_789.old"]
+    leftovers[0].write_bytes(b"x" * 1000)
+    leftovers[1].mkdir()
+    old_style = tmp_path / ".model.onnx.q1w2e3r4.tmp"  # named before seify recorded the process: old enough
+    old_style.write_bytes(b"x")
+    os.utime(old_style, (time.time() - 7200, time.time() - 7200))
+    kept = [tmp_path / f".model.onnx.{os.getpid()}.abcd1234.tmp",  # a live process's: still writing
+            tmp_path / ".other.onnx.12345.abcd1234.tmp", tmp_path / ".model.onnx.notes.tmp",
+            tmp_path / ".model.onnx.a1b2c3d4.tmp"]  # an old-style name, but recent
+    for path in kept:
+        path.write_bytes(b"mine")
+    atomic_write(target, lambda tmp: open(tmp, "wb").write(b"onnx"))
+    assert target.read_bytes() == b"onnx"
+    assert not any(p.exists() for p in [*leftovers, old_style]) and all(p.exists() for p in kept)

@@ -88,10 +88,10 @@ def conversion(result: Converted) -> None:
 
 def profile(p: Profile) -> None:
     native = p.native
-    sites = [[s["path"], s["kind"] if native else str(s["stage"]), f"{s['height']}x{s['width']}", str(s["channels"]),
-              str(s["reduced_channels"]), f"{s['params']:,}", f"{s['macs']:,}"] for s in p.sites]
+    sites = [[s["path"], *([s["kind"]] if native else []), str(s["stage"]), f"{s['height']}x{s['width']}",
+              str(s["channels"]), str(s["reduced_channels"]), f"{s['params']:,}", f"{s['macs']:,}"] for s in p.sites]
     table(f"{'Its own channel gates' if native else 'SE sites'} in {p.model} at {'x'.join(map(str, p.input_size))}",
-          ["path", "gate" if native else "stage", "spatial", "channels", "reduced", "params", "MACs"], sites)
+          ["path", *(["gate"] if native else []), "stage", "spatial", "channels", "reduced", "params", "MACs"], sites)
     base, se = p.base, p.se
     rows = [["parameters", f"{base.params:,}", f"{se.params:,}", f"+{p.added_params:,}",
              f"+{p.added_params_percent:.2f}%"],

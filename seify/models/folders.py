@@ -117,10 +117,10 @@ def build_folder(folder: Path, meta: bool) -> tuple[nn.Module, dict]:
 
 
 def _shapes_only(weights: Path) -> dict:
-    """The file's tensors as meta tensors (names and shapes from the safetensors header, no data read): enough to
-    check a folder whose model is only counted."""
+    """The file's tensors as meta tensors (names and shapes: from the safetensors header, no data read; from a
+    pytorch_model.bin, read without running pickled code): enough to check a folder whose model is only counted."""
     if weights.suffix != ".safetensors":
-        return {}
+        return {k: torch.empty(v.shape, device="meta") for k, v in read_state_dict(weights)[0].items()}
     from safetensors import safe_open
     with safe_open(str(weights), "pt") as f:
         return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}

@@ -18,10 +18,14 @@ def timm_twin(loaded: LoadedModel) -> tuple[nn.Module, str, dict]:
     import timm
     recipe = loaded.recipe or {}
     name = recipe.get("model", "")
-    if recipe.get("parent") or name.startswith(("torchvision:", "hf-hub:")) or recipe.get("options") is None:
-        raise _no_twin(loaded, "it is not a timm model with one SE conversion")
+    if recipe.get("parent") or name.startswith(("torchvision:", "hf-hub:")):
+        raise _no_twin(loaded, "it is not a timm model with at most one SE conversion")
+    if recipe.get("folded_native"):
+        raise _no_twin(loaded, "seify fold took some of its own gates out")
     base = name.split(".", 1)[0]
-    candidates: list[tuple[str, dict[str, Any]]] = [(base, {"block_args": {"attn_layer": "se"}}), (f"se{base}", {})]
+    own = recipe.get("model_args") or {}
+    candidates: list[tuple[str, dict[str, Any]]] = [(base, own)] if recipe.get("options") is None else \
+        [(base, {**own, "block_args": {"attn_layer": "se"}}), (f"se{base}", own)]
     tried = []
     size = tuple(recipe["input_size"])
     for architecture, args in candidates:
