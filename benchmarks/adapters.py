@@ -180,7 +180,7 @@ def gate_spread(out: Path, data: Path, base: list[str]) -> float | None:
 
 def verdict(arm: list[dict], reference: list[dict]) -> str:
     """The per-image test (seify compare's) of one arm against another over the same seeds."""
-    from seify.compare import per_image_test
+    from seify.paired import per_image_test
     differences = None
     for a, b in zip(arm, reference, strict=True):
         step = [int(x) - int(y) for x, y in zip(a["val_correct"], b["val_correct"], strict=True)]

@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import atomic_write, check_output_folder
 from .counting import count_macs
 from .device import check_device
 from .gates import Gate, GateStats, find_gates, no_gates, record_gates
@@ -24,6 +23,7 @@ from .images.scoring import batches_of, scored_images
 from .limits import MAX_IMAGE_SIZE, check_pattern, check_whole
 from .models import LoadedModel, model_of, name_of, resolve
 from .plots import excitations, gate_summary, save_png
+from .writes import atomic_write, check_output_folder
 
 
 @dataclass

@@ -30,21 +30,14 @@ from torch import nn
 
 from . import __version__, kernels
 from .card import model_card
-from .checkpoint import (
-    check_output_folder,
-    check_writable,
-    replace_folder,
-    save,
-    sidecar_of,
-    write_with_sidecars,
-    written_before,
-)
+from .checkpoint import save
 from .equivalence import Difference, difference, probe
 from .errors import SeifyError, first_line
 from .limits import check_choice, check_whole
 from .models import LoadedModel, files_read, load, resolve
 from .models.twins import timm_twin
 from .surgery import convertible_scope
+from .writes import check_output_folder, check_writable, replace_folder, sidecar_of, write_with_sidecars, written_before
 
 FORMATS = ("onnx", "pt2", "timm", "folder", "safetensors")
 FILES = ("onnx", "pt2", "safetensors")  # formats written as one file; the others are folders

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import check_writable, save
+from .checkpoint import save
 from .counting import count_macs
 from .device import check_device
 from .equivalence import Difference, compare, difference
@@ -44,6 +44,7 @@ from .models import HELD, LoadedModel, files_read, resolve
 from .models.files import module_or_none
 from .options import FOLD_LATENCY
 from .timing import inference_ms, onnxruntime_ms, paired_change
+from .writes import check_writable
 
 
 @dataclass
@@ -132,12 +133,12 @@ def fold(model: str | nn.Module, out: str | Path | None, data: str | None = None
     result.kept = [{"path": p, "why": why} for p, why in kept.items()]
     result.max_output_change, result.top1_after = measure.measured(folded_model)
     result.params_saved, result.macs_saved = (sum(sites[p].params for p in chosen), sum(sites[p].macs for p in chosen))
+    if not chosen:
+        result.notes.append(f"the budget of {max_top1_drop:g} points allows no gate: the model is written unchanged")
     result.notes += gates.note() + (images.notes + images.at_chance(result.top1_before or 0.0) if images else [])
     if images is not None:
         result.img_size, result.img_size_from = images.img_size, images.size_from
         result.image_count = len(images.dataset)
-    if not chosen:
-        result.notes.append(f"the budget of {max_top1_drop:g} points allows no gate: the model is written unchanged")
     if latency:
         result.latency = _latency(original, folded_model, gates, tuple(loaded.data_config["input_size"]),
                                   result.notes)

@@ -47,7 +47,7 @@ def _gates_by_hand(path, folder):
                 labels.append(k)
     for h in hooks:
         h.remove()
-    return {name: torch.cat(v).double() for name, v in seen.items()}, np.array(labels), classes
+    return {name: torch.cat(v).flatten(1).double() for name, v in seen.items()}, np.array(labels), classes
 
 
 def test_analyze_matches_a_hand_computation(tmp_path, tiny, trained):

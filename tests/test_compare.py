@@ -149,7 +149,7 @@ def test_one_epoch_compare_rows_threads_and_step_time(tmp_path, tiny, plain4, mo
         assert counted["only_reference"] == int((p_right & ~s_right).sum())
         assert counted["only_arm"] == int((s_right & ~p_right).sum())
         differences += s_right.long() - p_right.long()
-    from seify.compare import per_image_test
+    from seify.paired import per_image_test
     pooled = verdict["paired_test"]["pooled"]
     assert (pooled["reference_ahead"], pooled["arm_ahead"]) == (int((differences < 0).sum()),
                                                                 int((differences > 0).sum()))
@@ -160,7 +160,7 @@ def test_one_epoch_compare_rows_threads_and_step_time(tmp_path, tiny, plain4, mo
 
 
 def test_mcnemar_is_the_exact_binomial_test_of_the_discordant_images():
-    from seify.compare import mcnemar
+    from seify.paired import mcnemar
     # 2 images only plain got right, 8 only se: P(X <= 2 | n=10, 1/2) = (1 + 10 + 45) / 1024, doubled
     assert mcnemar(2, 8) == pytest.approx(2 * 56 / 1024) == mcnemar(8, 2)
     assert mcnemar(0, 0) == 1.0 and mcnemar(5, 5) == 1.0
@@ -189,7 +189,7 @@ def test_the_verdict_says_better_only_when_the_test_can_tell():
 def test_the_per_image_test_is_exact():
     from itertools import product
 
-    from seify.compare import mcnemar, per_image_test
+    from seify.paired import mcnemar, per_image_test
     assert per_image_test([0, 0]) == 1.0
     for b, c in ((2, 8), (0, 12), (5, 5), (30, 45)):  # one seed: McNemar's exact test
         assert per_image_test([-1] * b + [1] * c + [0] * 7) == pytest.approx(mcnemar(b, c), rel=1e-9)

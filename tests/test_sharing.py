@@ -60,8 +60,11 @@ def test_evaluate_finds_the_held_out_images_of_a_moved_tree(cli, tmp_path, share
     assert report["images"] == 8 and "that the run held out" in report["scored"]
     assert report["top1"] == pytest.approx(result.best_top1)
     (moved / sorted(p.name for p in moved.iterdir())[0] / "extra.jpg").write_bytes(
-        next((root / "data").rglob("*.jpg")).read_bytes())  # another tree now: every image
+        next((root / "data").rglob("*.jpg")).read_bytes())  # another tree now: what the run held out, said
     code, stdout, _ = cli("evaluate", out / "best.safetensors", moved, "--json", "--workers", "0")
+    changed = json.loads(stdout)
+    assert changed["images"] == 8 and any("is not the tree the run trained on" in n for n in changed["notes"])
+    code, stdout, _ = cli("evaluate", out / "best.safetensors", moved, "--json", "--workers", "0", "--all-images")
     assert json.loads(stdout)["images"] == 33
 
 

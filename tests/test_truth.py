@@ -197,7 +197,7 @@ def test_a_killed_write_leaves_nothing_the_next_write_there_does_not_remove(tmp_
     import sys
     import time
 
-    from seify.checkpoint import atomic_write
+    from seify.writes import atomic_write
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)  # a process that has ended, as a killed export has
     target = tmp_path / "model.onnx"

@@ -3,13 +3,12 @@ bug's exit code is 1); ``--debug``, anywhere on the line, shows the traceback.""
 from __future__ import annotations
 
 import dataclasses
-import sys
 from typing import Annotated, Optional
 
 import typer
 
 from .. import __version__
-from ..errors import SeifyError, first_line, flag
+from ..errors import SeifyError
 from ..finetune.config import FinetuneConfig
 from ..options import COMPARISON, DATA, DEVICES, EXPORTER, FOLD_LATENCY, OUTPUT, SE_BLOCK, SOURCE, SEOptions
 from . import output
@@ -37,7 +36,7 @@ app = typer.Typer(
          "  seify finetune r50-se.safetensors flowers --epochs 10 --out runs/fl\n\n"
          "seify COMMAND --help shows a command's options.",
     no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode="rich", add_completion=False)
-_state = {"debug": False}
+state = {"debug": False}
 ImgSize = Annotated[Optional[int], typer.Option(help="Run the model at N px (default: the size it was trained at, "
                                                    "else the architecture's).", rich_help_panel=DATA)]
 InputSize = Annotated[Optional[str], typer.Option("--input-size", help="C,H,W the model works at (default: the "
@@ -56,7 +55,7 @@ def _main(version: Annotated[bool, typer.Option("--version", callback=_version, 
                                                 help="Print the version and exit.")] = False,
           debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors (also after the "
                                                               "command).")] = False):
-    _state["debug"] = debug
+    state["debug"] = debug
 
 
 @app.command("convert")
@@ -80,8 +79,8 @@ def convert_command(
     Until it is trained, the converted model computes what the original did.
     """
     from .. import api
-    from ..checkpoint import check_writable
     from ..models import files_read
+    from ..writes import check_writable
     options, _ = se
     out = out or api.default_output(model)
     inputs = files_read(model, weights)
@@ -365,49 +364,3 @@ def demo_command(
     """
     from .demo import run
     run(out, epochs=epochs, force=force, log=output.run_log())
-
-
-def main() -> None:
-    # --debug is the app's option; moved before the command, it is accepted anywhere on the line
-    args = sys.argv[1:]
-    sys.argv[1:] = ["--debug"] * ("--debug" in args) + [a for a in args if a != "--debug"]
-    try:
-        code = app(standalone_mode=False)
-    except SeifyError as e:
-        _fail(e, 2, e.render(flag))
-    except (KeyboardInterrupt, typer.Abort):
-        sys.exit(130)
-    except torch_out_of_memory() as e:  # the machine's limit, not a seify bug: say what to lower
-        _fail(e, 2, f"out of memory on the device ({first_line(e).split('. ')[0]}); lower --batch-size (or "
-                    "--img-size, --input-size), or use a device with more memory")
-    except Exception as e:
-        if _usage_error(e):  # a flag or argument the parser refused: one line too, as seify's own errors
-            _fail(e, 2, _usage_line(e))
-        _fail(e, 1, f"{first_line(e)} (this is a seify bug; run with --debug for the traceback)")
-    sys.exit(code if isinstance(code, int) else 0)
-
-
-def torch_out_of_memory() -> tuple[type[Exception], ...]:
-    """torch's out-of-memory error, where torch is loaded (the CLI imports it only when a command needs it)."""
-    torch = sys.modules.get("torch")
-    return (torch.OutOfMemoryError,) if torch is not None else ()
-
-
-def _usage_error(e: Exception) -> bool:
-    """Click's usage errors (exit code 2), which Typer raises from its own copy of click."""
-    return getattr(e, "exit_code", None) == 2 and hasattr(e, "format_message")
-
-
-def _usage_line(e) -> str:
-    ctx = getattr(e, "ctx", None)
-    if type(e).__name__ == "NoArgsIsHelpError":
-        return f"{ctx.command_path if ctx else 'seify'} needs arguments; see --help"
-    return e.format_message() + (f" (see {ctx.command_path} --help)" if ctx else "")
-
-
-def _fail(e: Exception, code: int, message: str) -> None:
-    if _state["debug"]:
-        import traceback
-        traceback.print_exception(e)
-    print(f"error: {output.one_line(message)}", file=sys.stderr)
-    sys.exit(code)

@@ -5,8 +5,8 @@ import csv
 import io
 from pathlib import Path
 
-from ..checkpoint import atomic_write
 from ..plots import save_png, training_curves
+from ..writes import atomic_write
 
 METRICS = ("epoch", "phase", "step", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr",
            "lr_backbone", "images_per_sec", "seconds")

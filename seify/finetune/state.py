@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import atomic_write, check_folder_writable, save, write_error
+from ..checkpoint import save
 from ..errors import SeifyError, first_line
+from ..writes import atomic_write, check_folder_writable, write_error
 
 POINTER = "checkpoint.json"
 CHECKPOINTS = "checkpoints"

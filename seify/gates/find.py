@@ -120,8 +120,8 @@ def _gate_by_shape(module: nn.Module) -> bool | None:
     children = list(module.modules())[1:]
     if not children or len(children) > 12 or type(module).__module__.startswith("torch.nn"):
         return False
-    try:
-        traced = fx.GraphModule(module, g.SeifyTracer().trace(module))
+    try:  # optional arguments at their defaults: a module is called so by the model (a head's pre_logits=False)
+        traced = fx.GraphModule(module, g.SeifyTracer().trace(module, concrete_args=_defaults(module)))
     except Exception:
         pooled = any(isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) for m in children)
         return None if pooled or "mean(" in _source(module) else False
@@ -135,6 +135,16 @@ def _gate_by_shape(module: nn.Module) -> bool | None:
     operands = [a for a in output.args if isinstance(a, fx.Node)]
     return len(operands) == 2 and x in operands and any(
         _spatial_pool(a) for other in operands if other is not x for a in g.ancestors(other) | {other})
+
+
+def _defaults(module: nn.Module) -> dict:
+    import inspect
+    try:
+        parameters = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
 def _source(module: nn.Module) -> str:
