@@ -49,8 +49,8 @@ class FinetuneConfig:
     lr: float = option(1e-3, "Learning rate of what is new (SE blocks, a new head; everything for random weights).",
                        panel=SCHEDULE)
     backbone_lr_scale: float = option(0.1, "Learning rate of trained layers = lr x this.", panel=SCHEDULE)
-    se_lr_scale: float = option(1.0, "Learning rate of seify's new blocks in a full fine-tune = lr x this.",
-                                panel=SCHEDULE)
+    se_lr_scale: float = option(10.0, "Learning rate of seify's new blocks in a full fine-tune = lr x this (at 1, "
+                                      "fresh gates barely leave their constant start).", panel=SCHEDULE)
     weight_decay: float = option(0.05, "Weight decay (decoupled, as AdamW's) of weights: not of biases, norms or "
                                        "seify's blocks (as timm).", panel=SCHEDULE)
     optimizer: str = option("adamw", "adamw or sgd.", panel=SCHEDULE)
