@@ -11,7 +11,7 @@ from . import checkpoint
 from .equivalence import compare
 from .errors import SeifyError, first_line
 from .models import HELD, LoadedModel, check_known, data_config, has_frozen_batchnorm, model_of, num_classes_of, resolve
-from .options import SEOptions
+from .options import PRESERVING, SEOptions
 from .surgery import Conversion, add_se
 
 
@@ -91,7 +91,7 @@ def convert_loaded(source: LoadedModel, options: SEOptions = SEOptions(), *,
         checked = checked | compare(source.model.get_submodule(conversion.scope),
                                     conversion.model.get_submodule(conversion.scope), size)
     result.max_abs_diff, result.output_scale = checked.max_abs, checked.scale
-    if options.init == "identity" and not checked.agrees:
+    if options.init in PRESERVING and not checked.agrees:
         raise SeifyError(f"converting {source.spec} did not keep its function: {checked.why()}; seify cannot "
                          "convert this model exactly yet, please report it")
     return result

@@ -14,7 +14,8 @@ PLACEMENTS = ("auto", "residual", "module", "activation")
 VARIANTS = ("standard", "pre", "post", "identity", "3x3")
 SQUEEZES = ("avg", "max")
 GATES = ("sigmoid", "hard-sigmoid", "tanh", "relu")
-INITS = ("identity", "paper")
+INITS = ("identity", "identity-gate", "paper")
+PRESERVING = ("identity", "identity-gate")  # the inits whose converted model computes what the original did
 BLOCKS = ("se", "scale")
 SE_ONLY = ("reduction", "divisor", "min_channels", "squeeze", "gate", "init")  # what a scale block has none of
 # The groups of a command's --help that options are shown in.
@@ -49,8 +50,10 @@ class SEOptions:
                                                    "(a stage's number is log2 of its stride).")
     include: str | None = option(None, "Only sites whose SE module path matches this regex.")
     exclude: str | None = option(None, "Skip sites whose SE module path matches this regex.")
-    init: str = option("identity", "identity: the converted model computes exactly what the original did; "
-                                    "paper: plain random init, for training from scratch.")
+    init: str = option("identity", "identity: the converted model computes exactly what the original did (the "
+                                    "fresh gate's x2 folded into a neighbouring layer); identity-gate: the same, the "
+                                    "x2 kept in the gate, the base's tensors untouched (what --adapter uses); paper: "
+                                    "plain random init, for training from scratch.")
     block: str = option("se", "The block put at each site: se, or scale (a static per-channel scale and shift, "
                               "identity at the start: SE without input-conditioning, the control for SE).")
 

@@ -20,7 +20,7 @@ from . import graph as g
 from . import layers as L
 from .compensation import compensate, join
 from .errors import SeifyError
-from .options import SEOptions
+from .options import PRESERVING, SEOptions
 from .se import ChannelScale, SiteBlock, SqueezeExcite
 from .sites import Site, find_sites
 
@@ -57,7 +57,8 @@ def convertible_scope(model: nn.Module) -> str:
 def add_se(model: nn.Module, options: SEOptions, input_size: tuple[int, int, int]) -> Conversion:
     """Return a copy of ``model`` (eval mode) with SE blocks at every site ``options`` selects.
 
-    With ``init='identity'`` (the default) the copy computes exactly what ``model`` does until it is trained.
+    With ``init='identity'`` (the default) or ``'identity-gate'`` the copy computes exactly what ``model`` does
+    until it is trained.
     """
     model = copy.deepcopy(model).eval()
     scope = convertible_scope(model)
@@ -79,8 +80,8 @@ def add_se(model: nn.Module, options: SEOptions, input_size: tuple[int, int, int
     if not chosen:
         raise SeifyError(f"nothing to convert in {type(part).__name__}: no block that owns a site could be rebuilt "
                          f"({skipped[0].skipped})")
-    if options.init == "identity" and options.block == "se":  # a fresh scale block is the identity already
-        compensate(part, gm, chosen, scope)
+    if options.init in PRESERVING and options.block == "se":  # a fresh scale block is the identity already
+        compensate(part, gm, chosen, scope, fold=options.init == "identity")
     _check_same_computation(gm, part)
     for site in chosen + skipped:
         site.path, site.owner, site.after = (join(scope, p) for p in (site.path, site.owner, site.after))
@@ -241,7 +242,7 @@ def _block(site: Site, options: SEOptions) -> SiteBlock:
     if options.block == "scale":
         return ChannelScale(site.channels)
     block = SqueezeExcite(site.channels, site.reduced_channels, options.squeeze, options.gate)
-    if options.init == "identity":
+    if options.init in PRESERVING:
         block.init_identity()
     return block
 

@@ -50,8 +50,7 @@ def test_an_adapter_run_trains_its_blocks_and_head_alone(adapter_run, plain4):
     assert all(not torch.equal(before[k], after[k]) for k in trains if k.endswith("weight"))
     # the base the run was given is the model's frozen part, bit for bit, where the conversion left it alone
     base = weights(plain4)
-    untouched = [k for k in frozen if k in base and k not in _keys(out / "last.safetensors")]
-    assert untouched and all(torch.equal(base[k], after[k]) for k in untouched)
+    assert all(torch.equal(base[k], after[k]) for k in frozen if k in base) and base.keys() >= set(frozen)
     # the optimizer holds state for what trains and nothing else; no frozen weight got a gradient
     state = trainer.training.optimizer.state
     held = {id(p) for group in trainer.training.optimizer.param_groups for p in group["params"]}
@@ -59,17 +58,20 @@ def test_an_adapter_run_trains_its_blocks_and_head_alone(adapter_run, plain4):
     assert all(p.grad is None for n, p in model.named_parameters() if n not in trains)
 
 
-def test_adapter_files_hold_what_trained_and_what_conversion_changed(adapter_run, plain4):
+def test_adapter_files_hold_what_trained_and_what_conversion_changed(adapter_run, plain4, tiny, tmp_path):
     trainer, _, out = adapter_run
     recipe = read_recipe(out / "best.safetensors")
     assert recipe["recipe_format"] == 2 and recipe["adapter"]["base"]["weights"] == "plain-4.safetensors"
+    assert recipe["options"]["init"] == "identity-gate"  # the fresh gate's x2 kept in the gate: the base untouched
     held = _keys(out / "best.safetensors")
-    assert held >= trainer.prepared.trains
-    extra = held - trainer.prepared.trains  # the norms before each block, which took the fresh gate's x2
-    base = weights(plain4)
-    assert extra and all(torch.equal(trainer.model.state_dict()[k], 2 * base[k]) for k in extra)
+    assert held == trainer.prepared.trains
     full = sum(t.numel() for t in trainer.model.state_dict().values())
     assert sum(weights(out / "best.safetensors")[k].numel() for k in held) < 0.05 * full
+    folded = Trainer(ARCH, str(tiny), config(tmp_path / "f", adapter=True), weights=plain4, explicit={"init"})
+    extra = set(folded.prepared.recipe["adapter"]["tensors"]) - folded.prepared.trains
+    base = weights(plain4)  # asked for --init identity: the x2 went into the norms before the blocks, kept too
+    assert extra and all(torch.equal(folded.model.state_dict()[k], 2 * base[k]) for k in extra)
+    folded.close()
 
 
 def test_an_adapter_loads_on_its_base_and_on_nothing_else(adapter_run, plain4, tmp_path):

@@ -8,6 +8,7 @@ tensors its files hold and the base they belong to.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -51,6 +52,9 @@ def prepare(spec: str, classes: list[str], options: SEOptions | None, *, weights
         raise SeifyError(f"{spec} is a detection or segmentation model; seify finetune trains image classifiers "
                          "(convert it with seify convert and train it in your detection pipeline)")
     base = identity(loaded.model, spec, weights, pretrained) if adapter else None  # before the head changes
+    if adapter and options is not None and options.block == "se" and options.init == "identity" and \
+            "init" not in given:
+        options = dataclasses.replace(options, init="identity-gate")  # the base's tensors stay as they are
     if options is None:
         prepared = _plain(loaded)
     else:
