@@ -51,3 +51,26 @@ def test_no_command_writes_over_its_input_however_it_is_spelt(cli, tmp_path, tin
         assert code == 2 and err.count("\n") == 1, (args, err)
         assert "input" in err or "is inside" in err, (args, err)
         assert {p: _digest(p) for p in inputs} == before, args
+
+
+def test_a_hub_model_in_the_local_cache_is_an_input_too(cli, tmp_path, se_file, monkeypatch):
+    """hf-hub:ORG/NAME reads its files from the Hugging Face cache: writing over them is writing over the input."""
+    import huggingface_hub.constants as hub
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--alice--se-model" / "snapshots" / ("0" * 40)
+    shared = tmp_path / "shared"
+    export(se_file, shared, "folder")
+    snapshot.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(shared / name, snapshot / name)
+    (cache / "models--alice--se-model" / "refs").mkdir()
+    (cache / "models--alice--se-model" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    cached = snapshot / "model.safetensors"
+    before = _digest(cached)
+    for args in (["fold", "hf-hub:alice/se-model", "-o", cached, "--no-latency"],
+                 ["export", "hf-hub:alice/se-model", "-o", cached, "--format", "safetensors"]):
+        code, _, err = cli(*args, "--force")
+        assert code == 2 and "input" in err and err.count("\n") == 1, (args, err)
+        assert _digest(cached) == before
