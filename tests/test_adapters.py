@@ -41,6 +41,8 @@ def adapter_run(tmp_path_factory, tiny, plain4):
 def test_an_adapter_run_trains_its_blocks_and_head_alone(adapter_run, plain4):
     trainer, before, out = adapter_run
     model, trains = trainer.model, trainer.prepared.trains
+    assert read_recipe(out / "best.safetensors")["placement"] == "module"  # --adapter's placement
+    assert any("at the module placement (--adapter's default)" in n for n in trainer.prepared.notes)
     blocks = {n for n, _ in model.named_parameters() if ".se." in n}
     assert trains == blocks | set(classifier_keys(model)) and blocks  # counted by name, independently
     after = model.state_dict()
@@ -151,7 +153,8 @@ def test_commands_take_an_adapter_with_its_base(adapter_run, plain4, tiny, tmp_p
     code, _, err = cli("evaluate", best, tiny, "--workers", "0")
     assert code == 2 and "give that base with --weights plain-4.safetensors" in err and err.count("\n") == 1
     code, stdout, err = cli("profile", best, "--no-latency")  # counting needs the architecture alone
-    assert code == 0 and "+9,368" in stdout, err
+    added = sum(p.numel() for n, p in seify.resolve(best, weights=plain4).model.named_parameters() if ".se." in n)
+    assert code == 0 and f"+{added:,}" in stdout and "\nconv1.se\t" in stdout, err
     code, stdout, err = cli("analyze", best, tiny, "--weights", plain4, "--out", tmp_path / "an")
     assert code == 0 and (tmp_path / "an" / "analysis.json").exists(), err
     code, stdout, err = cli("fold", best, tiny, "--weights", plain4, "-o", tmp_path / "f.safetensors", "--no-latency",
@@ -171,8 +174,8 @@ def test_a_scale_adapter_trains_a_scale_and_shift_where_se_goes(tiny, plain4, tm
     options = seify.SEOptions(block="scale")
     trainer = Trainer(ARCH, str(tiny), config(tmp_path / "s", adapter=True, lr=1e-2), options, weights=plain4)
     scales = {n: m for n, m in trainer.model.named_modules() if isinstance(m, ChannelScale)}
-    se = seify.convert(ARCH, weights=plain4, input_size=(3, 32, 32))
-    assert sorted(scales) == sorted(s.path for s in se.sites)  # the same sites
+    se = seify.convert(ARCH, seify.SEOptions(at="module"), weights=plain4)
+    assert sorted(scales) == sorted(s.path for s in se.sites)  # the same sites: --adapter's placement, module
     assert not any(isinstance(m, SqueezeExcite) for m in trainer.model.modules())
     counted = sum(p.numel() for n, p in trainer.model.named_parameters() if n in trainer.prepared.trains)
     head = 4 * trainer.model.get_classifier().in_features + 4
