@@ -270,3 +270,24 @@ def test_two_ranks_train_an_adapter_on_a_whole_base(tmp_path, tiny, se_file):
     assert all(not torch.equal(trained[k], base[k]) for k in trains if k in base and k.endswith("fc2.weight"))
     with pytest.raises(SeifyError, match="give that base with weights se.safetensors"):
         seify.load(out / "best.safetensors", base=str(tmp_path.parent))  # a folder: refused, not crashed
+
+
+def test_compare_runs_the_controls_as_adapters_and_counts_what_each_trains(tmp_path, tiny, plain4, cli):
+    out = tmp_path / "cmp"
+    code, stdout, err = cli("compare", ARCH, tiny, "--weights", plain4, "--arms", "probe,scale,se", "--adapter",
+                            "--seeds", "1", "--epochs", "1", "--img-size", "32", "--batch-size", "8", "--workers",
+                            "0", "--out", out, "--json")
+    assert code == 0, err
+    report = json.loads(stdout)
+    arms = {a["name"]: a for a in report["arms"]}
+    assert report["reference"] == "probe" and [v["arm"] for v in report["verdicts"]] == ["scale", "se"]
+    head = 4 * timm.create_model(ARCH).get_classifier().in_features + 4
+    module = seify.convert(ARCH, seify.SEOptions(at="module"), weights=plain4)  # --adapter's placement
+    assert arms["probe"]["trained_params"] == head
+    assert arms["scale"]["trained_params"] == head + sum(2 * s.channels for s in module.sites)
+    assert arms["se"]["trained_params"] == head + module.added_params
+    assert all(a["adapter"] for a in arms.values())
+    assert arms["probe"]["file_bytes"] < arms["scale"]["file_bytes"] < arms["se"]["file_bytes"] < 200_000
+    for name in arms:
+        best = out / name / "seed-0" / "best.safetensors"
+        assert read_recipe(best)["adapter"] and best.stat().st_size == arms[name]["file_bytes"]
