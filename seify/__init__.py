@@ -2,7 +2,7 @@
 
 The API is importable without torch until it is used, so ``seify --help`` stays fast.
 """
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 
 def lazy_attributes(package: str, table: dict[str, str]):
