@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import make_recipe, read_recipe, read_state_dict
+from ..checkpoint import make_recipe, read_recipe, read_state_dict, without_adapter
 from ..errors import SeifyError
 from ..limits import MAX_CLASSES, check_whole
 from ..se import SiteBlock
@@ -125,13 +125,11 @@ def resolve(spec: str | nn.Module, *, weights: str | None = None, pretrained: bo
 def _adapter(spec: str, file: str, recipe: dict, weights: str | None, pretrained: bool, meta: bool) -> LoadedModel:
     """An adapter file on the base it was trained on (given as ``weights`` or ``pretrained``), checked by its
     digest; the whole model, whose recipe no longer says adapter. On the meta device the architecture only."""
-    from ..checkpoint import without_adapter
     base_id = recipe["adapter"]["base"]
-    merged = without_adapter(recipe)
+    merged, source = without_adapter(recipe), base_id.get("weights") or base_id["model"]
     model, arch_base = rebuild(file, merged, meta=True)  # its weights come from the base and the file
     if meta:
-        return LoadedModel(model, spec, recipe["data_config"], [], merged, weights=base_id.get("weights") or
-                           base_id["model"], base=arch_base)
+        return LoadedModel(model, spec, recipe["data_config"], [], merged, weights=source, base=arch_base)
     if not weights and not pretrained:
         raise adapters.no_base(spec, base_id)
     base = _base_of(spec, base_id, weights, pretrained)
@@ -140,8 +138,7 @@ def _adapter(spec: str, file: str, recipe: dict, weights: str | None, pretrained
     adapters.assemble(model, base.model, tensors, spec)
     trained = sum(t.numel() for k, t in tensors.items() if k in set(recipe["adapter"]["trains"]))
     note = f"adapter: {len(tensors)} tensors ({trained:,} trained parameters) on {adapters.named(base_id)}, checked"
-    return LoadedModel(model.eval(), spec, recipe["data_config"], [note], merged,
-                       weights=base_id.get("weights") or base_id["model"], base=arch_base)
+    return LoadedModel(model.eval(), spec, recipe["data_config"], [note], merged, weights=source, base=arch_base)
 
 
 def _base_of(spec: str, base_id: dict, weights: str | None, pretrained: bool) -> LoadedModel:
