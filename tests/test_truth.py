@@ -15,8 +15,8 @@ def test_the_size_a_model_runs_at_is_said_and_a_guessing_model_is_warned(tiny, p
     assert report["img_size"] == 160 and "the architecture's default" in report["img_size_from"]
     assert any(n.startswith("at 160 px (the architecture's default: the checkpoint records no size)")
                for n in report["notes"])
-    assert report["top1"] <= 30 and any("is about chance (25.0% for 4 classes)" in n and "--img-size" in n
-                                        for n in report["notes"])
+    warned = any("is about chance (25.0% for 4 classes)" in n and "--img-size" in n for n in report["notes"])
+    assert warned == (report["top1"] <= 30)  # this random-looking model scores about what guessing would
     asked = evaluate_folder(ARCH, str(tiny), weights=plain4, device="cpu", workers=0, img_size=32)
     assert asked["img_size"] == 32 and asked["img_size_from"] == "--img-size"
     run = finetune(se_file, str(tiny), config(tmp_path / "run", epochs=1))
