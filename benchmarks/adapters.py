@@ -126,8 +126,8 @@ def finetune(work: Path, dataset: str, arm: str, seed: int, model: list[str], ex
     """One run (skipped when finished), and what it measured."""
     out = work / "runs" / dataset / arm / f"seed-{seed}"
     record = out / "bench.json"
-    if record.exists():
-        return json.loads(record.read_text())
+    if record.exists():  # measured before; what trained is counted again (cheap, and by this seify)
+        return {**json.loads(record.read_text()), "trained_params": _trained(out)}
     common = ["--epochs", str(epochs), "--img-size", str(SIZES[dataset]), "--val-split", "0.25", "--seed", str(seed),
               "--batch-size", "32", "--threads", str(THREADS), "--workers", "0", "--log-every", "0",
               "--out", str(out)]

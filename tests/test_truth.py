@@ -215,3 +215,16 @@ def test_a_killed_write_leaves_nothing_the_next_write_there_does_not_remove(tmp_
     atomic_write(target, lambda tmp: open(tmp, "wb").write(b"onnx"))
     assert target.read_bytes() == b"onnx"
     assert not any(p.exists() for p in [*leftovers, old_style]) and all(p.exists() for p in kept)
+
+
+def test_a_file_fine_tuned_again_on_other_classes_loads(tmp_path, tiny, plain4):
+    import seify
+    from conftest import ARCH
+    first = finetune(ARCH, str(tiny), config(tmp_path / "four", epochs=1), options=None, weights=plain4)
+    two = tmp_path / "two"
+    for name in ("gradient", "stripes_vertical"):
+        shutil.copytree(tiny / "train" / name, two / name)
+    again = finetune(str(first.out / "best.safetensors"), str(two), config(tmp_path / "two-run", epochs=1,
+                                                                              val_split=0.25))
+    model = seify.load(again.out / "best.safetensors")  # its recipe's parent has 4 classes, the file 2
+    assert model.get_classifier().out_features == 2

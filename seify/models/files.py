@@ -11,6 +11,7 @@ from ..errors import SeifyError, first_line
 from ..gates import find_gates, remove_se
 from ..options import SEOptions
 from ..surgery import Conversion, add_se
+from .classifier import num_classes_of, reset_classifier
 from .spec import build, check_known
 
 
@@ -19,6 +20,8 @@ def from_recipe(recipe: dict) -> tuple[nn.Module, Conversion | None]:
     parent = recipe.get("parent")
     if parent:
         base = model_of(parent)
+        if num_classes_of(base) != recipe["num_classes"]:  # fine-tuned on other classes: a new head since
+            reset_classifier(base, recipe["num_classes"])
     else:
         check_known(recipe["model"])
         try:
