@@ -252,6 +252,9 @@ def section_placement(work: Path, epochs: int) -> None:
                                              ["--adapter", "--at", at], epochs)
         full = _full_size(work, dataset, f"placement/{name}/probe", model)
         table(f"{name} on {dataset}: SE adapters by placement", arms, "probe", full)
+    print("(These adapters were trained before adapter runs kept the fresh gate's x2 in the gate: their files also "
+          "hold the layers the x2 was folded into, a pointwise convolution at the module placement. The adapters "
+          "section below has this version's file sizes.)")
 
 
 def pretrained(work: Path, arch: str, epochs: int = 10) -> Path:
