@@ -30,6 +30,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -113,8 +114,9 @@ def seify(args: list[str], old: Path | None = None) -> tuple[int, float, str]:
     """(exit code, peak resident memory in MB, output) of one seify command in its own process; ``old``: the
     checkout of an earlier seify to run instead."""
     env = dict(os.environ, PYTHONPATH=str(old)) if old else dict(os.environ)
+    # from a folder with no seify in it: `python -m` puts the working folder first on the path, before PYTHONPATH
     process = subprocess.Popen([sys.executable, "-m", "seify", *args], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, env=env)
+                               stderr=subprocess.STDOUT, text=True, env=env, cwd=tempfile.gettempdir())
     out = process.stdout.read() if process.stdout else ""
     _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
