@@ -345,7 +345,7 @@ def section_speed(work: Path, epochs: int) -> None:
     for adapter in (False, True):
         from seify.finetune.config import FinetuneConfig
         config = FinetuneConfig(out=str(work / "speed" / str(adapter)), adapter=adapter, img_size=96, device="cpu",
-                                threads=1, workers=0, force=True, batch_size=32, se_warmup_epochs=0)
+                                threads=1, workers=0, force=True, batch_size=32, se_warmup_epochs=0, val_split=0.25)
         trainer = Trainer(LITE0, str(work / "elpv"), config, weights=str(work / "lite0.safetensors"))
         phase = "adapter" if adapter else "full"
         net = enter_phase(trainer.training, phase, False)
