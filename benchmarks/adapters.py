@@ -336,17 +336,20 @@ def section_speed(work: Path, epochs: int) -> None:
     """One training step (forward, backward, optimizer) of an SE adapter against a full fine-tune of the same SE
     model, interleaved in one process, batch 32 at 96 px, one thread."""
     from seify.finetune.loop import Trainer
+    from seify.options import SEOptions
     from seify.finetune.phases import enter_phase, train_mode
     from seify.timing import interleaved_medians
     torch.set_num_threads(1)
-    print("\n## speed: one training step, SE adapter against full fine-tune (same model), batch 32, 96 px")
+    print("\n## speed: one training step, SE adapter against a full fine-tune of the same model (SE at the module "
+          "placement), batch 32, 96 px, one thread")
     x, y = torch.randn(32, 3, 96, 96), torch.randint(0, 4, (32,))
     steps = []
     for adapter in (False, True):
         from seify.finetune.config import FinetuneConfig
         config = FinetuneConfig(out=str(work / "speed" / str(adapter)), adapter=adapter, img_size=96, device="cpu",
                                 threads=1, workers=0, force=True, batch_size=32, se_warmup_epochs=0, val_split=0.25)
-        trainer = Trainer(LITE0, str(work / "elpv"), config, weights=str(work / "lite0.safetensors"))
+        trainer = Trainer(LITE0, str(work / "elpv"), config, SEOptions(at="module"),  # the adapter's placement
+                          weights=str(work / "lite0.safetensors"))
         phase = "adapter" if adapter else "full"
         net = enter_phase(trainer.training, phase, False)
         train_mode(trainer.model, phase)
