@@ -336,8 +336,8 @@ def section_speed(work: Path, epochs: int) -> None:
     """One training step (forward, backward, optimizer) of an SE adapter against a full fine-tune of the same SE
     model, interleaved in one process, batch 32 at 96 px, one thread."""
     from seify.finetune.loop import Trainer
-    from seify.options import SEOptions
     from seify.finetune.phases import enter_phase, train_mode
+    from seify.options import SEOptions
     from seify.timing import interleaved_medians
     torch.set_num_threads(1)
     print("\n## speed: one training step, SE adapter against a full fine-tune of the same model (SE at the module "
