@@ -314,7 +314,7 @@ def section_adapters(work: Path, epochs: int) -> None:
         full = _full_size(work, dataset, "main/probe", lite0)
         table(f"{dataset}: against the probe", arms, "probe (--adapter --no-se)", full)
         names = list(arms)
-        for a, b in ((2, 1), (2, 3), (2, 4)):
+        for a, b in ((2, 1), (2, 3), (2, 4), (5, 3), (4, 3), (5, 4)):
             print(f"{names[a]} against {names[b]}: {verdict(arms[names[a]], arms[names[b]])}")
 
 
