@@ -284,7 +284,8 @@ def folded(result: Folded) -> None:
     print(f"{len(result.folded)} gates folded, {result.params_saved:,} parameters and {result.macs_saved:,} "
           f"multiply-adds saved; outputs change by up to {result.max_output_change:.3g}{where}")
     if result.top1_before is not None:
-        print(f"top-1 {result.top1_before:.2f}% before, {result.top1_after:.2f}% after (measured)")
+        print(f"top-1 {result.top1_before:.2f}% before, {result.top1_after:.2f}% after (measured on "
+              f"{result.image_count} images at {result.img_size} px)")
     for runtime, ms in (result.latency or {}).items():
         if ms is None:
             print(f"{runtime}: not timed (pip install 'seify[export]' for onnxruntime)")
