@@ -78,10 +78,10 @@ def train_one_epoch(net: Callable, training: Training, progress: Progress, confi
     train_mode(training.model, phase)
     images_data.train_sampler.set_epoch(p.epoch, p.batch_in_epoch * config.batch_size)
     epoch, start, every = Epoch(), time.perf_counter(), sync_interval(training, config)
-    tally = Tally(training.device)
+    tally = Tally(training.device, p.step)
     for images, labels, failed in batches(training, images_data.train_set, images_data.train_sampler, True):
         epoch.failures += undecodable(failed, config.strict_data)
-        tally.add(_train_step(net, training, config, *to_device(training, images, labels)), p.step + 1)
+        tally.add(*_train_step(net, training, config, *to_device(training, images, labels)))
         p.batch_in_epoch, p.step, epoch.seen = p.batch_in_epoch + 1, p.step + 1, epoch.seen + len(labels)
         saves = bool(config.save_every) and p.step % config.save_every == 0
         if p.step % every and not saves and not (stop.signum is not None and not training.dist.enabled):
@@ -101,22 +101,27 @@ def train_one_epoch(net: Callable, training: Training, progress: Progress, confi
 
 
 class Tally:
-    """The training loss, correct predictions and images since the last synchronisation, summed on the device, and
-    the first step whose loss was not finite."""
+    """The training loss and correct predictions since the last synchronisation, summed on the device, the first
+    step whose loss was not finite (the step counted on the device too), and the images, counted here. Nothing is
+    copied to the device per step: a copy from host memory would wait for the GPU's queue."""
 
-    def __init__(self, device: torch.device):
-        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+    def __init__(self, device: torch.device, step: int):
+        self.sums = torch.zeros(2, dtype=torch.float64, device=device)
+        self.step = torch.tensor(float(step), dtype=torch.float64, device=device)
         self.bad = torch.tensor([-1.0, 0.0], dtype=torch.float64, device=device)  # (step, loss) or (-1, 0)
+        self.images = 0
 
-    def add(self, step: tuple[torch.Tensor, torch.Tensor, int], number: int) -> None:
-        loss, correct, images = step
-        self.sums += torch.stack([loss.double() * images, correct.double(), self.sums.new_tensor(images)])
+    def add(self, loss: torch.Tensor, correct: torch.Tensor, images: int) -> None:
+        self.step += 1
+        self.sums += torch.stack([loss.double() * images, correct.double()])
         first = (self.bad[0] < 0) & ~torch.isfinite(loss)
-        self.bad = torch.where(first, torch.stack([self.sums.new_tensor(number), loss.double()]), self.bad)
+        self.bad = torch.where(first, torch.stack([self.step, loss.double()]), self.bad)
+        self.images += images
 
     def settle(self, training: Training, p: Progress, stop: Stop, last_good: Callable[[], str]) -> bool:
         """Add the sums into ``p.partial``; refuse a non-finite loss (on any rank); whether any rank must stop."""
-        loss_sum, correct, images, bad_step, bad_loss = torch.cat([self.sums, self.bad]).tolist()
+        loss_sum, correct, bad_step, bad_loss = torch.cat([self.sums, self.bad]).tolist()
+        images, self.images = self.images, 0
         asked, failed = training.dist.all_sum([float(stop.signum is not None), float(bad_step >= 0)],
                                               training.device)
         if failed:
