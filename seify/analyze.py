@@ -20,7 +20,7 @@ from .counting import count_macs
 from .device import check_device
 from .gates import Gate, GateStats, find_gates, no_gates, record_gates
 from .images.scoring import batches_of, scored_images
-from .limits import MAX_IMAGE_SIZE, check_pattern, check_whole
+from .limits import check_img_size, check_pattern, check_whole
 from .models import LoadedModel, model_of, name_of, resolve
 from .plots import excitations, gate_summary, save_png
 from .writes import atomic_write, check_output_folder
@@ -61,8 +61,7 @@ def analyze(model: str | nn.Module, data: str, *, weights: str | None = None, pr
     any spec seify takes, or a module you hold."""
     if max_images is not None:
         check_whole(max_images, "max_images", 1, None)
-    if img_size is not None:
-        check_whole(img_size, "img_size", 8, MAX_IMAGE_SIZE)
+    check_img_size(img_size)
     for text, name in ((include, "include"), (exclude, "exclude")):
         check_pattern(text, name)
     dev = torch.device(check_device(device))

@@ -39,7 +39,7 @@ from .gates import (
     without_gates,
 )
 from .images.scoring import Scored, batches_of, scored_images
-from .limits import MAX_IMAGE_SIZE, check_number, check_pattern, check_whole
+from .limits import check_img_size, check_number, check_pattern, check_whole
 from .models import HELD, LoadedModel, files_read, resolve
 from .models.files import module_or_none
 from .options import FOLD_LATENCY
@@ -157,10 +157,9 @@ def _check(max_gate_std, max_top1_drop, max_images, include, exclude, data, img_
         if max_top1_drop is not None:
             raise SeifyError("{max_top1_drop} chooses the gates by the top-1 they cost, {max_gate_std} by how much "
                              "they vary: pass one of them", "max_top1_drop", "max_gate_std")
-    if img_size is not None:
-        check_whole(img_size, "img_size", 8, MAX_IMAGE_SIZE)
-        if data is None:
-            raise SeifyError("{img_size} is the size DATA's images are measured at: pass DATA", "img_size")
+    check_img_size(img_size)
+    if img_size is not None and data is None:
+        raise SeifyError("{img_size} is the size DATA's images are measured at: pass DATA", "img_size")
     if max_top1_drop is not None:
         check_number(max_top1_drop, "max_top1_drop", 0, 100)
         if data is None:

@@ -17,6 +17,15 @@ MAX_CLASSES = 1_000_000
 CONFUSION_CLASSES = 1000  # a confusion matrix is reported up to this many classes (a million counts)
 
 
+MIN_IMAGE_SIZE = 8  # pixels a side a model is run at
+
+
+def check_img_size(value: int | None) -> None:
+    """An image size a model is trained or run at (``--img-size``), or none."""
+    if value is not None:
+        check_whole(value, "img_size", MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
+
+
 def check_whole(value, name: str, low: int, high: int | None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
         bound = f"from {low} to {high}" if high is not None else f"at least {low}"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..errors import SeifyError
 from ..images import AUGMENTATIONS
-from ..limits import MAX_BATCH_SIZE, MAX_IMAGE_SIZE, check_choice, check_number, check_whole
+from ..limits import MAX_BATCH_SIZE, check_choice, check_img_size, check_number, check_whole
 from ..options import DATA, DEVICE_HELP, DEVICES, OUTPUT, SCHEDULE, SEOptions, option
 
 # The options a resumed run may change, by name (the flag without its dashes): how it runs, where it writes and
@@ -113,8 +113,7 @@ class FinetuneConfig:
         for name in ("workers", "threads"):
             if getattr(self, name) is not None:
                 check_whole(getattr(self, name), name, 0 if name == "workers" else 1, 256)
-        if self.img_size is not None:
-            check_whole(self.img_size, "img_size", 8, MAX_IMAGE_SIZE)
+        check_img_size(self.img_size)
         check_number(self.lr, "lr", 0, 10, low_open=True)
         check_number(self.backbone_lr_scale, "backbone_lr_scale", 0, 100)
         check_number(self.se_lr_scale, "se_lr_scale", 0, 1000, low_open=True)

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..device import check_device
 from ..errors import SeifyError
-from ..limits import CONFUSION_CLASSES, MAX_BATCH_SIZE, MAX_IMAGE_SIZE, check_number, check_whole
+from ..limits import CONFUSION_CLASSES, MAX_BATCH_SIZE, check_img_size, check_number, check_whole
 from ..models import LoadedModel, resolve
 from .folders import (
     EpochSampler,
@@ -218,8 +218,7 @@ def _adapter_notes(loaded) -> list[str]:
 def _check_limits(batch_size: int, img_size: int | None, workers: int | None) -> None:
     """The limits fine-tuning has, so that a value refused there is refused here."""
     check_whole(batch_size, "batch_size", 1, MAX_BATCH_SIZE)
-    if img_size is not None:
-        check_whole(img_size, "img_size", 8, MAX_IMAGE_SIZE)
+    check_img_size(img_size)
     if workers is not None:
         check_whole(workers, "workers", 0, 256)
 
