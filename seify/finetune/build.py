@@ -22,7 +22,7 @@ from ..errors import SeifyError
 from ..images import folders
 from ..images.scoring import name_digest
 from ..models import resolve
-from ..models.spec import Spec, seify_file
+from ..models.spec import names_files
 from ..se import SiteBlock
 from . import device_data
 from .config import FinetuneConfig, Source
@@ -132,7 +132,7 @@ def _model(source: Source, classes: list[str], config: FinetuneConfig, resumed_f
 def adapter_base(source: Source) -> dict:
     """How a run's adapter files are given their base: MODEL itself where it is a whole model (a seify file or a
     folder), else its weights."""
-    if seify_file(source.model) is not None or Spec.parse(source.model).folder is not None:
+    if names_files(source.model):
         return {"weights": source.model}
     return {"weights": source.weights, "pretrained": source.pretrained}
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..errors import SeifyError
 from .files import load_strict
+from .spec import names_files
 
 
 def digest(model: nn.Module) -> str:
@@ -29,7 +30,7 @@ def digest(model: nn.Module) -> str:
 def identity(model: nn.Module, spec: str, weights: str | None, pretrained: bool) -> dict:
     """How an adapter names its base: the spec (a file or folder by its name alone: files that travel carry no
     local path), its weights file's name, and the digest of its tensors."""
-    whole = Path(spec).exists() or spec.startswith("local-dir:")  # the base is a file or folder itself
+    whole = names_files(spec)  # the base is a file or folder itself
     return {"model": Path(spec.removeprefix("local-dir:")).name if whole else spec, "whole": whole,
             "weights": Path(weights).name if weights else None, "pretrained": pretrained, "sha256": digest(model)}
 

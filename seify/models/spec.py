@@ -206,6 +206,12 @@ def data_config(model: nn.Module, spec: str) -> dict:
     return config
 
 
+def names_files(spec: str) -> bool:
+    """Whether MODEL names a model's own files (a seify file, a ``local-dir:`` folder) rather than an
+    architecture."""
+    return Spec.parse(spec).folder is not None or Path(spec).is_file()
+
+
 def files_read(*specs: str | None) -> tuple[Path, ...]:
     """Every file (or folder) that reading these MODEL and ``--weights`` spellings opens: a path as given (a link
     too: compared by what it points to), a ``local-dir:`` folder and the files in it, an ``hf-hub:`` id's files
