@@ -28,7 +28,7 @@ from .finetune.resume import given_options
 from .finetune.state import RunFolder
 from .gates import find_gates
 from .images import folders
-from .models import resolve
+from .models import LoadedModel, resolve
 from .options import SEOptions, parse_pairs
 from .paired import mcnemar, per_image_test
 from .paper import PREFIX, TABLES, figures
@@ -113,8 +113,11 @@ def compare(spec: str, data_dir: str, arms: list[Arm], config: FinetuneConfig, *
         raise SeifyError(f"{{seeds}} must be from 1 to 100, not {seeds}", "seeds")
     config.check()
     root = Path(config.out)
-    _check_arms(spec, arms, config.img_size, weights)
-    arms, notes = _without_twins(spec, arms, config.img_size, weights)
+    architecture = resolve(spec, weights=weights, device="meta")  # the arms are checked on it, nothing allocated
+    size = (3, config.img_size, config.img_size) if config.img_size else \
+        tuple(architecture.data_config["input_size"])
+    _check_arms(architecture, arms, size)
+    arms, notes = _without_twins(architecture, arms, size)
     for note in notes:
         say(note)
     split = folders.discover(data_dir, config.val_split, config.seed, config.strict_data)
@@ -133,11 +136,9 @@ def compare(spec: str, data_dir: str, arms: list[Arm], config: FinetuneConfig, *
     return document
 
 
-def _check_arms(spec: str, arms: list[Arm], img_size: int | None, weights: str | None) -> None:
+def _check_arms(loaded: LoadedModel, arms: list[Arm], size: tuple) -> None:
     """Refuse, before any run, an arm that cannot be built: blocks where the model has no site for them, its own
     gates where it has none."""
-    loaded = resolve(spec, weights=weights, device="meta")
-    size = (3, img_size, img_size) if img_size else tuple(loaded.data_config["input_size"])
     for arm in arms:
         try:
             if arm.options is not None and not loaded.has_se:
@@ -146,18 +147,15 @@ def _check_arms(spec: str, arms: list[Arm], img_size: int | None, weights: str |
         except SeifyError as e:
             raise SeifyError(f"{arm.name}: {e.template}", *e.options) from e
         if arm.own_gates and not any(not gate.ours for gate in find_gates(loaded.model).values()):
-            raise SeifyError(f"{arm.name}: {spec} has no channel gates of its own", "arms")
+            raise SeifyError(f"{arm.name}: {loaded.spec} has no channel gates of its own", "arms")
 
 
-def _without_twins(spec: str, arms: list[Arm], img_size: int | None, weights: str | None
-                   ) -> tuple[list[Arm], list[str]]:
+def _without_twins(loaded: LoadedModel, arms: list[Arm], size: tuple) -> tuple[list[Arm], list[str]]:
     """(the arms, what was said): an SE-3x3 arm on a model whose blocks end in their 3x3 convolution (ResNet's
     basic block) puts SE exactly where the standard arm does, and would train the same model twice: it is dropped."""
     twins = [a for a in arms if a.options is not None and a.options.variant == "3x3"]
     if not twins:
         return arms, []
-    loaded = resolve(spec, weights=weights, device="meta")
-    size = (3, img_size, img_size) if img_size else tuple(loaded.data_config["input_size"])
     kept, notes = list(arms), []
     for arm in twins:
         assert arm.options is not None
@@ -168,7 +166,7 @@ def _without_twins(spec: str, arms: list[Arm], img_size: int | None, weights: st
                   for options in (arm.options, standard.options)]
         if places[0] == places[1]:
             kept.remove(arm)
-            notes.append(f"{arm.name} puts SE where {standard.name} does in {spec} (its blocks end in their 3x3 "
+            notes.append(f"{arm.name} puts SE where {standard.name} does in {loaded.spec} (its blocks end in their 3x3 "
                          f"convolution): the two arms would be the same model, so {arm.name} is left out")
     return kept, notes
 
@@ -242,8 +240,9 @@ def _arm_cost(runs: list[dict]) -> dict:
     own, _ = cost(loaded.model, size)
     base, _ = cost(loaded.base, size) if loaded.base is not None else (own, None)
     adapter = (read_recipe(last) or {}).get("adapter")
-    trained = own.params if adapter is None else \
-        sum(p.numel() for n, p in loaded.model.named_parameters() if n in set(adapter["trains"]))
+    trains = set(adapter["trains"]) if adapter else set()
+    trained = own.params if adapter is None else sum(p.numel() for n, p in loaded.model.named_parameters()
+                                                      if n in trains)
     return {"img_size": size[-1], "params": own.params, "macs": own.macs, "base_params": base.params,
             "base_macs": base.macs, "added_params": own.params - base.params, "added_macs": own.macs - base.macs,
             "trained_params": trained, "adapter": adapter is not None,

@@ -249,7 +249,9 @@ def test_paper_presets_expand_to_the_papers_arms():
 
 def test_a_3x3_arm_that_is_the_standard_arm_is_left_out():
     from seify.compare import _without_twins
-    arms, notes = _without_twins("resnet18", parse_arms("paper:3x3"), 32, None)
+    from seify.models import resolve
+    arms, notes = _without_twins(resolve("resnet18", device="meta"), parse_arms("paper:3x3"), (3, 32, 32))
     assert [a.name for a in arms] == ["se"] and "the two arms would be the same model" in notes[0]
-    arms, notes = _without_twins("resnet50", parse_arms("paper:3x3"), 32, None)  # a bottleneck's 3x3 is inside
+    arms, notes = _without_twins(resolve("resnet50", device="meta"), parse_arms("paper:3x3"),
+                                 (3, 32, 32))  # a bottleneck's 3x3 is inside
     assert [a.name for a in arms] == ["se", "se:variant=3x3"] and notes == []
